@@ -1,0 +1,3 @@
+from networks.RepUXNet_3D.network_backbone import REPUXNET
+
+__all__ = ["REPUXNET"]

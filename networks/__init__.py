@@ -1,0 +1,46 @@
+"""Segmentation networks of the RepUX-Net benchmark, built by name through one registry.
+
+``build_network("REPUXNET", in_channels=1, out_channels=5)`` returns the paper's RepUX-Net; overrides
+replace constructor arguments of the published configuration.
+"""
+
+from monai.networks.nets import UNETR, SwinUNETR
+
+from networks.bfr import BFRConv3d, frequency_prior, switch_to_deploy
+from networks.registry import NetworkSpec, available_networks, build_network, register_network
+from networks.RepUXNet_3D.network_backbone import REPUXNET
+from networks.UXNet_3D.network_backbone import UXNET
+
+__all__ = [
+    "BFRConv3d",
+    "NetworkSpec",
+    "REPUXNET",
+    "UXNET",
+    "available_networks",
+    "build_network",
+    "frequency_prior",
+    "register_network",
+    "switch_to_deploy",
+]
+
+register_network("REPUXNET", NetworkSpec(REPUXNET, "in_chans", "out_chans"))
+register_network("3DUXNET", NetworkSpec(UXNET, "in_chans", "out_chans"))
+# The published benchmark's configurations for 96^3 patches.
+register_network(
+    "UNETR",
+    NetworkSpec(
+        UNETR,
+        defaults=dict(
+            img_size=(96, 96, 96),
+            feature_size=16,
+            hidden_size=768,
+            mlp_dim=3072,
+            num_heads=12,
+            proj_type="perceptron",
+            norm_name="instance",
+            res_block=True,
+            dropout_rate=0.0,
+        ),
+    ),
+)
+register_network("SwinUNETR", NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False)))

@@ -1,0 +1,162 @@
+"""Bayesian frequency re-parameterization (BFR) of large 3D kernels.
+
+RepUX-Net trains each large depthwise kernel through ``W_eff = W * M``, where ``W`` is the trainable
+parameter and ``M`` is the Bayesian frequency prior: ``M = alpha / (d + alpha)``, ``d`` the Euclidean
+distance of a kernel element to the kernel centre. Because the convolution sees ``W * M``, autograd
+hands ``W`` the gradient ``M * dL/dW_eff``: the spatial prior rescales every kernel element's gradient,
+with any optimizer or training loop.
+
+Checkpoints always hold the effective kernel ``W * M`` under the plain convolution's key, which is what
+published RepUX-Net checkpoints hold and what the deploy-mode network (a plain convolution) uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BFRConv3d", "frequency_prior", "switch_to_deploy"]
+
+
+def frequency_prior(
+    kernel_size: int,
+    alpha: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bayesian frequency matrix of a cubic 3D kernel.
+
+    Args:
+        kernel_size: edge length ``ks`` of the kernel; the result has shape ``(ks, ks, ks)``.
+        alpha: the prior's scale ``a`` (> 0); larger values flatten the prior towards 1.
+        dtype: dtype of the result (the default floating dtype when None).
+        device: device of the result.
+
+    Returns:
+        ``M[i, j, k] = alpha / (d + alpha)`` with ``d`` the Euclidean distance in voxels from
+        ``(i, j, k)`` to the kernel centre: 1 at the centre, decreasing towards the corners.
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}")
+    # float64 keeps the prior exact to the last bit of the target dtype.
+    offsets = torch.arange(kernel_size, dtype=torch.float64, device=device) - (kernel_size - 1) / 2
+    distance = torch.sqrt(offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None, :] ** 2)
+    prior = alpha / (distance + alpha)
+    return prior.to(dtype or torch.get_default_dtype())
+
+
+class BFRConv3d(nn.Conv3d):
+    """A 3D convolution whose cubic kernel is trained through the Bayesian frequency prior.
+
+    The trainable parameter ``weight`` is ``W``; every forward convolves with ``W * prior``. ``prior``
+    is a non-persistent buffer, so it follows the module across ``.to()`` and never enters a checkpoint.
+    ``state_dict()`` stores the effective kernel ``W * prior`` under ``weight`` and ``load_state_dict()``
+    takes an effective kernel and sets ``W = K / prior``: checkpoints are interchangeable with a plain
+    ``nn.Conv3d`` of the same shape.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: cubic kernel edge length.
+        alpha: the prior's scale ``a`` (see :func:`frequency_prior`).
+        stride, padding, dilation, groups, bias, padding_mode: as in ``nn.Conv3d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        alpha: float = 1.0,
+        stride: int = 1,
+        padding: int | str = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.alpha = float(alpha)
+        prior = frequency_prior(kernel_size, alpha, dtype=self.weight.dtype, device=self.weight.device)
+        self.register_buffer("prior", prior, persistent=False)
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        """The kernel the convolution applies, ``W * prior`` (differentiable w.r.t. ``W``)."""
+        return self.weight * self.prior
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        effective = self.effective_weight
+        destination[prefix + "weight"] = effective if keep_vars else effective.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + "weight"
+        kernel = state_dict.get(key)
+        if isinstance(kernel, torch.Tensor) and kernel.shape == self.weight.shape:
+            # Module.load_state_dict hands each module its own copy of the mapping, so the
+            # caller's dict is untouched.
+            state_dict[key] = kernel / self.prior.to(kernel.device, kernel.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def to_conv3d(self) -> nn.Conv3d:
+        """A plain ``nn.Conv3d`` holding the effective kernel: the deploy form of this layer."""
+        conv = nn.Conv3d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        conv.load_state_dict(self.state_dict())
+        conv.train(self.training)
+        conv.requires_grad_(self.weight.requires_grad)
+        return conv
+
+
+def switch_to_deploy(module: nn.Module) -> nn.Module:
+    """Replace every :class:`BFRConv3d` inside ``module`` by its plain ``nn.Conv3d`` deploy form.
+
+    The network computes the same function afterwards and its state dict is unchanged. Returns
+    ``module`` (converted in place; a bare ``BFRConv3d`` is returned converted).
+    """
+    if isinstance(module, BFRConv3d):
+        return module.to_conv3d()
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BFRConv3d):
+                setattr(parent, name, child.to_conv3d())
+    return module

@@ -1,0 +1,192 @@
+"""Registry, published import paths, parameter counts, shapes and state-dict layout."""
+
+import pytest
+import torch
+from conftest import TINY
+from torch import nn
+
+import networks
+from networks import available_networks, build_network
+
+
+def count_parameters(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# REFERENCE.md section 1, out_chans=5, counted with the published code.
+@pytest.mark.parametrize(
+    "name, overrides, millions",
+    [
+        ("REPUXNET", {}, 65.83),
+        ("3DUXNET", {}, 53.01),
+        ("3DUXNET", {"ks": 21}, 65.85),
+        ("UNETR", {}, 92.80),
+    ],
+)
+def test_full_size_parameter_counts(name, overrides, millions):
+    with torch.device("meta"):  # counts shapes without allocating or running anything
+        model = build_network(name, 1, 5, **overrides)
+    assert round(count_parameters(model), 2) == millions
+
+
+def test_swinunetr_parameter_count():
+    # MONAI's SwinUNETR computes its drop-path schedule with .item(), so it cannot be built on meta
+    assert round(count_parameters(build_network("SwinUNETR", 1, 5)), 2) == 62.19
+
+
+def test_registry_names_and_published_import_paths():
+    assert available_networks()[:4] == ["REPUXNET", "3DUXNET", "UNETR", "SwinUNETR"]
+    from networks.RepUXNet_3D.network_backbone import REPUXNET
+    from networks.UXNet_3D.network_backbone import UXNET
+
+    assert type(build_network("REPUXNET", 1, 2, **TINY)) is REPUXNET
+    assert type(build_network("3dUXNet", 1, 2, **TINY)) is UXNET
+    published_defaults = REPUXNET()
+    assert (published_defaults.in_chans, published_defaults.out_chans, published_defaults.ks) == (1, 13, 21)
+    assert published_defaults.feat_size == (48, 96, 192, 384) and published_defaults.a == 1
+    assert UXNET.__init__.__defaults__[-1] == 7  # ks defaults to the published 7
+
+
+def test_registry_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"unknown network 'NOPE'; available: REPUXNET, 3DUXNET"):
+        build_network("NOPE", 1, 2)
+    with pytest.raises(ValueError, match=r"network 'REPUXNET' takes no argument 'kernel'.*accepts: depths"):
+        build_network("REPUXNET", 1, 2, kernel=5)
+    with pytest.raises(ValueError, match="already registered"):
+        networks.register_network("repuxnet", networks.NetworkSpec(nn.Identity))
+
+
+@pytest.mark.parametrize("name", ["REPUXNET", "3DUXNET"])
+def test_ux_family_non_cubic_output_shape_and_head_width(name):
+    model = build_network(name, 2, 3, depths=(1, 1, 1, 1), feat_size=(8, 8, 16, 16), hidden_size=16, ks=3)
+    assert model.out.conv.conv.in_channels == 8  # the head takes feat_size[0], not a hard-coded 48
+    out = model(torch.randn(2, 2, 32, 48, 64))
+    assert out.shape == (2, 3, 32, 48, 64)
+
+
+@pytest.mark.parametrize("name", ["REPUXNET", "3DUXNET"])
+def test_ux_family_rejects_inputs_that_are_not_multiples_of_16(name):
+    model = build_network(name, 1, 2, **TINY)
+    with pytest.raises(ValueError, match=r"multiples of 16, got \(1, 1, 32, 32, 40\)"):
+        model(torch.randn(1, 1, 32, 32, 40))
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("REPUXNET", dict(ks=4), "ks"),
+        ("3DUXNET", dict(ks=0), "ks"),
+        ("REPUXNET", dict(feat_size=(8, 16, 32)), "feat_size"),
+        ("REPUXNET", dict(depths=(1, 0, 1, 1)), "depths"),
+        ("REPUXNET", dict(drop_path_rate=0.1), "drop_path_rate"),
+        ("REPUXNET", dict(a=0.0), "alpha"),
+        ("3DUXNET", dict(drop_path_rate=1.5), "drop_path_rate"),
+        ("REPUXNET", dict(spatial_dims=2), "spatial_dims"),
+        ("REPUXNET", dict(hidden_size=0), "hidden_size"),
+    ],
+)
+def test_constructor_argument_checks(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_network(name, 1, 2, **{**TINY, **overrides})
+
+
+def expected_encoder_keys(prefix, depths, block_keys):
+    keys = {f"{prefix}.downsample_layers.0.0.{p}" for p in ("weight", "bias")}
+    keys |= {f"{prefix}.downsample_layers.0.1.{p}" for p in ("weight", "bias")}
+    for i in (1, 2, 3):
+        keys |= {f"{prefix}.downsample_layers.{i}.{j}.{p}" for j in (0, 1) for p in ("weight", "bias")}
+    for s, depth in enumerate(depths):
+        keys |= {f"{prefix}.stages.{s}.{b}.{k}" for b in range(depth) for k in block_keys}
+        keys |= {f"{prefix}.norm{s}.{p}" for p in ("weight", "bias")}
+    return keys
+
+
+def test_repuxnet_state_dict_layout():
+    model = build_network("REPUXNET", 1, 5, depths=(2, 1, 1, 2), feat_size=(4, 8, 16, 32), hidden_size=32, ks=5)
+    state = model.state_dict()
+    block = [
+        "dwconv.weight",
+        "dwconv.bias",
+        "norm.weight",
+        "norm.bias",
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
+    ]
+    encoder = {k for k in state if k.startswith("repuxnet_3d.")}
+    assert encoder == expected_encoder_keys("repuxnet_3d", (2, 1, 1, 2), block)
+    assert state["repuxnet_3d.stages.0.0.dwconv.weight"].shape == (4, 1, 5, 5, 5)
+    assert state["repuxnet_3d.stages.3.1.dwconv.weight"].shape == (32, 1, 5, 5, 5)
+    assert state["repuxnet_3d.downsample_layers.0.0.weight"].shape == (4, 1, 7, 7, 7)
+    assert state["repuxnet_3d.downsample_layers.1.1.weight"].shape == (8, 4, 2, 2, 2)
+    decoder_prefixes = {k.split(".")[0] for k in state} - {"repuxnet_3d"}
+    assert decoder_prefixes == {f"encoder{i}" for i in range(1, 6)} | {f"decoder{i}" for i in range(1, 6)} | {"out"}
+    assert state["out.conv.conv.weight"].shape == (5, 4, 1, 1, 1)
+    # the deploy network, the ablation and the training network share one layout
+    for variant in (dict(deploy=True), dict(bfr=False)):
+        other = build_network(
+            "REPUXNET", 1, 5, depths=(2, 1, 1, 2), feat_size=(4, 8, 16, 32), hidden_size=32, ks=5, **variant
+        )
+        assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_uxnet_state_dict_layout():
+    model = build_network("3DUXNET", 1, 5, **TINY)
+    state = model.state_dict()
+    block = [
+        "gamma",
+        "dwconv.weight",
+        "dwconv.bias",
+        "norm.weight",
+        "norm.bias",
+        "pwconv1.weight",
+        "pwconv1.bias",
+        "pwconv2.weight",
+        "pwconv2.bias",
+    ]
+    assert {k for k in state if k.startswith("uxnet_3d.")} == expected_encoder_keys("uxnet_3d", (1, 1, 1, 1), block)
+    assert state["uxnet_3d.stages.0.0.pwconv1.weight"].shape == (16, 1, 1, 1, 1)  # grouped, as published
+    assert state["uxnet_3d.stages.0.0.pwconv2.weight"].shape == (4, 4, 1, 1, 1)
+    assert state["uxnet_3d.stages.1.0.dwconv.weight"].shape == (8, 1, 5, 5, 5)
+
+
+def test_uxnet_block_is_residual_with_layer_scale():
+    model = build_network("3DUXNET", 1, 2, **TINY).eval()
+    block = model.uxnet_3d.stages[0][0]
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x, rtol=0, atol=1e-4)  # gamma = 1e-6 at initialisation
+        block.gamma.fill_(1.0)
+        assert (block(x) - x).abs().max() > 1e-2
+
+
+def test_uxnet_drop_path_trains():
+    model = build_network("3DUXNET", 1, 2, **TINY, drop_path_rate=0.2).train()
+    rates = [
+        block.drop_path.drop_prob
+        for stage in model.uxnet_3d.stages
+        for block in stage
+        if not isinstance(block.drop_path, nn.Identity)
+    ]
+    assert rates == pytest.approx([0.2 / 3, 0.4 / 3, 0.2])
+    model(torch.randn(1, 1, 32, 32, 32)).mean().backward()
+
+
+@pytest.mark.parametrize(
+    "name, overrides, size",
+    [
+        ("UNETR", dict(img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4), (32, 32, 32)),
+        ("SwinUNETR", dict(feature_size=12), (64, 32, 64)),  # its deepest map is 1/32 of the input
+    ],
+)
+def test_monai_networks_forward(name, overrides, size):
+    model = build_network(name, 1, 3, **overrides)
+    assert model(torch.randn(1, 1, *size)).shape == (1, 3, *size)
+
+
+def test_unetr_uses_the_published_configuration():
+    with torch.device("meta"):
+        model = build_network("UNETR", 1, 5)
+    assert model.vit.patch_embedding.proj_type == "perceptron"
+    assert len(model.vit.blocks) == 12 and model.vit.blocks[0].attn.num_heads == 12
+    assert model.vit.blocks[0].mlp.linear1.out_features == 3072
