@@ -7,7 +7,16 @@ replace constructor arguments of the published configuration.
 from monai.networks.nets import UNETR, SwinUNETR
 
 from networks.bfr import BFRConv3d, frequency_prior, switch_to_deploy
-from networks.registry import NetworkSpec, available_networks, build_network, register_network
+from networks.registry import (
+    NetworkSpec,
+    available_networks,
+    build_network,
+    canonical_name,
+    get_spec,
+    overrides_from_flags,
+    register_network,
+    replace_head,
+)
 from networks.RepUXNet_3D.network_backbone import REPUXNET
 from networks.UXNet_3D.network_backbone import UXNET
 
@@ -18,13 +27,18 @@ __all__ = [
     "UXNET",
     "available_networks",
     "build_network",
+    "canonical_name",
     "frequency_prior",
+    "get_spec",
+    "overrides_from_flags",
     "register_network",
+    "replace_head",
     "switch_to_deploy",
 ]
 
-register_network("REPUXNET", NetworkSpec(REPUXNET, "in_chans", "out_chans"))
-register_network("3DUXNET", NetworkSpec(UXNET, "in_chans", "out_chans"))
+UX_FLAGS = {"feat_size": "feat_size", "kernel_size": "ks", "hidden_size": "hidden_size"}
+register_network("REPUXNET", NetworkSpec(REPUXNET, "in_chans", "out_chans", flag_args=UX_FLAGS))
+register_network("3DUXNET", NetworkSpec(UXNET, "in_chans", "out_chans", flag_args=UX_FLAGS))
 # The published benchmark's configurations for 96^3 patches.
 register_network(
     "UNETR",

@@ -10,7 +10,16 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["NetworkSpec", "available_networks", "build_network", "register_network"]
+__all__ = [
+    "NetworkSpec",
+    "available_networks",
+    "build_network",
+    "canonical_name",
+    "get_spec",
+    "overrides_from_flags",
+    "register_network",
+    "replace_head",
+]
 
 
 @dataclass(frozen=True)
@@ -22,15 +31,23 @@ class NetworkSpec:
         in_channels_arg: the constructor's name for the input channel count.
         out_channels_arg: the constructor's name for the output (class) count.
         defaults: the published configuration: constructor arguments that overrides may replace.
+        head: attribute path of the output head (replaced for fine-tuning on other classes).
+        input_multiple: input spatial sizes must be multiples of this.
+        flag_args: command-line shape flags (``feat_size``, ``kernel_size``, ``hidden_size``, ``roi_size``)
+            that apply to this network, and the constructor argument each one sets.
     """
 
     constructor: Callable[..., nn.Module]
     in_channels_arg: str = "in_channels"
     out_channels_arg: str = "out_channels"
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    head: str = "out"
+    input_multiple: int = 16
+    flag_args: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "flag_args", MappingProxyType(dict(self.flag_args)))
 
     def arguments(self) -> list[str]:
         """Constructor arguments that an override may set (channel counts excluded)."""
@@ -60,6 +77,69 @@ def _lookup(name: str) -> str | None:
     return None
 
 
+def canonical_name(name: str) -> str:
+    """The registered spelling of ``name``; ValueError listing the choices for an unknown one."""
+    registered = _lookup(name)
+    if registered is None:
+        raise ValueError(f"unknown network {name!r}; available: {', '.join(_REGISTRY)}")
+    return registered
+
+
+def get_spec(name: str) -> NetworkSpec:
+    """The registry entry of ``name`` (case-insensitive)."""
+    return _REGISTRY[canonical_name(name)]
+
+
+def overrides_from_flags(name: str, **flags: Any) -> dict[str, Any]:
+    """Constructor overrides from the scripts' shape flags; flags that are None keep the published value.
+
+    ``roi_size`` sets the input size of networks built for one (UNETR's ``img_size``) and is ignored by
+    the others; any other flag given for a network it does not apply to is a ValueError.
+    """
+    registered = canonical_name(name)
+    spec = _REGISTRY[registered]
+    overrides = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if flag in spec.flag_args:
+            overrides[spec.flag_args[flag]] = value
+        elif flag != "roi_size":
+            raise ValueError(f"--{flag} does not apply to {registered}")
+    return overrides
+
+
+def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
+    """Give ``model`` (a registry network ``name``) a new, freshly initialised output for ``out_channels`` classes.
+
+    The last 3D convolution of the head is replaced by one with the same input channels, kernel and
+    stride, on the same device and dtype. Returns ``model``.
+    """
+    path = get_spec(name).head
+    parent_path, _, attribute = path.rpartition(".")
+    head = model.get_submodule(path)
+    parent, conv = model.get_submodule(parent_path), head
+    # The head's last Conv3d (UnetOutBlock wraps it as head.conv.conv).
+    for module in head.modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Conv3d):
+                parent, attribute, conv = module, child_name, child
+    if not isinstance(conv, nn.Conv3d):
+        raise ValueError(f"the head {path!r} of {name} has no Conv3d to replace")
+    new = nn.Conv3d(
+        conv.in_channels,
+        out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    setattr(parent, attribute, new)
+    return model
+
+
 def build_network(name: str, in_channels: int, out_channels: int, **overrides: Any) -> nn.Module:
     """Build the registry network ``name`` with its published configuration.
 
@@ -73,9 +153,7 @@ def build_network(name: str, in_channels: int, out_channels: int, **overrides: A
     Raises:
         ValueError: for an unknown name or an argument the network's constructor does not take.
     """
-    registered = _lookup(name)
-    if registered is None:
-        raise ValueError(f"unknown network {name!r}; available: {', '.join(_REGISTRY)}")
+    registered = canonical_name(name)
     spec = _REGISTRY[registered]
     accepted = spec.arguments()
     unknown = sorted(set(overrides) - set(accepted))

@@ -1,0 +1,111 @@
+"""Command-line flags shared by main_train.py, main_finetune.py and test_seg.py."""
+
+from __future__ import annotations
+
+import argparse
+
+from networks import available_networks
+
+__all__ = ["add_common_arguments", "add_training_arguments", "str2bool"]
+
+
+def str2bool(value: str) -> bool:
+    """A real boolean flag value: true/false, yes/no, 1/0 (case-insensitive)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "t", "yes", "y", "1"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def int_list(count: int | None = None, allowed: tuple[int, ...] = ()):
+    """Parser of comma-separated positive integers, ``count`` of them (or any count in ``allowed``)."""
+
+    def parse(value: str) -> tuple[int, ...]:
+        try:
+            numbers = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+        counts = allowed or ((count,) if count else ())
+        if counts and len(numbers) not in counts or any(n < 1 for n in numbers):
+            wanted = " or ".join(str(c) for c in counts)
+            raise argparse.ArgumentTypeError(f"expected {wanted} positive integers, got {value!r}")
+        return numbers
+
+    return parse
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
+    """Flags of all three scripts (published names and defaults, plus device, seed and network shape)."""
+    parser.add_argument("--root", required=True, help="dataset folder (imagesTr, labelsTr, imagesVal, ...)")
+    parser.add_argument("--output", required=True, help="folder for weights, logs or predictions")
+    parser.add_argument(
+        "--dataset",
+        default="flare",
+        help="flare, amos, feta, or a dataset JSON file (labels, spacing, intensity, lists)",
+    )
+    parser.add_argument("--datalist", default=None, help="MSD-style JSON whose training/validation/test lists to use")
+    parser.add_argument("--network", default="REPUXNET", help=f"one of: {', '.join(available_networks())}")
+    parser.add_argument("--mode", default=mode, choices=[mode], help=f"kept for the published scripts ({mode})")
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0)")
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available, else CPU"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--roi_size",
+        type=int_list(allowed=(1, 3)),
+        default=(96,),
+        help="patch / sliding-window size: one or three integers (default 96)",
+    )
+    parser.add_argument(
+        "--feat_size",
+        type=int_list(4),
+        default=None,
+        help="encoder channels, e.g. 48,96,192,384 (default: the network's published value)",
+    )
+    parser.add_argument(
+        "--kernel_size",
+        type=positive_int,
+        default=None,
+        help="depthwise kernel size of the UX-Net family (default: published, 21 for RepUX-Net)",
+    )
+    parser.add_argument(
+        "--hidden_size",
+        type=positive_int,
+        default=None,
+        help="bottleneck / transformer width (default: the network's published value)",
+    )
+    parser.add_argument("--cache_rate", type=float, default=0.1, help="fraction of cases cached in memory")
+    parser.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of main_train.py and main_finetune.py."""
+    parser.add_argument("--pretrain", type=str2bool, default=False, help="load --pretrained_weights (true/false)")
+    parser.add_argument("--pretrained_weights", default="", help="state_dict to start from when --pretrain true")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="subjects per step (default 1)")
+    parser.add_argument("--crop_sample", type=positive_int, default=2, help="random crops per subject (default 2)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    parser.add_argument("--optim", default="AdamW", help="AdamW, Adam or SGD (default AdamW)")
+    parser.add_argument(
+        "--lr_schedule",
+        default="constant",
+        choices=["constant", "warmup_cosine"],
+        help="constant (published) or linear warm-up then cosine decay",
+    )
+    parser.add_argument("--warmup_iter", type=int, default=0, help="warm-up iterations of warmup_cosine")
+    parser.add_argument("--max_iter", type=positive_int, default=60000, help="training iterations (default 60000)")
+    parser.add_argument("--eval_step", type=positive_int, default=500, help="validate every N iterations")
+    parser.add_argument("--sw_batch_size", type=positive_int, default=2, help="sliding-window batch in validation")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="train into an --output that already holds best_metric_model.pth"
+    )

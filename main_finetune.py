@@ -1,0 +1,30 @@
+"""Fine-tune a pretrained network on another dataset (AMOS 2022 from FLARE by default), as published."""
+
+import argparse
+import sys
+
+from cli import add_common_arguments, add_training_arguments, positive_int
+from engine import UsageError, run_training
+from load_datasets_transforms import DatasetError
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_arguments(parser, mode="train")
+    add_training_arguments(parser)
+    parser.set_defaults(dataset="amos")
+    parser.add_argument(
+        "--pretrain_classes",
+        type=positive_int,
+        default=5,
+        help="classes of the pretrained model's output head (default 5, FLARE)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        run_training(args, finetune=True)
+    except (DatasetError, UsageError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""End to end on phantom data with a tiny RepUX-Net on CPU: train, fine-tune, segment, bad inputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import main_finetune
+import main_train
+import test_seg
+from networks import build_network
+from phantom import write_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_FLAGS = [
+    "--roi_size",
+    "32",
+    "--feat_size",
+    "4,8,16,32",
+    "--kernel_size",
+    "3",
+    "--hidden_size",
+    "16",
+    "--cache_rate",
+    "1",
+    "--num_workers",
+    "0",
+    "--device",
+    "cpu",
+]
+TRAIN_FLAGS = [*TINY_FLAGS, "--max_iter", "4", "--eval_step", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    write_dataset(root, num_train=2, num_val=1, num_test=2, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(phantom, tmp_path_factory):
+    output = tmp_path_factory.mktemp("train")
+    main_train.main(["--root", str(phantom), "--output", str(output), *TRAIN_FLAGS])
+    return output
+
+
+def exit_message(main, argv, capsys=None) -> str:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code not in (0, None)
+    return str(raised.value.code)
+
+
+def test_train_writes_weights_card_and_tensorboard(trained, phantom):
+    weights = trained / "best_metric_model.pth"
+    state = torch.load(weights, weights_only=True)
+    model = build_network("REPUXNET", 1, 5, feat_size=(4, 8, 16, 32), ks=3, hidden_size=16)
+    model.load_state_dict(state, strict=True)  # a plain state_dict with the published names
+    card = json.loads((trained / "best_metric_model.pth.json").read_text())
+    assert card["network"] == "REPUXNET" and card["out_channels"] == 5
+    assert card["network_args"] == {"feat_size": [4, 8, 16, 32], "ks": 3, "hidden_size": 16}
+    assert card["classes"] == ["background", "spleen", "kidney", "liver", "pancreas"]
+    assert card["roi_size"] == [32, 32, 32] and card["best_step"] in (2, 4)
+    assert 0 < card["best_metric"] <= 1
+    events = list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "val/mean_dice", "val/dice_liver", "val/dice_pancreas"} <= set(tags)
+    assert [e.step for e in accumulator.Scalars("val/mean_dice")] == [2, 4]  # two validations
+    assert len(accumulator.Scalars("train/loss")) == 4
+
+
+def test_train_refuses_to_overwrite_best_weights(trained, phantom):
+    before = (trained / "best_metric_model.pth").read_bytes()
+    message = exit_message(main_train.main, ["--root", str(phantom), "--output", str(trained), *TRAIN_FLAGS])
+    assert "already holds best_metric_model.pth" in message and "--overwrite" in message
+    assert (trained / "best_metric_model.pth").read_bytes() == before
+
+
+def six_class_dataset(phantom, tmp_path) -> Path:
+    """A dataset JSON over the phantom folders with six classes (one more than FLARE)."""
+    description = json.loads((phantom / "dataset.json").read_text())
+    description["labels"] = {**description["labels"], "5": "extra"}
+    path = tmp_path / "six.json"
+    path.write_text(json.dumps(description))
+    return path
+
+
+def test_finetune_replaces_the_head_for_another_class_count(trained, phantom, tmp_path):
+    dataset = six_class_dataset(phantom, tmp_path)
+    output = tmp_path / "finetune"
+    flags = [*TINY_FLAGS, "--max_iter", "2", "--eval_step", "2", "--lr", "1e-12"]
+    main_finetune.main(
+        [
+            "--root",
+            str(phantom),
+            "--output",
+            str(output),
+            "--dataset",
+            str(dataset),
+            "--pretrain",
+            "True",
+            "--pretrained_weights",
+            str(trained / "best_metric_model.pth"),
+            "--pretrain_classes",
+            "5",
+            *flags,
+        ]
+    )
+    pretrained = torch.load(trained / "best_metric_model.pth", weights_only=True)
+    tuned = torch.load(output / "best_metric_model.pth", weights_only=True)
+    assert tuned["out.conv.conv.weight"].shape == (6, 4, 1, 1, 1)
+    assert json.loads((output / "best_metric_model.pth.json").read_text())["out_channels"] == 6
+    # with a negligible learning rate, every other weight is still the pretrained one
+    for key, value in pretrained.items():
+        if not key.startswith("out.") and value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(tuned[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_with_pretrain_false_trains_from_scratch(phantom, tmp_path):
+    output = tmp_path / "scratch"
+    main_finetune.main(
+        [
+            "--root",
+            str(phantom),
+            "--output",
+            str(output),
+            "--dataset",
+            "flare",
+            "--pretrain",
+            "False",
+            "--pretrained_weights",
+            str(tmp_path / "missing.pth"),
+            *TINY_FLAGS,
+            "--max_iter",
+            "1",
+        ]
+    )
+    assert (output / "best_metric_model.pth").exists()  # the missing weights file was never opened
+
+
+def test_finetune_reports_weights_that_do_not_fit(trained, phantom, tmp_path):
+    message = exit_message(
+        main_finetune.main,
+        [
+            "--root",
+            str(phantom),
+            "--output",
+            str(tmp_path / "x"),
+            "--pretrain",
+            "true",
+            "--pretrained_weights",
+            str(trained / "best_metric_model.pth"),
+            "--pretrain_classes",
+            "5",
+            *TINY_FLAGS[:4],
+            "--kernel_size",
+            "5",
+            *TINY_FLAGS[6:],
+        ],
+    )
+    assert "--pretrained_weights" in message and "does not fit REPUXNET" in message
+
+
+def check_predictions(prediction_dir: Path, phantom: Path) -> None:
+    inputs = sorted((phantom / "imagesTs").glob("*.nii.gz"))
+    assert any(nib.aff2axcodes(nib.load(p).affine) != ("R", "A", "S") for p in inputs)  # non-RAS covered
+    for image_path in inputs:
+        image = nib.load(image_path)
+        prediction = nib.load(prediction_dir / image_path.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert prediction.shape == image.shape
+        np.testing.assert_allclose(prediction.affine, image.affine, rtol=0, atol=1e-5)
+        assert prediction.get_data_dtype() == np.uint8
+        values = np.unique(np.asarray(prediction.dataobj))
+        assert values.min() >= 0 and values.max() < 5
+        assert not np.abs(np.array(image.header.get_zooms()) - 1).max() < 0.05  # anisotropic inputs
+
+
+def test_segment_with_model_card(trained, phantom, tmp_path, capsys):
+    output = tmp_path / "pred"
+    test_seg.main(
+        [
+            "--root",
+            str(phantom),
+            "--output",
+            str(output),
+            "--trained_weights",
+            str(trained / "best_metric_model.pth"),
+            "--cache_rate",
+            "0",
+            "--num_workers",
+            "0",
+        ]
+    )
+    check_predictions(output, phantom)
+    assert f"Wrote {len(list(output.iterdir()))} segmentations to {output}" in capsys.readouterr().out
+
+
+def test_segment_published_state_dict_with_model_flags(trained, phantom, tmp_path):
+    published = tmp_path / "published.pth"  # no model card beside it: the flags describe the network
+    shutil.copy(trained / "best_metric_model.pth", published)
+    output = tmp_path / "pred"
+    test_seg.main(
+        [
+            "--root",
+            str(phantom),
+            "--output",
+            str(output),
+            "--trained_weights",
+            str(published),
+            "--network",
+            "REPUXNET",
+            *TINY_FLAGS,
+        ]
+    )
+    check_predictions(output, phantom)
+    message = exit_message(
+        test_seg.main,
+        [
+            "--root",
+            str(phantom),
+            "--output",
+            str(output),
+            "--trained_weights",
+            str(published),
+            "--network",
+            "REPUXNET",
+            "--roi_size",
+            "32",
+        ],
+    )
+    assert "does not fit REPUXNET" in message
+
+
+class ThresholdOracle(torch.nn.Module):
+    """Classifies each voxel by its windowed intensity: air, body (0 HU) or insert (200 HU)."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 3) -> None:
+        super().__init__()
+        self.sharpness = torch.nn.Parameter(torch.tensor(100.0))
+        self.register_buffer("centres", torch.tensor([0.0, 125 / 400, 325 / 400]).view(1, 3, 1, 1, 1))
+
+    def forward(self, x):
+        return -self.sharpness * (x - self.centres) ** 2
+
+
+def test_predictions_land_in_the_input_geometry(tmp_path):
+    """An intensity oracle's segmentation of an anisotropic, axes-permuted, flipped volume with an
+    off-centre insert must overlay the insert in the original voxel grid (a flip or swap would miss it)."""
+    from networks import NetworkSpec, available_networks, register_network
+
+    if "ThresholdOracle" not in available_networks():
+        register_network("ThresholdOracle", NetworkSpec(ThresholdOracle, input_multiple=1))
+    root = tmp_path / "data"
+    (root / "imagesTs").mkdir(parents=True)
+    image = np.full((36, 30, 20), -1000, np.int16)
+    image[4:32, 3:27, 2:18] = 0  # body
+    image[6:14, 5:12, 3:9] = 200  # insert near one corner
+    affine = np.array([[0.0, -1.6, 0.0, 20.0], [-1.3, 0.0, 0.0, 30.0], [0.0, 0.0, 2.5, -10.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(image, affine), root / "imagesTs" / "case.nii.gz")
+    dataset = tmp_path / "oracle.json"
+    dataset.write_text(
+        json.dumps(
+            {
+                "labels": {"0": "air", "1": "body", "2": "insert"},
+                "spacing": [1.0, 1.0, 1.2],
+                "intensity": {"a_min": -125, "a_max": 275},
+            }
+        )
+    )
+    weights = tmp_path / "oracle.pth"
+    torch.save(ThresholdOracle().state_dict(), weights)
+    output = tmp_path / "pred"
+    test_seg.main(
+        [
+            "--root",
+            str(root),
+            "--output",
+            str(output),
+            "--dataset",
+            str(dataset),
+            "--network",
+            "ThresholdOracle",
+            "--trained_weights",
+            str(weights),
+            "--roi_size",
+            "32",
+            "--cache_rate",
+            "0",
+            "--num_workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
+    prediction = nib.load(output / "case_seg.nii.gz")
+    assert prediction.shape == image.shape and np.allclose(prediction.affine, affine)
+    predicted = np.asarray(prediction.dataobj)
+    expected = np.digitize(image, [-500, 100])
+    for value in (1, 2):
+        overlap = np.logical_and(predicted == value, expected == value).sum()
+        dice = 2 * overlap / ((predicted == value).sum() + (expected == value).sum())
+        assert dice > 0.9, (value, dice)
+
+
+# ---- bad inputs: one clear message, non-zero exit, before any training ----
+
+
+def copy_phantom(phantom: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(phantom, root)
+    return root
+
+
+def train_error(root, tmp_path, *extra) -> str:
+    return exit_message(main_train.main, ["--root", str(root), "--output", str(tmp_path / "out"), *TRAIN_FLAGS, *extra])
+
+
+def test_missing_folder(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    shutil.rmtree(root / "labelsVal")
+    assert (
+        train_error(root, tmp_path) == f"error: {root / 'labelsVal'}: missing folder (labels for {root / 'imagesVal'})"
+    )
+
+
+def test_no_images(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    for path in (root / "imagesTr").iterdir():
+        path.unlink()
+    assert train_error(root, tmp_path) == f"error: {root / 'imagesTr'}: no .nii.gz images"
+
+
+def test_image_without_label_and_label_without_image(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    (root / "labelsTr" / "phantom_000.nii.gz").unlink()
+    shutil.copy(root / "labelsTr" / "phantom_001.nii.gz", root / "labelsTr" / "phantom_099.nii.gz")
+    message = train_error(root, tmp_path)
+    assert f"{root / 'imagesTr' / 'phantom_000.nii.gz'}: no label for this image" in message
+    assert f"{root / 'labelsTr' / 'phantom_099.nii.gz'}: no image for this label" in message
+
+
+def test_unreadable_file(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    (root / "imagesVal" / "phantom_002.nii.gz").write_bytes(b"not a nifti file")
+    message = train_error(root, tmp_path)
+    assert message.startswith(f"error: {root / 'imagesVal' / 'phantom_002.nii.gz'}: cannot read as NIfTI")
+
+
+def test_non_3d_file(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), root / "imagesTr" / "phantom_001.nii.gz")
+    message = train_error(root, tmp_path)
+    assert message == f"error: {root / 'imagesTr' / 'phantom_001.nii.gz'}: not a 3D volume (shape (8, 8))"
+
+
+def test_label_values_outside_the_classes(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    path = root / "labelsTr" / "phantom_001.nii.gz"
+    label = nib.load(path)
+    values = np.asarray(label.dataobj).copy()
+    values[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(values, label.affine), path)
+    message = train_error(root, tmp_path)
+    assert message == f"error: {path}: label values 7 outside the 5 classes 0..4"
+
+
+def test_invalid_json_dataset_and_datalist(phantom, tmp_path):
+    feta = SHARED_DATA / "dataset_FeTA.json"  # the published file has a trailing comma
+    message = train_error(phantom, tmp_path, "--datalist", str(feta))
+    assert message.startswith(f"error: --datalist {feta}: invalid JSON at line 288 column 5")
+    message = train_error(phantom, tmp_path, "--dataset", str(feta))
+    assert message.startswith(f"error: --dataset {feta}: invalid JSON at line 288")
+
+
+def test_bad_flags(phantom, tmp_path):
+    assert "unknown network 'NOPE'" in train_error(phantom, tmp_path, "--network", "NOPE")
+    assert "--feat_size does not apply to UNETR" in train_error(phantom, tmp_path, "--network", "UNETR")
+    assert "needs multiples of 16" in train_error(phantom, tmp_path, "--roi_size", "40")
+    assert "--pretrain true needs --pretrained_weights" in train_error(phantom, tmp_path, "--pretrain", "true")
+    missing = tmp_path / "missing.pth"
+    message = train_error(phantom, tmp_path, "--pretrain", "yes", "--pretrained_weights", str(missing))
+    assert message == f"error: --pretrained_weights {missing}: no such file"
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_flare_datalist_pairs_listed_files(tmp_path):
+    from load_datasets_transforms import DatasetError, check_cases, find_cases, load_dataset_config
+
+    config = load_dataset_config("flare", str(SHARED_DATA / "dataset_FLARE.json"))
+    cases = find_cases(config, tmp_path, "training")
+    assert len(cases) == 341
+    assert cases[0] == {
+        "image": str(tmp_path / "imagesTr/train_000.nii.gz"),
+        "label": str(tmp_path / "labelsTr/train_000.nii.gz"),
+    }
+    assert find_cases(config, tmp_path, "test")[0] == {"image": str(tmp_path / "imagesTs/train_036_0000.nii.gz")}
+    with pytest.raises(DatasetError, match=r"341 problems in the dataset:\n  .*train_000.nii.gz: no such file"):
+        check_cases(cases, config.num_classes)
