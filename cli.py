@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
+from engine import UsageError
+from load_datasets_transforms import DatasetError
 from networks import available_networks
 
-__all__ = ["add_common_arguments", "add_training_arguments", "str2bool"]
+__all__ = ["add_common_arguments", "add_training_arguments", "run_or_exit", "str2bool"]
+
+
+def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
+    """Run a script's command; a problem the user must fix ends it with one ``error:`` line and exit 1."""
+    try:
+        command(args)
+    except (DatasetError, UsageError) as error:
+        sys.exit(f"error: {error}")
 
 
 def str2bool(value: str) -> bool:
@@ -28,7 +40,7 @@ def int_list(count: int | None = None, allowed: tuple[int, ...] = ()):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
         counts = allowed or ((count,) if count else ())
-        if counts and len(numbers) not in counts or any(n < 1 for n in numbers):
+        if (counts and len(numbers) not in counts) or any(n < 1 for n in numbers):
             wanted = " or ".join(str(c) for c in counts)
             raise argparse.ArgumentTypeError(f"expected {wanted} positive integers, got {value!r}")
         return numbers
@@ -41,6 +53,18 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
+
+
+def unit_interval(upper_open: bool = False) -> Callable[[str], float]:
+    """Parser of a number in [0, 1] (or [0, 1) with ``upper_open``)."""
+
+    def parse(value: str) -> float:
+        number = float(value)
+        if not (0 <= number < 1 if upper_open else 0 <= number <= 1):
+            raise argparse.ArgumentTypeError(f"expected a number in [0, {'1)' if upper_open else '1]'}, got {value!r}")
+        return number
+
+    return parse
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
@@ -84,7 +108,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         default=None,
         help="bottleneck / transformer width (default: the network's published value)",
     )
-    parser.add_argument("--cache_rate", type=float, default=0.1, help="fraction of cases cached in memory")
+    parser.add_argument("--cache_rate", type=unit_interval(), default=0.1, help="fraction of cases cached in memory")
     parser.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
 
 

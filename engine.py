@@ -268,7 +268,9 @@ def run_training(args, finetune: bool = False) -> float:
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_description(f"Training ({step} / {args.max_iter} Steps) (loss={loss.item():2.5f})")
+            bar.set_description(
+                f"Training ({step} / {args.max_iter} Steps) (loss={loss.item():2.5f}, best dice={best_dice:.4f})"
+            )
             if step % args.eval_step == 0 or step == args.max_iter:
                 dice, per_class = validate(model, val_loader, roi, args.sw_batch_size, config.num_classes, device)
                 writer.add_scalar("val/mean_dice", dice, step)

@@ -1,11 +1,10 @@
 """Fine-tune a pretrained network on another dataset (AMOS 2022 from FLARE by default), as published."""
 
 import argparse
-import sys
+import functools
 
-from cli import add_common_arguments, add_training_arguments, positive_int
-from engine import UsageError, run_training
-from load_datasets_transforms import DatasetError
+from cli import add_common_arguments, add_training_arguments, positive_int, run_or_exit
+from engine import run_training
 
 
 def main(argv=None) -> None:
@@ -20,10 +19,7 @@ def main(argv=None) -> None:
         help="classes of the pretrained model's output head (default 5, FLARE)",
     )
     args = parser.parse_args(argv)
-    try:
-        run_training(args, finetune=True)
-    except (DatasetError, UsageError) as error:
-        sys.exit(f"error: {error}")
+    run_or_exit(functools.partial(run_training, finetune=True), args)
 
 
 if __name__ == "__main__":

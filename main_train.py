@@ -1,11 +1,9 @@
 """Train a segmentation network from scratch (FLARE 2021 by default), as the published main_train.py."""
 
 import argparse
-import sys
 
-from cli import add_common_arguments, add_training_arguments
-from engine import UsageError, run_training
-from load_datasets_transforms import DatasetError
+from cli import add_common_arguments, add_training_arguments, run_or_exit
+from engine import run_training
 
 
 def main(argv=None) -> None:
@@ -13,10 +11,7 @@ def main(argv=None) -> None:
     add_common_arguments(parser, mode="train")
     add_training_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run_training(args)
-    except (DatasetError, UsageError) as error:
-        sys.exit(f"error: {error}")
+    run_or_exit(run_training, args)
 
 
 if __name__ == "__main__":

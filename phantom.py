@@ -120,9 +120,9 @@ def write_dataset(
     labels share the file name ``phantom_NNN.nii.gz``. ``dataset.json`` (MSD style) lists the splits and
     the FLARE settings (labels, 1.0 x 1.0 x 1.2 mm spacing, -125..275 HU window).
     """
-    for name, count in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-        if count < 0 or (name != "num_test" and count < 1):
-            raise ValueError(f"{name} must be at least {0 if name == 'num_test' else 1}, got {count}")
+    for name, count, least in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 0)):
+        if count < least:
+            raise ValueError(f"{name} must be at least {least}, got {count}")
     root = Path(output)
     rng = np.random.default_rng(seed)
     splits = {

@@ -1,11 +1,9 @@
 """Segment test images with trained weights; writes <case>_seg.nii.gz in each input's geometry."""
 
 import argparse
-import sys
 
-from cli import add_common_arguments
-from engine import UsageError, run_inference
-from load_datasets_transforms import DatasetError
+from cli import add_common_arguments, positive_int, run_or_exit, unit_interval
+from engine import run_inference
 
 
 def main(argv=None) -> None:
@@ -13,13 +11,12 @@ def main(argv=None) -> None:
     add_common_arguments(parser, mode="test")
     parser.set_defaults(roi_size=None)  # from the weights' model card, else 96
     parser.add_argument("--trained_weights", required=True, help="state_dict to segment with")
-    parser.add_argument("--sw_batch_size", type=int, default=4, help="sliding-window batch (default 4)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--sw_batch_size", type=positive_int, default=4, help="sliding-window batch (default 4)")
+    parser.add_argument(
+        "--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap (default 0.5)"
+    )
     args = parser.parse_args(argv)
-    try:
-        run_inference(args)
-    except (DatasetError, UsageError) as error:
-        sys.exit(f"error: {error}")
+    run_or_exit(run_inference, args)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class HierarchicalEncoderUNETRDecoder(nn.Module):
         spatial_dims: int,
     ) -> None:
         super().__init__()
+        self.in_chans, self.out_chans = in_chans, out_chans
+        self.feat_size, self.hidden_size = tuple(feat_size), hidden_size
         self.encoder_name = encoder_name
         self.add_module(encoder_name, encoder)
         f0, f1, f2, f3 = feat_size

@@ -16,23 +16,17 @@ from networks import build_network
 from phantom import write_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY_FLAGS = [
-    "--roi_size",
-    "32",
-    "--feat_size",
-    "4,8,16,32",
-    "--kernel_size",
-    "3",
-    "--hidden_size",
-    "16",
-    "--cache_rate",
-    "1",
-    "--num_workers",
-    "0",
-    "--device",
-    "cpu",
-]
-TRAIN_FLAGS = [*TINY_FLAGS, "--max_iter", "4", "--eval_step", "2", "--lr", "1e-3"]
+
+
+def flags(**values) -> list[str]:
+    """``--name value`` pairs from keyword arguments."""
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
+TINY = dict(
+    roi_size=32, feat_size="4,8,16,32", kernel_size=3, hidden_size=16, cache_rate=1, num_workers=0, device="cpu"
+)
+TRAIN_FLAGS = flags(max_iter=4, eval_step=2, lr=1e-3, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +39,11 @@ def phantom(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(phantom, tmp_path_factory):
     output = tmp_path_factory.mktemp("train")
-    main_train.main(["--root", str(phantom), "--output", str(output), *TRAIN_FLAGS])
+    main_train.main(flags(root=phantom, output=output) + TRAIN_FLAGS)
     return output
 
 
-def exit_message(main, argv, capsys=None) -> str:
+def exit_message(main, argv) -> str:
     with pytest.raises(SystemExit) as raised:
         main(argv)
     assert raised.value.code not in (0, None)
@@ -81,7 +75,7 @@ def test_train_writes_weights_card_and_tensorboard(trained, phantom):
 
 def test_train_refuses_to_overwrite_best_weights(trained, phantom):
     before = (trained / "best_metric_model.pth").read_bytes()
-    message = exit_message(main_train.main, ["--root", str(phantom), "--output", str(trained), *TRAIN_FLAGS])
+    message = exit_message(main_train.main, flags(root=phantom, output=trained) + TRAIN_FLAGS)
     assert "already holds best_metric_model.pth" in message and "--overwrite" in message
     assert (trained / "best_metric_model.pth").read_bytes() == before
 
@@ -96,27 +90,23 @@ def six_class_dataset(phantom, tmp_path) -> Path:
 
 
 def test_finetune_replaces_the_head_for_another_class_count(trained, phantom, tmp_path):
-    dataset = six_class_dataset(phantom, tmp_path)
     output = tmp_path / "finetune"
-    flags = [*TINY_FLAGS, "--max_iter", "2", "--eval_step", "2", "--lr", "1e-12"]
+    weights = trained / "best_metric_model.pth"
     main_finetune.main(
-        [
-            "--root",
-            str(phantom),
-            "--output",
-            str(output),
-            "--dataset",
-            str(dataset),
-            "--pretrain",
-            "True",
-            "--pretrained_weights",
-            str(trained / "best_metric_model.pth"),
-            "--pretrain_classes",
-            "5",
-            *flags,
-        ]
+        flags(
+            root=phantom,
+            output=output,
+            dataset=six_class_dataset(phantom, tmp_path),
+            pretrain=True,
+            pretrained_weights=weights,
+            pretrain_classes=5,
+            max_iter=2,
+            eval_step=2,
+            lr=1e-12,
+            **TINY,
+        )
     )
-    pretrained = torch.load(trained / "best_metric_model.pth", weights_only=True)
+    pretrained = torch.load(weights, weights_only=True)
     tuned = torch.load(output / "best_metric_model.pth", weights_only=True)
     assert tuned["out.conv.conv.weight"].shape == (6, 4, 1, 1, 1)
     assert json.loads((output / "best_metric_model.pth.json").read_text())["out_channels"] == 6
@@ -129,21 +119,15 @@ def test_finetune_replaces_the_head_for_another_class_count(trained, phantom, tm
 def test_finetune_with_pretrain_false_trains_from_scratch(phantom, tmp_path):
     output = tmp_path / "scratch"
     main_finetune.main(
-        [
-            "--root",
-            str(phantom),
-            "--output",
-            str(output),
-            "--dataset",
-            "flare",
-            "--pretrain",
-            "False",
-            "--pretrained_weights",
-            str(tmp_path / "missing.pth"),
-            *TINY_FLAGS,
-            "--max_iter",
-            "1",
-        ]
+        flags(
+            root=phantom,
+            output=output,
+            dataset="flare",
+            pretrain=False,
+            pretrained_weights=tmp_path / "missing.pth",
+            max_iter=1,
+            **TINY,
+        )
     )
     assert (output / "best_metric_model.pth").exists()  # the missing weights file was never opened
 
@@ -151,22 +135,14 @@ def test_finetune_with_pretrain_false_trains_from_scratch(phantom, tmp_path):
 def test_finetune_reports_weights_that_do_not_fit(trained, phantom, tmp_path):
     message = exit_message(
         main_finetune.main,
-        [
-            "--root",
-            str(phantom),
-            "--output",
-            str(tmp_path / "x"),
-            "--pretrain",
-            "true",
-            "--pretrained_weights",
-            str(trained / "best_metric_model.pth"),
-            "--pretrain_classes",
-            "5",
-            *TINY_FLAGS[:4],
-            "--kernel_size",
-            "5",
-            *TINY_FLAGS[6:],
-        ],
+        flags(
+            root=phantom,
+            output=tmp_path / "x",
+            pretrain=True,
+            pretrained_weights=trained / "best_metric_model.pth",
+            pretrain_classes=5,
+            **{**TINY, "kernel_size": 5},
+        ),
     )
     assert "--pretrained_weights" in message and "does not fit REPUXNET" in message
 
@@ -188,18 +164,9 @@ def check_predictions(prediction_dir: Path, phantom: Path) -> None:
 def test_segment_with_model_card(trained, phantom, tmp_path, capsys):
     output = tmp_path / "pred"
     test_seg.main(
-        [
-            "--root",
-            str(phantom),
-            "--output",
-            str(output),
-            "--trained_weights",
-            str(trained / "best_metric_model.pth"),
-            "--cache_rate",
-            "0",
-            "--num_workers",
-            "0",
-        ]
+        flags(
+            root=phantom, output=output, trained_weights=trained / "best_metric_model.pth", cache_rate=0, num_workers=0
+        )
     )
     check_predictions(output, phantom)
     assert f"Wrote {len(list(output.iterdir()))} segmentations to {output}" in capsys.readouterr().out
@@ -209,34 +176,10 @@ def test_segment_published_state_dict_with_model_flags(trained, phantom, tmp_pat
     published = tmp_path / "published.pth"  # no model card beside it: the flags describe the network
     shutil.copy(trained / "best_metric_model.pth", published)
     output = tmp_path / "pred"
-    test_seg.main(
-        [
-            "--root",
-            str(phantom),
-            "--output",
-            str(output),
-            "--trained_weights",
-            str(published),
-            "--network",
-            "REPUXNET",
-            *TINY_FLAGS,
-        ]
-    )
+    test_seg.main(flags(root=phantom, output=output, trained_weights=published, network="REPUXNET", **TINY))
     check_predictions(output, phantom)
     message = exit_message(
-        test_seg.main,
-        [
-            "--root",
-            str(phantom),
-            "--output",
-            str(output),
-            "--trained_weights",
-            str(published),
-            "--network",
-            "REPUXNET",
-            "--roi_size",
-            "32",
-        ],
+        test_seg.main, flags(root=phantom, output=output, trained_weights=published, network="REPUXNET", roi_size=32)
     )
     assert "does not fit REPUXNET" in message
 
@@ -281,26 +224,17 @@ def test_predictions_land_in_the_input_geometry(tmp_path):
     torch.save(ThresholdOracle().state_dict(), weights)
     output = tmp_path / "pred"
     test_seg.main(
-        [
-            "--root",
-            str(root),
-            "--output",
-            str(output),
-            "--dataset",
-            str(dataset),
-            "--network",
-            "ThresholdOracle",
-            "--trained_weights",
-            str(weights),
-            "--roi_size",
-            "32",
-            "--cache_rate",
-            "0",
-            "--num_workers",
-            "0",
-            "--device",
-            "cpu",
-        ]
+        flags(
+            root=root,
+            output=output,
+            dataset=dataset,
+            network="ThresholdOracle",
+            trained_weights=weights,
+            roi_size=32,
+            cache_rate=0,
+            num_workers=0,
+            device="cpu",
+        )
     )
     prediction = nib.load(output / "case_seg.nii.gz")
     assert prediction.shape == image.shape and np.allclose(prediction.affine, affine)
@@ -322,7 +256,7 @@ def copy_phantom(phantom: Path, tmp_path: Path) -> Path:
 
 
 def train_error(root, tmp_path, *extra) -> str:
-    return exit_message(main_train.main, ["--root", str(root), "--output", str(tmp_path / "out"), *TRAIN_FLAGS, *extra])
+    return exit_message(main_train.main, flags(root=root, output=tmp_path / "out") + TRAIN_FLAGS + list(extra))
 
 
 def test_missing_folder(phantom, tmp_path):
@@ -406,3 +340,97 @@ def test_flare_datalist_pairs_listed_files(tmp_path):
     assert find_cases(config, tmp_path, "test")[0] == {"image": str(tmp_path / "imagesTs/train_036_0000.nii.gz")}
     with pytest.raises(DatasetError, match=r"341 problems in the dataset:\n  .*train_000.nii.gz: no such file"):
         check_cases(cases, config.num_classes)
+
+
+def test_published_data_entry_points(phantom):
+    from argparse import Namespace
+
+    from monai.transforms import Compose
+
+    from load_datasets_transforms import data_loader, data_transforms
+
+    args = Namespace(root=str(phantom), dataset="flare", mode="train", roi_size=(32,), crop_sample=2, datalist=None)
+    train_samples, valid_samples, out_classes = data_loader(args)
+    assert out_classes == 5
+    assert [Path(p).name for p in train_samples["images"]] == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    assert [Path(p).parent.name for p in train_samples["labels"]] == ["labelsTr", "labelsTr"]
+    assert len(valid_samples["images"]) == len(valid_samples["labels"]) == 1
+    train_transforms, val_transforms = data_transforms(args)
+    crops = train_transforms({"image": train_samples["images"][0], "label": train_samples["labels"][0]})
+    assert len(crops) == 2 and crops[0]["image"].shape == (1, 32, 32, 32)
+    assert 0 <= float(crops[0]["image"].min()) and float(crops[0]["image"].max()) <= 1.1
+    test_args = Namespace(root=str(phantom), dataset="flare", mode="test", datalist=None)
+    test_samples, out_classes = data_loader(test_args)
+    assert len(test_samples["images"]) == 2 and len(test_samples["labels"]) == 2  # labelsTs exists
+    assert isinstance(data_transforms(test_args), Compose)
+
+
+def test_pairing_is_by_case_name_with_channel_suffix(phantom, tmp_path):
+    from load_datasets_transforms import DatasetError, case_name, find_cases, load_dataset_config
+
+    assert case_name("imagesTs/train_036_0000.nii.gz") == "train_036"
+    assert case_name("labelsTr/train_036.nii.gz") == "train_036"
+    root = copy_phantom(phantom, tmp_path)
+    for path in (root / "imagesTr").iterdir():  # nnU-Net style image names
+        path.rename(path.with_name(path.name.replace(".nii.gz", "_0000.nii.gz")))
+    (root / "labelsTr" / "phantom_000.nii.gz").unlink()
+    config = load_dataset_config("flare")
+    with pytest.raises(DatasetError, match=r"phantom_000_0000.nii.gz: no label for this image"):
+        find_cases(config, root, "training")
+    shutil.copy(root / "labelsTr" / "phantom_001.nii.gz", root / "labelsTr" / "phantom_000.nii.gz")
+    cases = find_cases(config, root, "training")
+    assert [(Path(c["image"]).name, Path(c["label"]).name) for c in cases] == [
+        ("phantom_000_0000.nii.gz", "phantom_000.nii.gz"),
+        ("phantom_001_0000.nii.gz", "phantom_001.nii.gz"),
+    ]
+
+
+def test_booleans_are_real_booleans():
+    import argparse
+
+    from cli import str2bool
+
+    assert [str2bool(v) for v in ("True", "false", "1", "0", "yes", "No")] == [True, False, True, False, True, False]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a boolean"):
+        str2bool("maybe")
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("REPUXNET", dict(feat_size=(4, 8, 16, 32), ks=3, hidden_size=16, depths=(1, 1, 1, 1))),
+        ("3DUXNET", dict(feat_size=(4, 8, 16, 32), ks=3, hidden_size=16, depths=(1, 1, 1, 1))),
+        ("UNETR", dict(img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4)),
+        ("SwinUNETR", dict(feature_size=12)),
+    ],
+)
+def test_replace_head_for_every_network(name, overrides):
+    from networks import replace_head
+
+    model = build_network(name, 1, 5, **overrides)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    replace_head(model, name, 16)
+    after = model.state_dict()
+    assert after["out.conv.conv.weight"].shape[:2] == (16, before["out.conv.conv.weight"].shape[1])
+    assert after["out.conv.conv.bias"].shape == (16,)
+    assert set(after) == set(before)
+    for key in before:
+        if not key.startswith("out."):
+            assert torch.equal(after[key], before[key])
+
+
+def test_phantom_cases_are_plausible():
+    from phantom import ORGANS, make_case
+
+    rng = np.random.default_rng(0)
+    image, label, affine = make_case(rng, orientation="LPS")
+    assert image.dtype == np.int16 and label.dtype == np.uint8 and image.shape == label.shape
+    assert nib.aff2axcodes(affine) == ("L", "P", "S")
+    assert set(np.unique(label)) == {0, 1, 2, 3, 4}
+    for value, hu, _, _ in ORGANS.values():
+        assert abs(np.median(image[label == value]) - hu) < 15
+    assert (image == -1000).mean() > 0.05 or image.min() < -900  # air around the body
+    zooms = np.abs(np.diag(affine[:3, :3]))
+    assert zooms.max() / zooms.min() > 1.25  # anisotropic voxels
+    other, _, _ = make_case(np.random.default_rng(1))
+    assert other.shape != image.shape or not np.array_equal(other, image)

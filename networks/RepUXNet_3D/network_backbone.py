@@ -65,11 +65,7 @@ class REPUXNET(HierarchicalEncoderUNETRDecoder):
         super().__init__(
             "repuxnet_3d", encoder, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims
         )
-        self.in_chans, self.out_chans = in_chans, out_chans
-        self.depths, self.feat_size = tuple(depths), tuple(feat_size)
-        self.ks, self.a, self.bfr = ks, a, bfr
-        self.hidden_size = hidden_size
-        self.deploy = deploy
+        self.depths, self.ks, self.a, self.bfr, self.deploy = tuple(depths), ks, a, bfr, deploy
 
     def switch_to_deploy(self) -> REPUXNET:
         """Turn this trained network into its deploy form in place; outputs and state dict are unchanged."""

@@ -59,6 +59,4 @@ class UXNET(HierarchicalEncoderUNETRDecoder):
         super().__init__(
             "uxnet_3d", encoder, in_chans, out_chans, feat_size, hidden_size, norm_name, res_block, spatial_dims
         )
-        self.in_chans, self.out_chans = in_chans, out_chans
-        self.depths, self.feat_size = tuple(depths), tuple(feat_size)
-        self.ks, self.hidden_size = ks, hidden_size
+        self.depths, self.ks = tuple(depths), ks
