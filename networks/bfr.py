@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from networks.dwconv import DepthwiseConv3d
+
 __all__ = ["BFRConv3d", "frequency_prior", "switch_to_deploy"]
 
 
@@ -48,51 +50,34 @@ def frequency_prior(
     return prior.to(dtype or torch.get_default_dtype())
 
 
-class BFRConv3d(nn.Conv3d):
-    """A 3D convolution whose cubic kernel is trained through the Bayesian frequency prior.
+class BFRConv3d(DepthwiseConv3d):
+    """A depthwise 3D convolution whose cubic kernel is trained through the Bayesian frequency prior.
 
     The trainable parameter ``weight`` is ``W``; every forward convolves with ``W * prior``. ``prior``
     is a non-persistent buffer, so it follows the module across ``.to()`` and never enters a checkpoint.
     ``state_dict()`` stores the effective kernel ``W * prior`` under ``weight`` and ``load_state_dict()``
     takes an effective kernel and sets ``W = K / prior``: checkpoints are interchangeable with a plain
-    ``nn.Conv3d`` of the same shape.
+    depthwise ``nn.Conv3d`` of the same shape.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        kernel_size: cubic kernel edge length.
+        channels: input and output channels.
+        kernel_size: cubic kernel edge length (padding ``kernel_size // 2``).
         alpha: the prior's scale ``a`` (see :func:`frequency_prior`).
-        stride, padding, dilation, groups, bias, padding_mode: as in ``nn.Conv3d``.
+        bias: learn a bias.
+        algorithm: convolution algorithm (see :mod:`networks.dwconv`); None follows the process setting.
     """
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
+        channels: int,
         kernel_size: int,
         alpha: float = 1.0,
-        stride: int = 1,
-        padding: int | str = 0,
-        dilation: int = 1,
-        groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
+        super().__init__(channels, kernel_size, bias=bias, algorithm=algorithm, device=device, dtype=dtype)
         self.alpha = float(alpha)
         prior = frequency_prior(kernel_size, alpha, dtype=self.weight.dtype, device=self.weight.device)
         self.register_buffer("prior", prior, persistent=False)
@@ -102,8 +87,8 @@ class BFRConv3d(nn.Conv3d):
         """The kernel the convolution applies, ``W * prior`` (differentiable w.r.t. ``W``)."""
         return self.weight * self.prior
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight, self.bias)
+    def kernel(self) -> torch.Tensor:
+        return self.effective_weight
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
@@ -126,18 +111,13 @@ class BFRConv3d(nn.Conv3d):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def to_conv3d(self) -> nn.Conv3d:
-        """A plain ``nn.Conv3d`` holding the effective kernel: the deploy form of this layer."""
-        conv = nn.Conv3d(
+    def to_conv3d(self) -> DepthwiseConv3d:
+        """The deploy form of this layer: a plain depthwise convolution holding the effective kernel."""
+        conv = DepthwiseConv3d(
             self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
+            self.kernel_size[0],
             bias=self.bias is not None,
-            padding_mode=self.padding_mode,
+            algorithm=self.algorithm,
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
@@ -148,7 +128,7 @@ class BFRConv3d(nn.Conv3d):
 
 
 def switch_to_deploy(module: nn.Module) -> nn.Module:
-    """Replace every :class:`BFRConv3d` inside ``module`` by its plain ``nn.Conv3d`` deploy form.
+    """Replace every :class:`BFRConv3d` inside ``module`` by its plain depthwise deploy form.
 
     The network computes the same function afterwards and its state dict is unchanged. Returns
     ``module`` (converted in place; a bare ``BFRConv3d`` is returned converted).

@@ -9,6 +9,7 @@ from conftest import TINY
 from torch import nn
 
 from networks import BFRConv3d, build_network, frequency_prior, switch_to_deploy
+from networks.dwconv import DepthwiseConv3d, use_algorithm
 from networks.RepUXNet_3D.network_backbone import REPUXNET
 
 
@@ -56,14 +57,14 @@ def test_frequency_prior_rejects_bad_arguments(kwargs, message):
 
 
 def test_prior_is_a_non_persistent_buffer():
-    conv = BFRConv3d(3, 3, 5, padding=2, groups=3)
+    conv = BFRConv3d(3, 5)
     assert "prior" in dict(conv.named_buffers())
     assert set(conv.state_dict()) == {"weight", "bias"}
     assert [name for name, _ in conv.named_parameters()] == ["weight", "bias"]
 
 
 def test_conv_uses_w_times_m_and_state_dict_holds_it():
-    conv = BFRConv3d(3, 3, 5, padding=2, groups=3)
+    conv = BFRConv3d(3, 5)
     x = torch.randn(2, 3, 8, 8, 8)
     expected = F.conv3d(x, conv.weight * frequency_prior(5), conv.bias, padding=2, groups=3)
     torch.testing.assert_close(conv(x), expected)
@@ -71,7 +72,7 @@ def test_conv_uses_w_times_m_and_state_dict_holds_it():
 
 
 def test_load_takes_effective_kernel_and_leaves_callers_dict_alone():
-    conv = BFRConv3d(2, 2, 5, padding=2, groups=2)
+    conv = BFRConv3d(2, 5)
     kernel = torch.randn(2, 1, 5, 5, 5)
     state = {"weight": kernel, "bias": torch.zeros(2)}
     conv.load_state_dict(state)
@@ -82,14 +83,14 @@ def test_load_takes_effective_kernel_and_leaves_callers_dict_alone():
 
 
 def test_load_reports_shape_mismatch():
-    conv = BFRConv3d(2, 2, 5, padding=2, groups=2)
+    conv = BFRConv3d(2, 5)
     with pytest.raises(RuntimeError, match="size mismatch"):
         conv.load_state_dict({"weight": torch.randn(2, 1, 3, 3, 3), "bias": torch.zeros(2)})
 
 
 def test_sgd_moves_effective_kernel_by_m_squared():
     """Under SGD the effective kernel moves by M^2 times the plain step (REFERENCE.md section 3)."""
-    bfr = BFRConv3d(2, 2, 5, padding=2, groups=2, bias=False, dtype=torch.float64)
+    bfr = BFRConv3d(2, 5, bias=False, dtype=torch.float64)
     plain = nn.Conv3d(2, 2, 5, padding=2, groups=2, bias=False).double()
     plain.load_state_dict(bfr.state_dict())
     x = torch.randn(1, 2, 9, 9, 9, dtype=torch.float64)
@@ -188,10 +189,10 @@ def test_round_trips_between_training_and_deploy_keep_outputs():
 
 
 def test_switch_to_deploy_function_keeps_training_flags():
-    conv = BFRConv3d(2, 2, 3, padding=1, groups=2)
+    conv = BFRConv3d(2, 3)
     conv.requires_grad_(False)
     plain = switch_to_deploy(conv)
-    assert type(plain) is nn.Conv3d and not plain.weight.requires_grad
+    assert type(plain) is DepthwiseConv3d and isinstance(plain, nn.Conv3d) and not plain.weight.requires_grad
     torch.testing.assert_close(plain.weight, conv.effective_weight)
 
 
@@ -242,7 +243,7 @@ def test_published_checkpoint_computes_the_published_function():
         return outs
 
     x = torch.randn(1, 1, 32, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), use_algorithm("native"):  # the FFT path is compared with native in test_dwconv.py
         ours = model.repuxnet_3d(x)
         for a, b in zip(ours, published_encoder(x), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from networks.bfr import BFRConv3d
+from networks.dwconv import DepthwiseConv3d
 from networks.layers import StagedEncoder
 
 __all__ = ["RepUXBlock", "RepUXNetEncoder"]
@@ -26,10 +27,7 @@ class RepUXBlock(nn.Module):
 
     def __init__(self, dim: int, ks: int = 21, a: float = 1.0, bfr: bool = True, deploy: bool = False) -> None:
         super().__init__()
-        if bfr and not deploy:
-            self.dwconv = BFRConv3d(dim, dim, kernel_size=ks, alpha=a, padding=ks // 2, groups=dim)
-        else:
-            self.dwconv = nn.Conv3d(dim, dim, kernel_size=ks, padding=ks // 2, groups=dim)
+        self.dwconv = BFRConv3d(dim, ks, alpha=a) if bfr and not deploy else DepthwiseConv3d(dim, ks)
         self.norm = nn.BatchNorm3d(dim)
         self.act = nn.GELU()
 

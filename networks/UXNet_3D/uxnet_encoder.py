@@ -8,6 +8,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from networks.dwconv import DepthwiseConv3d
 from networks.layers import LayerNorm, StagedEncoder
 
 __all__ = ["UXBlock", "UXNetEncoder"]
@@ -28,7 +29,7 @@ class UXBlock(nn.Module):
 
     def __init__(self, dim: int, ks: int = 7, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6) -> None:
         super().__init__()
-        self.dwconv = nn.Conv3d(dim, dim, kernel_size=ks, padding=ks // 2, groups=dim)
+        self.dwconv = DepthwiseConv3d(dim, ks)
         self.norm = LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Conv3d(dim, 4 * dim, kernel_size=1, groups=dim)
         self.act = nn.GELU()

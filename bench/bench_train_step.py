@@ -1,0 +1,125 @@
+"""Full-size RepUX-Net: one training step and one sliding-window inference pass, published way vs ours.
+
+Training step: 2 crops of 96^3, DiceCE, AdamW, BFR on. Inference: sliding window (roi 96^3) over a
+192x192x128 volume. Variants: ``published`` (native conv3d for the 21^3 kernels, fp32), ``ours``
+(automatic fast convolution, fp32), ``ours_bf16`` (plus bf16 autocast) and, on CUDA, ``ours_fp16``
+(fp16 autocast and a gradient scaler). Each variant runs in its own process (peak memory is its own).
+
+    python bench/bench_train_step.py --json bench/results/train_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import common
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+
+import networks.dwconv as dwconv
+from networks import build_network
+
+VARIANTS = {
+    "published": ("native", None),
+    "ours": ("auto", None),
+    "ours_bf16": ("auto", torch.bfloat16),
+    "ours_fp16": ("auto", torch.float16),
+}
+
+
+def measure(task: str, variant: str, device: torch.device, repeats: int, overlap: float) -> dict:
+    algorithm, amp_dtype = VARIANTS[variant]
+    dwconv.set_algorithm(algorithm)
+    if variant == "published":  # plain conv3d over the whole kernel, as the published block runs it
+        dwconv._crop_to_reach = lambda weight, padding, spatial: (weight, padding)
+    torch.manual_seed(0)
+    model = build_network("REPUXNET", 1, 5).to(device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    rss = common.current_rss_kib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    slow = variant == "published" and device.type == "cpu"  # minutes per step: no warm-up, one repeat
+    if task == "train":
+        loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        image = torch.randn(2, 1, 96, 96, 96, device=device)
+        label = torch.randint(0, 5, (2, 1, 96, 96, 96), device=device)
+
+        def step():
+            with autocast:
+                loss = loss_function(model(image), label)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    else:
+        model.switch_to_deploy()
+        model.eval()
+        volume = torch.randn(1, 1, 192, 192, 128, device=device)
+
+        def step():
+            with torch.no_grad(), autocast:
+                sliding_window_inference(volume, (96, 96, 96), 4, model, overlap=overlap)
+
+    seconds = common.time_call(step, device, warmup=0 if slow else 1, repeats=1 if slow else repeats)
+    return {"seconds": seconds, "peak_mib": common.peak_memory_mib(device, rss)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tasks", default="train,infer")
+    parser.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--single", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.single:
+        task, variant = args.single
+        print(json.dumps(measure(task, variant, device, args.repeats, args.overlap)))
+        return
+    default = ["published", "ours", "ours_bf16"] + (["ours_fp16"] if device.type == "cuda" else [])
+    variants = args.variants.split(",") if args.variants else default
+    results, rows = {}, []
+    for task in args.tasks.split(","):
+        results[task] = {}
+        for variant in variants:
+            results[task][variant] = common.run_isolated(
+                Path(__file__),
+                [
+                    task,
+                    variant,
+                    "--device",
+                    args.device,
+                    "--repeats",
+                    str(args.repeats),
+                    "--overlap",
+                    str(args.overlap),
+                ],
+            )
+            measured = results[task][variant]
+            ratio = results[task]["published"]["seconds"] / measured["seconds"] if "published" in results[task] else ""
+            rows.append(
+                [
+                    task,
+                    variant,
+                    f"{measured['seconds']:.2f}",
+                    f"{ratio:.1f}x" if ratio else "",
+                    f"{measured['peak_mib']:.0f}",
+                ]
+            )
+            print(f"done {rows[-1]}", flush=True)
+    info = common.machine()
+    print(f"\nRepUX-Net (full size), {info['device']}, torch {info['torch']}; inference overlap {args.overlap}")
+    print(common.markdown_table(["task", "variant", "seconds", "speed-up vs published", "peak MiB"], rows))
+    common.write_json(args.json, {"machine": info, "overlap": args.overlap, "results": results})
+
+
+if __name__ == "__main__":
+    main()
