@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from engine import UsageError
+from engine import RunStopped, UsageError
 from load_datasets_transforms import DatasetError
 from networks import available_networks
 
@@ -14,11 +14,15 @@ __all__ = ["add_common_arguments", "add_training_arguments", "run_or_exit", "str
 
 
 def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
-    """Run a script's command; a problem the user must fix ends it with one ``error:`` line and exit 1."""
+    """Run a script's command; a problem the user must fix ends it with one ``error:`` line and exit 1,
+    a run stopped on purpose with its message and exit code (130 for Ctrl-C)."""
     try:
         command(args)
     except (DatasetError, UsageError) as error:
         sys.exit(f"error: {error}")
+    except RunStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
 
 
 def str2bool(value: str) -> bool:
@@ -108,6 +112,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         default=None,
         help="bottleneck / transformer width (default: the network's published value)",
     )
+    parser.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        default=None,
+        choices=["bf16", "fp16"],
+        help="mixed precision: --amp (bf16, CPU or CUDA) or --amp fp16 (CUDA, with a gradient scaler)",
+    )
+    parser.add_argument(
+        "--dwconv",
+        default="auto",
+        choices=["auto", "native", "fft"],
+        help="depthwise large-kernel convolution algorithm (default auto: per device and kernel)",
+    )
     parser.add_argument("--cache_rate", type=unit_interval(), default=0.1, help="fraction of cases cached in memory")
     parser.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
 
@@ -130,6 +148,27 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_iter", type=positive_int, default=60000, help="training iterations (default 60000)")
     parser.add_argument("--eval_step", type=positive_int, default=500, help="validate every N iterations")
     parser.add_argument("--sw_batch_size", type=positive_int, default=2, help="sliding-window batch in validation")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="continue a run: a checkpoint_last.pth, or auto for <output>/checkpoint_last.pth (fresh start if none)",
+    )
+    parser.add_argument(
+        "--max_bad_steps",
+        type=positive_int,
+        default=10,
+        help="stop after this many non-finite losses in a row (each one skips its update; default 10)",
+    )
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="cache the deterministic part of each case on disk here (MONAI PersistentDataset), reused across runs",
+    )
+    parser.add_argument(
+        "--gpu_transforms",
+        action="store_true",
+        help="run the random crops, intensity shift and affine on the GPU (CUDA only)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="train into an --output that already holds best_metric_model.pth"
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -385,11 +386,19 @@ def _roi(args) -> tuple[int, int, int]:
     return roi * 3 if len(roi) == 1 else roi
 
 
-def build_transforms(config: DatasetConfig, mode: str, roi_size: Sequence[int] = (96, 96, 96), crop_sample: int = 2):
+def build_transforms(
+    config: DatasetConfig,
+    mode: str,
+    roi_size: Sequence[int] = (96, 96, 96),
+    crop_sample: int = 2,
+    device: torch.device | None = None,
+):
     """Transform chains built from a dataset configuration.
 
     ``mode="train"`` returns ``(train_transforms, val_transforms)``; ``mode="test"`` returns the test
-    chain (image only, invertible, for :class:`monai.transforms.Invertd`).
+    chain (image only, invertible, for :class:`monai.transforms.Invertd`). With ``device``, the training
+    chain moves each cached case there before the random crops, intensity shift and affine, which then
+    run on that device (``--gpu_transforms``).
     """
     keys = ["image", "label"] if mode == "train" else ["image"]
     interpolation = ("bilinear", "nearest") if mode == "train" else ("bilinear",)
@@ -412,8 +421,10 @@ def build_transforms(config: DatasetConfig, mode: str, roi_size: Sequence[int] =
     if mode != "train":
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
     roi_size = tuple(roi_size)
+    to_device = [EnsureTyped(keys=keys, device=device, track_meta=False)] if device is not None else []
     train = Compose(
         preprocessing()
+        + to_device
         + [
             SpatialPadd(keys=keys, spatial_size=roi_size),  # crops need volumes at least as large as the ROI
             RandCropByPosNegLabeld(

@@ -1,0 +1,185 @@
+"""What training and inference share: errors, devices, precision, networks from flags, safe writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from load_datasets_transforms import DatasetConfig, check_cases, find_cases
+from networks import build_network, canonical_name, get_spec, overrides_from_flags
+
+__all__ = [
+    "BEST_WEIGHTS",
+    "LAST_CHECKPOINT",
+    "NetworkChoice",
+    "RunStopped",
+    "UsageError",
+    "autocast_for",
+    "checked_cases",
+    "load_into",
+    "load_weights",
+    "model_card_path",
+    "network_from_flags",
+    "replace_atomically",
+    "roi_of",
+    "save_json",
+    "save_torch",
+    "select_device",
+    "stitching_device",
+]
+
+BEST_WEIGHTS = "best_metric_model.pth"
+LAST_CHECKPOINT = "checkpoint_last.pth"
+
+
+class UsageError(ValueError):
+    """A flag or file the user must fix; the message names it and says what is wrong."""
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped on purpose (a signal, repeated non-finite losses); ``exit_code`` for the shell."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def select_device(choice: str, gpu: int) -> torch.device:
+    """``--device auto|cpu|cuda`` with ``--gpu`` as the CUDA index."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if not 0 <= gpu < torch.cuda.device_count():
+        raise UsageError(f"--gpu {gpu}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", gpu)
+
+
+def autocast_for(amp: str | None, device: torch.device) -> torch.autocast:
+    """The autocast context of ``--amp`` (disabled without it); fp16 needs CUDA."""
+    if amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
+
+
+def stitching_device(
+    spatial_shape: Sequence[int], num_classes: int, device: torch.device, free_bytes: int | None = None
+) -> torch.device:
+    """Where sliding-window inference accumulates its output: the device, or the CPU when the float32
+    output and its count map would take more than half of the device's free memory."""
+    if device.type != "cuda":
+        return device
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    needed = 4 * (num_classes + 1) * int(np.prod(spatial_shape))
+    return device if needed <= free_bytes // 2 else torch.device("cpu")
+
+
+def roi_of(roi_size: Sequence[int]) -> tuple[int, int, int]:
+    roi = tuple(int(r) for r in roi_size)
+    return roi * 3 if len(roi) == 1 else roi
+
+
+@dataclass(frozen=True)
+class NetworkChoice:
+    """A registry network and its constructor overrides, as the model card stores them."""
+
+    name: str
+    overrides: dict
+
+    def build(self, in_channels: int, out_channels: int) -> nn.Module:
+        try:
+            return build_network(self.name, in_channels, out_channels, **self.overrides)
+        except ValueError as error:
+            raise UsageError(f"--network {self.name}: {error}") from None
+
+
+def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
+    """The network the flags ask for; checks the ROI against the network's input multiple."""
+    try:
+        name = canonical_name(args.network)
+        overrides = overrides_from_flags(
+            name, feat_size=args.feat_size, kernel_size=args.kernel_size, hidden_size=args.hidden_size, roi_size=roi
+        )
+    except ValueError as error:
+        raise UsageError(f"--network {args.network}: {error}") from None
+    multiple = get_spec(name).input_multiple
+    if any(r % multiple for r in roi):
+        raise UsageError(f"--roi_size {','.join(map(str, roi))}: {name} needs multiples of {multiple}")
+    return NetworkChoice(name, overrides)
+
+
+def replace_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over ``path``:
+    a crash while writing leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the suffixes: writers such as nibabel pick the format from them.
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_torch(obj, path: Path) -> None:
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(data: dict, path: Path) -> None:
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def model_card_path(weights: str | os.PathLike) -> Path:
+    """The model card beside a weights file: ``best_metric_model.pth`` -> ``best_metric_model.pth.json``."""
+    return Path(f"{weights}.json")
+
+
+def load_weights(path: str | os.PathLike, flag: str) -> dict:
+    """A state_dict from ``path``: a plain one (published format) or one under ``state_dict``/``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        raise UsageError(f"{flag} {path}: cannot read as PyTorch weights ({error})") from None
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise UsageError(f"{flag} {path}: not a state_dict of tensors")
+    return loaded
+
+
+def load_into(model: nn.Module, state: dict, path: str | os.PathLike, flag: str, network: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with an error that names the file and the mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split("\n", 2)[1:2]).strip() or str(error)
+        raise UsageError(
+            f"{flag} {path}: does not fit {network} with these flags ({detail[:300]}); check --network, "
+            "--feat_size, --kernel_size, --hidden_size and the class count"
+        ) from None
+
+
+def checked_cases(config: DatasetConfig, root: str, split: str) -> list[dict]:
+    """The cases of ``split``, every file checked (see :func:`load_datasets_transforms.check_cases`)."""
+    cases = find_cases(config, root, split)
+    check_cases(cases, config.num_classes)
+    return cases

@@ -1,0 +1,117 @@
+"""The inference pass of test_seg.py: sliding window, transforms inverted, labels in the input geometry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, decollate_batch
+from monai.inferers import sliding_window_inference
+from monai.transforms import AsDiscreted, Compose, Invertd
+from tqdm import tqdm
+
+from engine.common import (
+    NetworkChoice,
+    UsageError,
+    autocast_for,
+    checked_cases,
+    load_into,
+    load_weights,
+    model_card_path,
+    network_from_flags,
+    replace_atomically,
+    roi_of,
+    select_device,
+    stitching_device,
+)
+from load_datasets_transforms import build_transforms, load_dataset_config
+from networks import canonical_name, switch_to_deploy
+from networks.dwconv import use_algorithm
+
+__all__ = ["run_inference"]
+
+
+def _write_prediction(prediction: np.ndarray, image_path: str, output: Path) -> Path:
+    source = nib.load(image_path)
+    shape = tuple(source.shape[:3])
+    if prediction.shape != shape:
+        raise RuntimeError(f"{image_path}: prediction shape {prediction.shape} differs from the input's {shape}")
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    nifti = nib.Nifti1Image(prediction.astype(np.uint8), source.affine, header)
+    nifti.header.set_slope_inter(1.0, 0.0)
+    name = Path(image_path).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    path = output / f"{stem}_seg.nii.gz"
+    replace_atomically(path, lambda tmp: nib.save(nifti, tmp))
+    return path
+
+
+def run_inference(args) -> list[Path]:
+    """Sliding-window inference over the test images, written as ``<case>_seg.nii.gz`` in each input's
+    geometry (shape and affine), uint8 labels. Returns the written paths."""
+    with use_algorithm(args.dwconv):
+        return _infer(args)
+
+
+def _infer(args) -> list[Path]:
+    device = select_device(args.device, args.gpu)
+    autocast = autocast_for(args.amp, device)
+    config = load_dataset_config(args.dataset, args.datalist)
+    state = load_weights(args.trained_weights, "--trained_weights")
+    card_path = model_card_path(args.trained_weights)
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text())
+            choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
+            out_channels = int(card["out_channels"])
+            roi = roi_of(args.roi_size or card["roi_size"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"{card_path}: not a valid model card ({error})") from None
+        print(f"Network from {card_path}: {choice.name} {choice.overrides}, {out_channels} classes")
+    else:
+        roi = roi_of(args.roi_size or (96,))
+        choice = network_from_flags(args, roi)
+        out_channels = config.num_classes
+    cases = checked_cases(config, args.root, "test")
+    model = choice.build(1, out_channels)
+    load_into(model, state, args.trained_weights, "--trained_weights", choice.name)
+    switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
+    model.to(device).eval()
+
+    test_transforms = build_transforms(config, "test")
+    images = [{"image": case["image"]} for case in cases]
+    dataset = CacheDataset(images, test_transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
+    loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers)
+    post = Compose(
+        [
+            Invertd(keys="pred", transform=test_transforms, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted(keys="pred", argmax=True),
+        ]
+    )
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    with torch.no_grad():
+        for batch, case in zip(tqdm(loader, desc="Inference", dynamic_ncols=True), images, strict=True):
+            output_device = stitching_device(batch["image"].shape[2:], out_channels, device)
+            with autocast:
+                logits = sliding_window_inference(
+                    batch["image"].to(device),
+                    roi,
+                    args.sw_batch_size,
+                    model,
+                    overlap=args.overlap,
+                    sw_device=device,
+                    device=output_device,
+                )
+            batch["pred"] = torch.softmax(logits.float(), dim=1).cpu()
+            item = post(decollate_batch(batch)[0])
+            prediction = item["pred"][0].numpy().astype(np.uint8)
+            written.append(_write_prediction(prediction, case["image"], output))
+            print(f"Wrote {written[-1]}")
+    print(f"Wrote {len(written)} segmentations to {output}")
+    return written

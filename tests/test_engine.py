@@ -1,0 +1,90 @@
+"""Engine helpers: mixed precision, where sliding windows are stitched, algorithm flags."""
+
+import pytest
+import torch
+
+from engine import UsageError, autocast_for, stitching_device
+from networks.dwconv import get_algorithm
+
+
+def test_autocast_for_amp_flags():
+    cpu = torch.device("cpu")
+    with autocast_for("bf16", cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast_for(None, cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(UsageError, match="--amp fp16 needs a CUDA device; use --amp bf16 on the CPU"):
+        autocast_for("fp16", cpu)
+
+
+def test_stitching_moves_to_the_cpu_only_when_the_output_would_not_fit():
+    cuda = torch.device("cuda", 0)
+    shape, classes = (512, 512, 400), 16
+    needed = 4 * (classes + 1) * 512 * 512 * 400  # float32 output and its count map
+    assert stitching_device(shape, classes, cuda, free_bytes=4 * needed) == cuda
+    assert stitching_device(shape, classes, cuda, free_bytes=needed) == torch.device("cpu")
+    assert stitching_device(shape, classes, torch.device("cpu")) == torch.device("cpu")
+
+
+def test_training_and_inference_with_amp_and_forced_algorithm(tmp_path):
+    import main_train
+    import test_seg
+    from phantom import write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, num_train=1, num_val=1, num_test=1, seed=5)
+    tiny = [
+        "--roi_size",
+        "32",
+        "--feat_size",
+        "4,8,16,32",
+        "--kernel_size",
+        "7",
+        "--hidden_size",
+        "16",
+        "--cache_rate",
+        "1",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    main_train.main(
+        [
+            "--root",
+            str(root),
+            "--output",
+            str(tmp_path / "run"),
+            "--max_iter",
+            "2",
+            "--eval_step",
+            "2",
+            "--amp",
+            "--dwconv",
+            "native",
+            *tiny,
+        ]
+    )
+    assert get_algorithm() == "auto"  # the run's choice does not leak into the process
+    weights = tmp_path / "run" / "best_metric_model.pth"
+    assert all(
+        torch.isfinite(v).all() for v in torch.load(weights, weights_only=True).values() if v.is_floating_point()
+    )
+    test_seg.main(
+        [
+            "--root",
+            str(root),
+            "--output",
+            str(tmp_path / "pred"),
+            "--trained_weights",
+            str(weights),
+            "--amp",
+            "bf16",
+            "--dwconv",
+            "fft",
+            "--num_workers",
+            "0",
+        ]
+    )
+    assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 1
