@@ -149,6 +149,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval_step", type=positive_int, default=500, help="validate every N iterations")
     parser.add_argument("--sw_batch_size", type=positive_int, default=2, help="sliding-window batch in validation")
     parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="cross-validation: validate on fold K of the training cases (for datasets without a validation list)",
+    )
+    parser.add_argument("--num_folds", type=int, default=5, help="folds for --fold (default 5)")
+    parser.add_argument(
         "--resume",
         default=None,
         help="continue a run: a checkpoint_last.pth, or auto for <output>/checkpoint_last.pth (fresh start if none)",

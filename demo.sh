@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo: write the phantom dataset, train a small RepUX-Net on it (about 10 minutes on 2 cores),
-# then segment the phantom test images with the best weights.
+# then segment the phantom test images with the best weights and score them against their labels.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-data/phantom}
@@ -10,4 +10,4 @@ python main_train.py --root "$DATA" --output "$RUN" --dataset flare --network RE
   --roi_size 32 --feat_size 16,32,64,128 --kernel_size 7 --hidden_size 128 \
   --lr 1e-3 --max_iter 1000 --eval_step 200 --cache_rate 1 --num_workers 2 --device auto --overwrite
 python test_seg.py --root "$DATA" --output "$RUN/predictions" --dataset flare \
-  --trained_weights "$RUN/best_metric_model.pth"
+  --trained_weights "$RUN/best_metric_model.pth" --evaluate

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "data_transforms",
     "find_cases",
     "load_dataset_config",
+    "split_folds",
 ]
 
 SPLIT_FOLDERS = {
@@ -457,3 +459,26 @@ def data_transforms(args):
     """The published entry point: ``(train_transforms, val_transforms)`` or the test transforms."""
     config = load_dataset_config(args.dataset, getattr(args, "datalist", None))
     return build_transforms(config, args.mode, _roi(args), getattr(args, "crop_sample", 2))
+
+
+#: Fold assignment does not follow --seed: the same cases form the same folds on every machine and run.
+FOLD_SEED = 0
+
+
+def split_folds(cases: Sequence[dict], num_folds: int, fold: int) -> tuple[list[dict], list[dict]]:
+    """Cross-validation split of ``cases``: ``(training, validation)`` for fold ``fold`` of ``num_folds``.
+
+    Cases are sorted by case name and shuffled with a fixed seed (Python's Mersenne Twister, the same on
+    every platform), then dealt round-robin into folds: disjoint validation folds that cover every case.
+    """
+    if num_folds < 2:
+        raise DatasetError(f"--num_folds {num_folds}: needs at least 2 folds")
+    if not 0 <= fold < num_folds:
+        raise DatasetError(f"--fold {fold}: must be in 0..{num_folds - 1} for --num_folds {num_folds}")
+    if len(cases) < num_folds:
+        raise DatasetError(f"--num_folds {num_folds}: only {len(cases)} training cases to split")
+    ordered = sorted(cases, key=lambda case: (case_name(case["image"]), case["image"]))
+    random.Random(FOLD_SEED).shuffle(ordered)
+    validation = ordered[fold::num_folds]
+    chosen = {id(case) for case in validation}
+    return [case for case in ordered if id(case) not in chosen], validation

@@ -15,6 +15,17 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap (default 0.5)"
     )
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="with labels (labelsTs or a labelled test list): Dice, HD95 and NSD per case and class, in mm",
+    )
+    parser.add_argument(
+        "--label_map",
+        default=None,
+        help="evaluate model classes as test labels, e.g. 3:1 (FLARE liver as label 1; others background)",
+    )
+    parser.add_argument("--nsd_tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
     args = parser.parse_args(argv)
     run_or_exit(run_inference, args)
 

@@ -27,6 +27,7 @@ from engine.common import (
     select_device,
     stitching_device,
 )
+from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
 from load_datasets_transforms import build_transforms, load_dataset_config
 from networks import canonical_name, switch_to_deploy
 from networks.dwconv import use_algorithm
@@ -77,6 +78,24 @@ def _infer(args) -> list[Path]:
         choice = network_from_flags(args, roi)
         out_channels = config.num_classes
     cases = checked_cases(config, args.root, "test")
+    label_map = None
+    if args.label_map:
+        try:
+            label_map = parse_label_map(args.label_map)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        outside = sorted(c for c in label_map if c >= out_channels)
+        if outside:
+            raise UsageError(
+                f"--label_map {args.label_map}: the model has no class {outside[0]} ({out_channels} classes)"
+            )
+        unknown = sorted(t for t in label_map.values() if t >= config.num_classes)
+        if unknown:
+            raise UsageError(f"--label_map {args.label_map}: the dataset has no label {unknown[0]}")
+    if args.evaluate and not all("label" in case for case in cases):
+        raise UsageError(
+            f"--evaluate needs labels: a labelsTs folder under --root {args.root} or a test list with labels"
+        )
     model = choice.build(1, out_channels)
     load_into(model, state, args.trained_weights, "--trained_weights", choice.name)
     switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
@@ -94,7 +113,7 @@ def _infer(args) -> list[Path]:
     )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, rows = [], []
     with torch.no_grad():
         for batch, case in zip(tqdm(loader, desc="Inference", dynamic_ncols=True), images, strict=True):
             output_device = stitching_device(batch["image"].shape[2:], out_channels, device)
@@ -113,5 +132,29 @@ def _infer(args) -> list[Path]:
             prediction = item["pred"][0].numpy().astype(np.uint8)
             written.append(_write_prediction(prediction, case["image"], output))
             print(f"Wrote {written[-1]}")
+            if args.evaluate:
+                rows += _evaluate(written[-1], cases[len(written) - 1], config, label_map, args.nsd_tolerance)
     print(f"Wrote {len(written)} segmentations to {output}")
+    if args.evaluate:
+        names = dict(enumerate(config.labels))
+        del names[0]
+        summary = write_reports(rows, names, output)
+        print(
+            f"Evaluation in the original geometry ({len(written)} cases): {output / 'metrics.csv'}, "
+            f"{output / 'summary.json'}, {output / 'dice_per_class.png'}"
+        )
+        print(format_summary(summary))
     return written
+
+
+def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: float) -> list[dict]:
+    """Metric rows of one saved prediction against its label, read back from disk."""
+    prediction = np.asarray(nib.load(prediction_path).dataobj)
+    label_image = nib.load(case["label"])
+    label = np.asarray(label_image.dataobj).round().astype(np.int64).reshape(prediction.shape)
+    if label_map is not None:
+        prediction = apply_label_map(prediction, label_map)
+    spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
+    name = Path(case["image"]).name.removesuffix(".nii.gz").removesuffix(".nii")
+    results = evaluate_case(prediction, label, spacing, range(1, config.num_classes), tolerance)
+    return [{"case": name, "class": value, **metrics} for value, metrics in results.items()]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, PersistentDataset, ThreadDataLoader
 from monai.inferers import sliding_window_inference
@@ -45,12 +46,12 @@ from engine.common import (
     stitching_device,
 )
 from engine.distributed import Distributed
-from load_datasets_transforms import build_transforms, load_dataset_config
+from load_datasets_transforms import build_transforms, load_dataset_config, split_folds
 from networks import replace_head
 from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
 
-__all__ = ["run_training", "summarise_scores", "validation_scores", "validate"]
+__all__ = ["overlay_slice", "run_training", "summarise_scores", "validation_scores", "validate"]
 
 
 def validation_scores(
@@ -62,9 +63,11 @@ def validation_scores(
     device: torch.device,
     amp: str | None = None,
     progress: bool = True,
+    snapshot: dict | None = None,
 ) -> torch.Tensor:
     """Per-case, per-class Dice (cases x classes, NaN where a class is absent from the label) of the
-    argmax of sliding-window predictions."""
+    argmax of sliding-window predictions. With ``snapshot``, its ``"overlay"`` receives the first case's
+    middle axial slice: image, image with label, image with prediction (H x W x 3, uint8)."""
     metric = DiceMetric(include_background=True, reduction="none", get_not_nans=False)
     was_training = model.training
     model.eval()
@@ -78,7 +81,12 @@ def validation_scores(
                 logits = sliding_window_inference(
                     image.to(device), roi, sw_batch_size, model, sw_device=device, device=output_device
                 )
-            prediction = one_hot(logits.argmax(1, keepdim=True), num_classes)
+            argmax = logits.argmax(1, keepdim=True)
+            if snapshot is not None and cases == 1:
+                snapshot["overlay"] = overlay_slice(
+                    image[0, 0].numpy(), label[0, 0].numpy(), argmax[0, 0].cpu().numpy()
+                )
+            prediction = one_hot(argmax, num_classes)
             metric(y_pred=prediction, y=one_hot(label.to(output_device).long(), num_classes))
     model.train(was_training)
     if cases == 0:  # a rank whose share of the validation cases is empty
@@ -86,6 +94,44 @@ def validation_scores(
     scores = metric.aggregate().cpu()
     metric.reset()
     return scores
+
+
+# Distinct colours for label values 1, 2, ... (value 0 is background).
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [220, 190, 255],
+        [170, 110, 40],
+        [255, 250, 200],
+        [128, 0, 0],
+    ],
+    dtype=np.float32,
+)
+
+
+def overlay_slice(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The middle axial slice (last axis, RAS) of a volume: image | image + label | image + prediction."""
+    z = image.shape[-1] // 2
+    gray = np.repeat(np.clip(np.rot90(image[..., z]), 0, 1)[..., None] * 255, 3, axis=-1)
+
+    def blend(mask: np.ndarray) -> np.ndarray:
+        mask = np.rot90(mask[..., z]).astype(np.int64)
+        colours = PALETTE[mask % len(PALETTE)]
+        mixed = np.where((mask > 0)[..., None], (1 - alpha) * gray + alpha * colours, gray)
+        return mixed
+
+    return np.concatenate([gray, blend(label), blend(prediction)], axis=1).astype(np.uint8)
 
 
 def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
@@ -182,7 +228,14 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     if args.gpu_transforms and not gpu_transforms and main:
         print("note: --gpu_transforms applies to CUDA devices; the transforms run on the CPU")
     train_cases = checked_cases(config, args.root, "training")
-    val_cases = checked_cases(config, args.root, "validation")
+    if args.fold is not None:
+        if "validation" in config.lists:
+            raise UsageError(f"--fold {args.fold}: the dataset lists its own validation cases; folds need none")
+        train_cases, val_cases = split_folds(train_cases, args.num_folds, args.fold)
+        if main:
+            print(f"Fold {args.fold} of {args.num_folds}: validating on {len(val_cases)} of the training cases")
+    else:
+        val_cases = checked_cases(config, args.root, "validation")
     if main:
         print(
             f"Dataset {config.name}: {len(train_cases)} training and {len(val_cases)} validation cases, "
@@ -304,8 +357,17 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
                             1,
                         )
                     if step % args.eval_step == 0 or step == args.max_iter:
+                        snapshot = {} if main else None
                         scores = validation_scores(
-                            model, val_loader, roi, args.sw_batch_size, config.num_classes, device, args.amp, main
+                            model,
+                            val_loader,
+                            roi,
+                            args.sw_batch_size,
+                            config.num_classes,
+                            device,
+                            args.amp,
+                            main,
+                            snapshot,
                         )
                         dice, per_class = summarise_scores(torch.cat(distributed.gather(scores)))
                         improved = dice > progress["best_dice"]
@@ -313,6 +375,8 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
                             progress["best_dice"], progress["best_step"] = dice, step
                         if main:
                             _report(writer, bar, config.labels, step, dice, per_class, progress, improved)
+                            if "overlay" in snapshot:
+                                writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
                             if improved:
                                 save_torch(model.state_dict(), best_path)
                                 save_json({**card, "best_metric": dice, "best_step": step}, model_card_path(best_path))

@@ -1,0 +1,165 @@
+"""Evaluation of saved segmentations in their original geometry: Dice, HD95 and normalised surface Dice.
+
+Distances are in millimetres of the original image (its voxel spacing). How empty masks count, per
+case and class:
+
+- label and prediction both empty: the class is absent from the case; every metric is NaN and the
+  row is left out of the means (it is still written to ``metrics.csv``);
+- label present, prediction empty (a miss) or label empty, prediction present (a false alarm): Dice 0,
+  NSD 0, and HD95 the length of the image's diagonal in mm (the worst possible distance), so that a
+  miss is never better than a poor hit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from PIL import Image, ImageDraw
+
+from engine.common import replace_atomically
+
+__all__ = [
+    "apply_label_map",
+    "evaluate_case",
+    "format_summary",
+    "parse_label_map",
+    "summarise",
+    "write_bar_chart",
+    "write_reports",
+]
+
+METRICS = ("dice", "hd95", "nsd")
+
+
+def parse_label_map(text: str) -> dict[int, int]:
+    """``"3:1,1:2"`` -> ``{3: 1, 1: 2}``: model class -> test-set label (unlisted classes -> background)."""
+    mapping = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        source, sep, target = item.partition(":")
+        if not sep or not source.strip().isdigit() or not target.strip().isdigit():
+            raise ValueError(f"--label_map {text!r}: expected MODEL_CLASS:TEST_LABEL pairs such as 3:1,1:2")
+        if int(source) in mapping:
+            raise ValueError(f"--label_map {text!r}: class {int(source)} is mapped twice")
+        mapping[int(source)] = int(target)
+    if not mapping:
+        raise ValueError(f"--label_map {text!r}: no MODEL_CLASS:TEST_LABEL pair")
+    return mapping
+
+
+def apply_label_map(prediction: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
+    """Relabel a prediction: each mapped model class gets its test label, every other voxel background."""
+    lookup = np.zeros(max(int(prediction.max(initial=0)), max(mapping)) + 1, dtype=np.int64)
+    for source, target in mapping.items():
+        lookup[source] = target
+    return lookup[prediction.astype(np.int64)]
+
+
+def evaluate_case(
+    prediction: np.ndarray,
+    label: np.ndarray,
+    spacing: Sequence[float],
+    classes: Sequence[int],
+    nsd_tolerance: float = 1.0,
+) -> dict[int, dict[str, float]]:
+    """Dice, HD95 (mm) and NSD (tolerance in mm) of each class value in ``classes`` for one case."""
+    if prediction.shape != label.shape:
+        raise ValueError(f"prediction shape {prediction.shape} differs from label shape {label.shape}")
+    diagonal = float(np.linalg.norm(np.array(label.shape) * np.array(spacing, dtype=float)))
+    results = {}
+    for value in classes:
+        predicted, expected = prediction == value, label == value
+        p, e = int(predicted.sum()), int(expected.sum())
+        if p == 0 and e == 0:
+            results[value] = {name: math.nan for name in METRICS}
+            continue
+        if p == 0 or e == 0:
+            results[value] = {"dice": 0.0, "hd95": diagonal, "nsd": 0.0}
+            continue
+        dice = 2.0 * int(np.logical_and(predicted, expected).sum()) / (p + e)
+        y_pred = torch.from_numpy(np.stack([~predicted, predicted])[None])
+        y = torch.from_numpy(np.stack([~expected, expected])[None])
+        hd95 = compute_hausdorff_distance(y_pred, y, percentile=95, spacing=list(spacing))
+        nsd = compute_surface_dice(y_pred, y, class_thresholds=[nsd_tolerance], spacing=list(spacing))
+        results[value] = {"dice": dice, "hd95": float(hd95.item()), "nsd": float(nsd.item())}
+    return results
+
+
+def summarise(rows: Sequence[dict], class_names: Mapping[int, str]) -> dict:
+    """Mean and standard deviation of each metric per class and over all classes (NaN rows left out)."""
+
+    def stats(values: list[float]) -> dict:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return {"mean": None, "std": None, "n": 0}
+        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+    summary = {"classes": {}, "overall": {}}
+    for value, name in class_names.items():
+        chosen = [row for row in rows if row["class"] == value]
+        summary["classes"][name] = {metric: stats([row[metric] for row in chosen]) for metric in METRICS}
+    summary["overall"] = {metric: stats([row[metric] for row in rows]) for metric in METRICS}
+    return summary
+
+
+def write_bar_chart(summary: dict, path: Path) -> None:
+    """A PNG bar chart of the mean Dice of each class (with its standard deviation)."""
+    names = list(summary["classes"])
+    width, height, margin, bar_area = 160 + 90 * len(names), 420, 60, 300
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    base = margin + bar_area
+    draw.line([(margin, margin), (margin, base), (width - 20, base)], fill="black", width=2)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = base - tick * bar_area
+        draw.line([(margin - 5, y), (margin, y)], fill="black")
+        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
+    draw.text((margin, 15), "Dice per class (mean, std)", fill="black")
+    for i, name in enumerate(names):
+        stats = summary["classes"][name]["dice"]
+        x = margin + 30 + 90 * i
+        if stats["mean"] is not None:
+            top = base - stats["mean"] * bar_area
+            draw.rectangle([(x, top), (x + 50, base)], fill=(70, 130, 180))
+            spread = stats["std"] * bar_area
+            draw.line([(x + 25, top - spread), (x + 25, min(base, top + spread))], fill="black", width=2)
+            draw.text((x, top - 16 - spread), f"{stats['mean']:.3f}", fill="black")
+        draw.text((x, base + 8), name[:12], fill="black")
+    replace_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_reports(rows: Sequence[dict], class_names: Mapping[int, str], output: Path) -> dict:
+    """``metrics.csv`` (one row per case and class), ``summary.json`` and ``dice_per_class.png``."""
+    fields = ["case", "class", "name", *METRICS]
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "name": class_names[row["class"]]})
+
+    replace_atomically(output / "metrics.csv", write_csv)
+    summary = summarise(rows, class_names)
+    replace_atomically(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_bar_chart(summary, output / "dice_per_class.png")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a markdown table (mean ± std)."""
+
+    def cell(stats: dict) -> str:
+        return "n/a" if stats["mean"] is None else f"{stats['mean']:.4f} ± {stats['std']:.4f}"
+
+    lines = ["| class | Dice | HD95 (mm) | NSD |", "|---|---|---|---|"]
+    for name, metrics in summary["classes"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(metrics[m]) for m in METRICS) + " |")
+    lines.append("| **all** | " + " | ".join(cell(summary["overall"][m]) for m in METRICS) + " |")
+    return "\n".join(lines)
