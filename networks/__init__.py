@@ -4,7 +4,7 @@
 replace constructor arguments of the published configuration.
 """
 
-from monai.networks.nets import UNETR, SwinUNETR
+from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet
 
 from networks.bfr import BFRConv3d, frequency_prior, switch_to_deploy
 from networks.registry import (
@@ -58,3 +58,43 @@ register_network(
     ),
 )
 register_network("SwinUNETR", NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False)))
+# nnU-Net's default plan for 96^3 patches (REFERENCE.md section 1): 31.18 M parameters at 5 classes.
+register_network(
+    "nnUNet",
+    NetworkSpec(
+        DynUNet,
+        defaults=dict(
+            spatial_dims=3,
+            kernel_size=[3] * 6,
+            strides=[1, 2, 2, 2, 2, 2],
+            upsample_kernel_size=[2] * 5,
+            filters=[32, 64, 128, 256, 320, 320],
+            norm_name="instance",
+            deep_supervision=False,
+        ),
+        head="output_block",
+        input_multiple=32,
+    ),
+)
+
+
+def _new_unet_head(model: UNet, out_channels: int) -> None:
+    # The top up-sampling block of MONAI's UNet ends in out_channels, residual unit included: rebuild it.
+    model.model[2] = model._get_up_layer(model.channels[0] * 2, out_channels, model.strides[0], True)
+    model.out_channels = out_channels
+
+
+# The published TRAINING.md lists these without a configuration: MONAI's defaults (SegResNet) and the
+# MONAI tutorials' 3D U-Net.
+register_network(
+    "SegResNet", NetworkSpec(SegResNet, defaults=dict(spatial_dims=3), head="conv_final", input_multiple=8)
+)
+register_network(
+    "UNet",
+    NetworkSpec(
+        UNet,
+        defaults=dict(spatial_dims=3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
+        input_multiple=16,
+        new_head=_new_unet_head,
+    ),
+)

@@ -27,12 +27,14 @@ __all__ = [
     "choose_algorithm",
     "depthwise_conv3d",
     "fft_depthwise_conv3d",
+    "full_kernels",
     "get_algorithm",
     "set_algorithm",
     "use_algorithm",
 ]
 
 ALGORITHMS = ("auto", "native", "fft")
+_skip_padding_taps = True
 _algorithm = os.environ.get("REPUXNET_DWCONV", "auto").lower()
 if _algorithm not in ALGORITHMS:
     raise ValueError(f"REPUXNET_DWCONV must be one of {', '.join(ALGORITHMS)}, got {_algorithm!r}")
@@ -64,6 +66,18 @@ def use_algorithm(algorithm: str) -> Iterator[None]:
         yield
     finally:
         set_algorithm(previous)
+
+
+@contextlib.contextmanager
+def full_kernels() -> Iterator[None]:
+    """Inside this block, convolve with every kernel tap, as ``nn.Conv3d`` does (no skipping of taps that
+    only meet padding): for measuring the published way and for nominal operation counts."""
+    global _skip_padding_taps
+    previous, _skip_padding_taps = _skip_padding_taps, False
+    try:
+        yield
+    finally:
+        _skip_padding_taps = previous
 
 
 def choose_algorithm(x: torch.Tensor, kernel_size: tuple[int, int, int]) -> str:
@@ -158,7 +172,8 @@ def depthwise_conv3d(
             f"and {tuple(weight.shape)}"
         )
     padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
-    weight, padding = _crop_to_reach(weight, padding, tuple(x.shape[2:]))
+    if _skip_padding_taps:
+        weight, padding = _crop_to_reach(weight, padding, tuple(x.shape[2:]))
     kernel = tuple(weight.shape[2:])
     if algorithm is None or algorithm == "auto":
         with use_algorithm(algorithm or _algorithm):

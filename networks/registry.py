@@ -35,6 +35,8 @@ class NetworkSpec:
         input_multiple: input spatial sizes must be multiples of this.
         flag_args: command-line shape flags (``feat_size``, ``kernel_size``, ``hidden_size``, ``roi_size``)
             that apply to this network, and the constructor argument each one sets.
+        new_head: ``new_head(model, out_channels)`` replaces the head where replacing the last Conv3d of
+            ``head`` is not enough (None: that generic replacement).
     """
 
     constructor: Callable[..., nn.Module]
@@ -44,6 +46,7 @@ class NetworkSpec:
     head: str = "out"
     input_multiple: int = 16
     flag_args: Mapping[str, str] = field(default_factory=dict)
+    new_head: Callable[[nn.Module, int], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -115,7 +118,11 @@ def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
     The last 3D convolution of the head is replaced by one with the same input channels, kernel and
     stride, on the same device and dtype. Returns ``model``.
     """
-    path = get_spec(name).head
+    spec = get_spec(name)
+    if spec.new_head is not None:
+        spec.new_head(model, out_channels)
+        return model
+    path = spec.head
     parent_path, _, attribute = path.rpartition(".")
     head = model.get_submodule(path)
     parent, conv = model.get_submodule(parent_path), head

@@ -190,3 +190,47 @@ def test_unetr_uses_the_published_configuration():
     assert model.vit.patch_embedding.proj_type == "perceptron"
     assert len(model.vit.blocks) == 12 and model.vit.blocks[0].attn.num_heads == 12
     assert model.vit.blocks[0].mlp.linear1.out_features == 3072
+
+
+@pytest.mark.parametrize(
+    "name, overrides, size",
+    [
+        ("nnUNet", dict(filters=[4, 8, 8, 8, 8, 8]), 64),  # its deepest map is 1/32 of the input
+        ("SegResNet", dict(init_filters=8), 32),
+        ("UNet", dict(channels=(4, 8, 8, 8, 8)), 32),
+    ],
+)
+def test_added_monai_networks_forward_head_and_state_dict(name, overrides, size):
+    from networks import replace_head
+
+    model = build_network(name, 1, 5, **overrides)
+    x = torch.randn(1, 1, size, size, size)
+    assert model(x).shape == (1, 5, size, size, size)
+    copy = build_network(name, 1, 5, **overrides)
+    copy.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), copy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), model(x))
+    replace_head(model, name, 16)
+    assert model(x).shape == (1, 16, size, size, size)
+
+
+def test_nnunet_parameter_count():
+    with torch.device("meta"):
+        assert round(count_parameters(build_network("nnUNet", 1, 5)), 2) == 31.18
+
+
+def test_model_stats_matches_the_reference_counts(capsys):
+    """REFERENCE.md section 1: parameters and MACs at 1x1x96^3, counted with the published code."""
+    import model_stats
+
+    expected = {"REPUXNET": (65.83, 703.0), "3DUXNET": (53.01, 577.4), "3DUXNET (ks=21)": (65.85, 703.2),
+                "UNETR": (92.80, 73.1), "SwinUNETR": (62.19, 318.1), "nnUNet": (31.18, 201.4)}  # fmt: skip
+    model_stats.main([])
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = (float(cells[1]), float(cells[2]), cells[3])
+    for label, (params, macs) in expected.items():
+        assert rows[label][:2] == (params, macs), label
+    assert rows["REPUXNET"][2] == "65.8"  # the paper's column beside ours
