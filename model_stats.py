@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from networks import available_networks, build_network, canonical_name
+from networks import available_networks, build_network, canonical_name, get_spec
 from networks.dwconv import full_kernels
 
 #: The paper's table (seeds/ README): parameters (M) and FLOPs (G) at 96^3, by registry name and arguments.
@@ -36,8 +36,9 @@ PAPER = {
 
 def network_stats(name: str, size: int = 96, in_channels: int = 1, out_channels: int = 5, **overrides) -> dict:
     """Parameters (millions) and MACs (billions) of one registry network for a ``1 x C x size^3`` input."""
-    if canonical_name(name) == "UNETR":
-        overrides.setdefault("img_size", (size,) * 3)
+    input_size_argument = get_spec(name).flag_args.get("roi_size")  # networks built for one input size
+    if input_size_argument:
+        overrides.setdefault(input_size_argument, (size,) * 3)
     try:
         with torch.device("meta"):
             model = build_network(name, in_channels, out_channels, **overrides)

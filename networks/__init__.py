@@ -18,6 +18,7 @@ from networks.registry import (
     replace_head,
 )
 from networks.RepUXNet_3D.network_backbone import REPUXNET
+from networks.TransBTS.transbts import TransBTS
 from networks.UXNet_3D.network_backbone import UXNET
 
 __all__ = [
@@ -58,6 +59,11 @@ register_network(
     ),
 )
 register_network("SwinUNETR", NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False)))
+# The published benchmark's TransBTS: image 96, patch 8, embedding 512, 8 heads, 4 layers, MLP 4096.
+register_network(
+    "TransBTS",
+    NetworkSpec(TransBTS, input_multiple=8, flag_args={"roi_size": "img_size", "hidden_size": "embedding_dim"}),
+)
 # nnU-Net's default plan for 96^3 patches (REFERENCE.md section 1): 31.18 M parameters at 5 classes.
 register_network(
     "nnUNet",

@@ -198,9 +198,10 @@ def test_unetr_uses_the_published_configuration():
         ("nnUNet", dict(filters=[4, 8, 8, 8, 8, 8]), 64),  # its deepest map is 1/32 of the input
         ("SegResNet", dict(init_filters=8), 32),
         ("UNet", dict(channels=(4, 8, 8, 8, 8)), 32),
+        ("TransBTS", dict(img_size=32, embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
     ],
 )
-def test_added_monai_networks_forward_head_and_state_dict(name, overrides, size):
+def test_added_networks_forward_head_and_state_dict(name, overrides, size):
     from networks import replace_head
 
     model = build_network(name, 1, 5, **overrides)
@@ -215,9 +216,22 @@ def test_added_monai_networks_forward_head_and_state_dict(name, overrides, size)
     assert model(x).shape == (1, 16, size, size, size)
 
 
-def test_nnunet_parameter_count():
+def test_nnunet_and_transbts_parameter_counts():
     with torch.device("meta"):
         assert round(count_parameters(build_network("nnUNet", 1, 5)), 2) == 31.18
+        transbts = count_parameters(build_network("TransBTS", 1, 5))
+    # the published code's 31.58 M less its two unused layers (a 128x512 linear and a LayerNorm)
+    assert round(transbts, 2) == 31.51 and abs(transbts - 31.6) / 31.6 < 0.02  # the paper's table
+    with torch.device("meta"):  # the class count follows the dataset (published defect 9)
+        assert build_network("TransBTS", 1, 16).out.out_channels == 16
+
+
+def test_transbts_checks_its_input_size():
+    model = build_network("TransBTS", 1, 2, img_size=32, embedding_dim=32, num_heads=4, hidden_dim=64)
+    with pytest.raises(ValueError, match=r"built for inputs of \(32, 32, 32\), got \(48, 32, 32\)"):
+        model(torch.randn(1, 1, 48, 32, 32))
+    with pytest.raises(ValueError, match="img_size must be one or three multiples of 8"):
+        build_network("TransBTS", 1, 2, img_size=30)
 
 
 def test_model_stats_matches_the_reference_counts(capsys):
@@ -225,7 +239,8 @@ def test_model_stats_matches_the_reference_counts(capsys):
     import model_stats
 
     expected = {"REPUXNET": (65.83, 703.0), "3DUXNET": (53.01, 577.4), "3DUXNET (ks=21)": (65.85, 703.2),
-                "UNETR": (92.80, 73.1), "SwinUNETR": (62.19, 318.1), "nnUNet": (31.18, 201.4)}  # fmt: skip
+                "UNETR": (92.80, 73.1), "SwinUNETR": (62.19, 318.1), "nnUNet": (31.18, 201.4),
+                "TransBTS": (31.51, 119.4)}  # fmt: skip
     model_stats.main([])
     rows = {}
     for line in capsys.readouterr().out.splitlines()[2:]:

@@ -1,0 +1,3 @@
+from networks.TransBTS.transbts import TransBTS
+
+__all__ = ["TransBTS"]
