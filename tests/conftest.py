@@ -8,6 +8,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: A RepUX-Net / 3D UX-Net small enough for CPU tests at 32^3.
 TINY = dict(depths=(1, 1, 1, 1), feat_size=(4, 8, 16, 32), hidden_size=32, ks=5)
+#: Script flags for a tiny RepUX-Net run on the CPU (see :func:`flags`).
+TINY_RUN = dict(
+    roi_size=32, feat_size="4,8,16,32", kernel_size=3, hidden_size=16, cache_rate=1, num_workers=0, device="cpu"
+)
+
+
+def flags(**values) -> list[str]:
+    """``--name value`` command-line pairs from keyword arguments."""
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_RUN, flags
 
 from engine import UsageError, autocast_for, stitching_device
 from networks.dwconv import get_algorithm
@@ -34,22 +35,7 @@ def test_training_and_inference_with_amp_and_forced_algorithm(tmp_path):
 
     root = tmp_path / "data"
     write_dataset(root, num_train=1, num_val=1, num_test=1, seed=5)
-    tiny = [
-        "--roi_size",
-        "32",
-        "--feat_size",
-        "4,8,16,32",
-        "--kernel_size",
-        "7",
-        "--hidden_size",
-        "16",
-        "--cache_rate",
-        "1",
-        "--num_workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    tiny = flags(**TINY_RUN)
     main_train.main(
         [
             "--root",

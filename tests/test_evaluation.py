@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN, flags
 
 import cv_summary
 import main_train
@@ -16,10 +17,7 @@ from engine.train import overlay_slice
 from load_datasets_transforms import DatasetError, split_folds
 from phantom import write_dataset
 
-TINY = [
-    "--roi_size", "32", "--feat_size", "4,8,16,32", "--kernel_size", "3", "--hidden_size", "16",
-    "--cache_rate", "1", "--num_workers", "0", "--device", "cpu",
-]  # fmt: skip
+TINY = flags(**TINY_RUN)
 
 
 def cube(shape, start, size):

@@ -8,6 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN as TINY
+from conftest import flags
 
 import main_finetune
 import main_train
@@ -18,14 +20,6 @@ from phantom import write_dataset
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def flags(**values) -> list[str]:
-    """``--name value`` pairs from keyword arguments."""
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
-
-
-TINY = dict(
-    roi_size=32, feat_size="4,8,16,32", kernel_size=3, hidden_size=16, cache_rate=1, num_workers=0, device="cpu"
-)
 TRAIN_FLAGS = flags(max_iter=4, eval_step=2, lr=1e-3, **TINY)
 
 

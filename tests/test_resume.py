@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN as TINY
+from conftest import flags
 from monai.losses import DiceCELoss
 
 import engine.checkpoint
@@ -20,13 +22,6 @@ import optimizers
 from phantom import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(
-    roi_size=32, feat_size="4,8,16,32", kernel_size=3, hidden_size=16, cache_rate=1, num_workers=0, device="cpu"
-)
-
-
-def flags(**values) -> list[str]:
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
 @pytest.fixture(scope="module")
