@@ -140,8 +140,17 @@ def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
     return float(torch.nanmean(scores)), torch.nanmean(scores, dim=0).tolist()
 
 
-def validate(model, loader, roi, sw_batch_size, num_classes, device, progress=True, amp=None):
-    """Sliding-window validation of one process: ``(mean Dice, per-class Dice)``."""
+def validate(
+    model: nn.Module,
+    loader,
+    roi,
+    sw_batch_size: int,
+    num_classes: int,
+    device: torch.device,
+    amp: str | None = None,
+    progress: bool = True,
+) -> tuple[float, list[float]]:
+    """Sliding-window validation of one process: ``(mean Dice, per-class Dice)`` (see :func:`summarise_scores`)."""
     return summarise_scores(validation_scores(model, loader, roi, sw_batch_size, num_classes, device, amp, progress))
 
 
