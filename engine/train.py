@@ -286,6 +286,14 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
         progress = restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
         if main:
             print(f"Resumed from {resume} at step {progress['step']} (best Dice {progress['best_dice']:.4f})")
+        saved_max_iter = getattr(scheduler, "max_iter", args.max_iter)
+        if saved_max_iter != args.max_iter:  # a longer (or shorter) run: the schedule follows --max_iter
+            scheduler.max_iter = args.max_iter
+            if main:
+                print(
+                    f"note: --max_iter {args.max_iter}: the learning-rate schedule now ends there "
+                    f"(was {saved_max_iter})"
+                )
     network = model
     if distributed.enabled:
         network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -245,3 +245,13 @@ def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp
     finally:
         torch.set_num_threads(threads)
     assert dice == pytest.approx(card["best_metric"], abs=1e-5)
+
+
+def test_resume_with_a_longer_run_stretches_the_schedule(phantom, tmp_path, capsys):
+    output = tmp_path / "longer"
+    schedule = ["--lr_schedule", "warmup_cosine", "--warmup_iter", "1"]
+    train(phantom, output, *schedule, max_iter=2, eval_step=2)
+    train(phantom, output, *schedule, "--resume", "auto", max_iter=4, eval_step=2)
+    assert "note: --max_iter 4: the learning-rate schedule now ends there (was 2)" in capsys.readouterr().out
+    checkpoint = load_state(output / "checkpoint_last.pth")
+    assert checkpoint["progress"]["step"] == 4 and checkpoint["scheduler"]["max_iter"] == 4
