@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,26 +196,15 @@ def test_device_transforms_chain_runs(phantom):
     assert len(crops) == 2 and crops[0]["image"].shape == (1, 32, 32, 32)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp_path):
     output = tmp_path / "ddp"
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nnodes",
-        "1",
+        "--standalone",  # torchrun picks a free loopback port itself: no race for a port chosen here
         "--nproc_per_node",
         "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
         str(REPO / "main_train.py"),
         *flags(root=phantom, output=output, lr=1e-3, max_iter=2, eval_step=2, **TINY),
     ]
