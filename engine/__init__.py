@@ -15,7 +15,7 @@ from engine.common import (
     stitching_device,
 )
 from engine.infer import run_inference
-from engine.train import run_training, summarise_scores, validate, validation_scores
+from engine.train import run_training, summarise_scores, validation_scores
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -30,6 +30,5 @@ __all__ = [
     "select_device",
     "stitching_device",
     "summarise_scores",
-    "validate",
     "validation_scores",
 ]

@@ -35,6 +35,11 @@ from networks.dwconv import use_algorithm
 __all__ = ["run_inference"]
 
 
+def _stem(path: str | Path) -> str:
+    """A NIfTI file's name without ``.nii.gz`` or ``.nii``."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+
+
 def _write_prediction(prediction: np.ndarray, image_path: str, output: Path) -> Path:
     source = nib.load(image_path)
     shape = tuple(source.shape[:3])
@@ -44,9 +49,7 @@ def _write_prediction(prediction: np.ndarray, image_path: str, output: Path) -> 
     header.set_data_dtype(np.uint8)
     nifti = nib.Nifti1Image(prediction.astype(np.uint8), source.affine, header)
     nifti.header.set_slope_inter(1.0, 0.0)
-    name = Path(image_path).name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-    path = output / f"{stem}_seg.nii.gz"
+    path = output / f"{_stem(image_path)}_seg.nii.gz"
     replace_atomically(path, lambda tmp: nib.save(nifti, tmp))
     return path
 
@@ -102,7 +105,7 @@ def _infer(args) -> list[Path]:
     model.to(device).eval()
 
     test_transforms = build_transforms(config, "test")
-    images = [{"image": case["image"]} for case in cases]
+    images = [{"image": case["image"]} for case in cases]  # labels, if any, are read back for --evaluate
     dataset = CacheDataset(images, test_transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
     loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers)
     post = Compose(
@@ -115,7 +118,7 @@ def _infer(args) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
     with torch.no_grad():
-        for batch, case in zip(tqdm(loader, desc="Inference", dynamic_ncols=True), images, strict=True):
+        for batch, case in zip(tqdm(loader, desc="Inference", dynamic_ncols=True), cases, strict=True):
             output_device = stitching_device(batch["image"].shape[2:], out_channels, device)
             with autocast:
                 logits = sliding_window_inference(
@@ -133,11 +136,10 @@ def _infer(args) -> list[Path]:
             written.append(_write_prediction(prediction, case["image"], output))
             print(f"Wrote {written[-1]}")
             if args.evaluate:
-                rows += _evaluate(written[-1], cases[len(written) - 1], config, label_map, args.nsd_tolerance)
+                rows += _evaluate(written[-1], case, config, label_map, args.nsd_tolerance)
     print(f"Wrote {len(written)} segmentations to {output}")
     if args.evaluate:
-        names = dict(enumerate(config.labels))
-        del names[0]
+        names = {value: name for value, name in enumerate(config.labels) if value}  # background not scored
         summary = write_reports(rows, names, output)
         print(
             f"Evaluation in the original geometry ({len(written)} cases): {output / 'metrics.csv'}, "
@@ -155,6 +157,5 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
     if label_map is not None:
         prediction = apply_label_map(prediction, label_map)
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
-    name = Path(case["image"]).name.removesuffix(".nii.gz").removesuffix(".nii")
     results = evaluate_case(prediction, label, spacing, range(1, config.num_classes), tolerance)
-    return [{"case": name, "class": value, **metrics} for value, metrics in results.items()]
+    return [{"case": _stem(case["image"]), "class": value, **metrics} for value, metrics in results.items()]

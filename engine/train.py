@@ -51,7 +51,7 @@ from networks import replace_head
 from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
 
-__all__ = ["overlay_slice", "run_training", "summarise_scores", "validation_scores", "validate"]
+__all__ = ["overlay_slice", "run_training", "summarise_scores", "validation_scores"]
 
 
 def validation_scores(
@@ -128,8 +128,7 @@ def overlay_slice(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, 
     def blend(mask: np.ndarray) -> np.ndarray:
         mask = np.rot90(mask[..., z]).astype(np.int64)
         colours = PALETTE[mask % len(PALETTE)]
-        mixed = np.where((mask > 0)[..., None], (1 - alpha) * gray + alpha * colours, gray)
-        return mixed
+        return np.where((mask > 0)[..., None], (1 - alpha) * gray + alpha * colours, gray)
 
     return np.concatenate([gray, blend(label), blend(prediction)], axis=1).astype(np.uint8)
 
@@ -138,20 +137,6 @@ def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
     """The published mean Dice (background included, mean over cases and classes, absent classes left
     out) and the Dice of each class (mean over the cases where it is present)."""
     return float(torch.nanmean(scores)), torch.nanmean(scores, dim=0).tolist()
-
-
-def validate(
-    model: nn.Module,
-    loader,
-    roi,
-    sw_batch_size: int,
-    num_classes: int,
-    device: torch.device,
-    amp: str | None = None,
-    progress: bool = True,
-) -> tuple[float, list[float]]:
-    """Sliding-window validation of one process: ``(mean Dice, per-class Dice)`` (see :func:`summarise_scores`)."""
-    return summarise_scores(validation_scores(model, loader, roi, sw_batch_size, num_classes, device, amp, progress))
 
 
 class StopSignals:

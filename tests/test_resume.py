@@ -217,7 +217,7 @@ def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp
     from monai.data import DataLoader, Dataset
 
     from engine.common import checked_cases
-    from engine.train import validate
+    from engine.train import summarise_scores, validation_scores
     from load_datasets_transforms import build_transforms, load_dataset_config
     from networks import build_network
 
@@ -229,7 +229,8 @@ def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): same summation order
     try:
-        dice, _ = validate(model, loader, (32, 32, 32), 2, 5, torch.device("cpu"), progress=False)
+        scores = validation_scores(model, loader, (32, 32, 32), 2, 5, torch.device("cpu"), progress=False)
+        dice, _ = summarise_scores(scores)
     finally:
         torch.set_num_threads(threads)
     assert dice == pytest.approx(card["best_metric"], abs=1e-5)
