@@ -115,8 +115,8 @@ def overrides_from_flags(name: str, **flags: Any) -> dict[str, Any]:
 def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
     """Give ``model`` (a registry network ``name``) a new, freshly initialised output for ``out_channels`` classes.
 
-    The last 3D convolution of the head is replaced by one with the same input channels, kernel and
-    stride, on the same device and dtype. Returns ``model``.
+    The last 3D convolution (plain or transposed) of the head is replaced by one of the same kind with the
+    same input channels, kernel and stride, on the same device and dtype. Returns ``model``.
     """
     spec = get_spec(name)
     if spec.new_head is not None:
@@ -126,14 +126,15 @@ def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
     parent_path, _, attribute = path.rpartition(".")
     head = model.get_submodule(path)
     parent, conv = model.get_submodule(parent_path), head
-    # The head's last Conv3d (UnetOutBlock wraps it as head.conv.conv).
+    # The head's last convolution (UnetOutBlock wraps it as head.conv.conv; nnFormer's is transposed).
     for module in head.modules():
         for child_name, child in module.named_children():
-            if isinstance(child, nn.Conv3d):
+            if isinstance(child, (nn.Conv3d, nn.ConvTranspose3d)):
                 parent, attribute, conv = module, child_name, child
-    if not isinstance(conv, nn.Conv3d):
-        raise ValueError(f"the head {path!r} of {name} has no Conv3d to replace")
-    new = nn.Conv3d(
+    if not isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)):
+        raise ValueError(f"the head {path!r} of {name} has no 3D convolution to replace")
+    extra = {"output_padding": conv.output_padding} if isinstance(conv, nn.ConvTranspose3d) else {}
+    new = type(conv)(
         conv.in_channels,
         out_channels,
         conv.kernel_size,
@@ -142,6 +143,7 @@ def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
         bias=conv.bias is not None,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
+        **extra,
     )
     setattr(parent, attribute, new)
     return model

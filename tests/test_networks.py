@@ -199,6 +199,7 @@ def test_unetr_uses_the_published_configuration():
         ("SegResNet", dict(init_filters=8), 32),
         ("UNet", dict(channels=(4, 8, 8, 8, 8)), 32),
         ("TransBTS", dict(img_size=32, embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
+        ("nnFormer", dict(crop_size=32, embed_dim=12, num_heads=(3, 3, 3, 3)), 32),
     ],
 )
 def test_added_networks_forward_head_and_state_dict(name, overrides, size):
@@ -216,14 +217,17 @@ def test_added_networks_forward_head_and_state_dict(name, overrides, size):
     assert model(x).shape == (1, 16, size, size, size)
 
 
-def test_nnunet_and_transbts_parameter_counts():
+def test_comparison_network_parameter_counts():
     with torch.device("meta"):
         assert round(count_parameters(build_network("nnUNet", 1, 5)), 2) == 31.18
         transbts = count_parameters(build_network("TransBTS", 1, 5))
+        nnformer = count_parameters(build_network("nnFormer", 1, 5))
     # the published code's 31.58 M less its two unused layers (a 128x512 linear and a LayerNorm)
     assert round(transbts, 2) == 31.51 and abs(transbts - 31.6) / 31.6 < 0.02  # the paper's table
+    assert round(nnformer, 2) == 149.27 and abs(nnformer - 149.3) / 149.3 < 0.02  # REFERENCE.md, the paper
     with torch.device("meta"):  # the class count follows the dataset (published defect 9)
         assert build_network("TransBTS", 1, 16).out.out_channels == 16
+        assert build_network("nnFormer", 1, 16).out.out_channels == 16
 
 
 def test_transbts_checks_its_input_size():
@@ -240,7 +244,7 @@ def test_model_stats_matches_the_reference_counts(capsys):
 
     expected = {"REPUXNET": (65.83, 703.0), "3DUXNET": (53.01, 577.4), "3DUXNET (ks=21)": (65.85, 703.2),
                 "UNETR": (92.80, 73.1), "SwinUNETR": (62.19, 318.1), "nnUNet": (31.18, 201.4),
-                "TransBTS": (31.51, 119.4)}  # fmt: skip
+                "TransBTS": (31.51, 119.4), "nnFormer": (149.27, 176.4)}  # fmt: skip
     model_stats.main([])
     rows = {}
     for line in capsys.readouterr().out.splitlines()[2:]:
@@ -249,3 +253,115 @@ def test_model_stats_matches_the_reference_counts(capsys):
     for label, (params, macs) in expected.items():
         assert rows[label][:2] == (params, macs), label
     assert rows["REPUXNET"][2] == "65.8"  # the paper's column beside ours
+
+
+NNFORMER_TINY = dict(crop_size=32, embed_dim=12, num_heads=(3, 3, 3, 3))
+
+
+def test_nnformer_published_configuration():
+    from networks.nnFormer.nnformer import nnFormer
+
+    with torch.device("meta"):
+        model = build_network("nnFormer", 1, 5)
+    assert type(model) is nnFormer and model.crop_size == (96, 96, 96)
+    # tokens of 2x4x4 voxels: stage maps 48x24x24 .. 6x3x3; a window at least the smallest side shrinks to it
+    assert [(s.resolution, s.window, s.shift) for s in model.encoder] == [
+        ((48, 24, 24), 4, 2), ((24, 12, 12), 4, 2), ((12, 6, 6), 6, 0), ((6, 3, 3), 3, 0)
+    ]  # fmt: skip
+    # the decoder reads the encoder's lists reversed without the deepest entry: windows 8, 4, 4, heads 24, 12, 6
+    assert [(s.resolution, s.window) for s in reversed(model.decoder)] == [
+        ((12, 6, 6), 6),
+        ((24, 12, 12), 4),
+        ((48, 24, 24), 4),
+    ]
+    heads = [s.blocks[0].attn.num_heads for s in reversed(model.decoder)]
+    assert heads == [24, 12, 6] and all(len(s.blocks) == 2 for s in model.decoder)
+    assert [s.blocks[0].attn.cross for s in model.decoder] == [True] * 3
+    assert model.out.kernel_size == model.out.stride == (2, 4, 4)
+
+
+def test_nnformer_position_bias_index_is_one_entry_per_offset():
+    """Pairs with the same relative offset share a bias entry and different offsets never do (the
+    reference implementation's index formula merged distinct offsets)."""
+    from networks.nnFormer.nnformer import relative_position_index
+
+    window = 4
+    index = relative_position_index(window)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(window)] * 3, indexing="ij")).flatten(1).T
+    offsets = grid[:, None, :] - grid[None, :, :]
+    by_offset = {}
+    for offset, entry in zip(offsets.reshape(-1, 3).tolist(), index.flatten().tolist(), strict=True):
+        assert by_offset.setdefault(tuple(offset), entry) == entry
+    assert len(set(by_offset.values())) == len(by_offset) == (2 * window - 1) ** 3
+    assert index.min() == 0 and index.max() == (2 * window - 1) ** 3 - 1
+
+
+def explicit_window_attention(attention, queries, keys_values):
+    """One window's multi-head attention written out (softmax of scaled products plus the position bias)."""
+    n, c = queries.shape
+    heads = attention.num_heads
+    if attention.cross:
+        q = queries
+        k, v = attention.kv(keys_values).split(c, dim=-1)
+    else:
+        q, k, v = attention.qkv(queries).split(c, dim=-1)
+    bias = attention.relative_position_bias_table[attention.relative_position_index.flatten()].view(n, n, heads)
+    out = []
+    for h in range(heads):
+        columns = slice(h * c // heads, (h + 1) * c // heads)
+        logits = q[:, columns] @ k[:, columns].T / (c // heads) ** 0.5 + bias[:, :, h]
+        out.append(torch.softmax(logits, dim=-1) @ v[:, columns])
+    return attention.proj(torch.cat(out, dim=-1))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_nnformer_attention_matches_the_written_out_formula(cross):
+    from networks.nnFormer.nnformer import WindowAttention
+
+    attention = WindowAttention(dim=8, window=2, num_heads=2, cross=cross).double()
+    torch.nn.init.normal_(attention.relative_position_bias_table)  # make the bias matter
+    x, context = torch.randn(3, 8, 8, dtype=torch.float64), torch.randn(3, 8, 8, dtype=torch.float64)
+    got = attention(x, context=context if cross else None)
+    for w in range(3):
+        expected = explicit_window_attention(attention, x[w], context[w] if cross else x[w])
+        torch.testing.assert_close(got[w], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_nnformer_shifted_windows_stay_inside_their_regions():
+    """A token touches only its own window; after the cyclic shift, only the tokens of its region
+    (the wrapped-around corner for token 0, not the tokens it was rolled next to)."""
+    from networks.nnFormer.nnformer import Stage, shifted_window_mask
+
+    torch.manual_seed(0)
+    stage = Stage(dim=6, resolution=(8, 8, 8), depth=2, num_heads=2, window=4, drop_path=(0.0, 0.0)).double()
+    plain, shifted = stage.blocks
+    assert (plain.shift, shifted.shift) == (0, 2)
+    mask = shifted_window_mask((8, 8, 8), 4, 2, torch.device("cpu"))
+    x = torch.randn(1, 512, 6, dtype=torch.float64)
+    moved = x.clone()
+    moved[0, 0] += torch.randn(6, dtype=torch.float64)  # token (0, 0, 0), not a constant (LayerNorm drops it)
+    for block, reach in ((plain, 4), (shifted, 2)):
+        change = (block(moved, mask) - block(x, mask)).abs().amax(-1).view(8, 8, 8)
+        assert change[:reach, :reach, :reach].min() > 1e-6
+        change[:reach, :reach, :reach] = 0
+        assert change.max() < 1e-12
+
+
+def test_nnformer_every_parameter_trains():
+    """The skip attention, position biases and all stages receive gradients (no unused parameters,
+    which DistributedDataParallel would reject). At 64^3 the deepest windows hold 2^3 tokens."""
+    model = build_network("nnFormer", 1, 3, **{**NNFORMER_TINY, "crop_size": 64})
+    model(torch.randn(1, 1, 64, 64, 64)).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_nnformer_checks_its_arguments_and_input():
+    model = build_network("nnFormer", 1, 2, **NNFORMER_TINY)
+    with pytest.raises(ValueError, match=r"built for inputs of \(32, 32, 32\), got \(64, 32, 32\)"):
+        model(torch.randn(1, 1, 64, 32, 32))
+    with pytest.raises(ValueError, match=r"crop_size \(48, 48, 48\) must be a multiple of \(16, 32, 32\)"):
+        build_network("nnFormer", 1, 2, crop_size=48)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        build_network("nnFormer", 1, 2, num_heads=(6, 12, 24))
+    with pytest.raises(ValueError, match="must be even multiples of num_heads"):
+        build_network("nnFormer", 1, 2, embed_dim=20)

@@ -1,0 +1,3 @@
+from networks.nnFormer.nnformer import nnFormer
+
+__all__ = ["nnFormer"]
