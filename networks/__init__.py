@@ -57,9 +57,13 @@ register_network(
             res_block=True,
             dropout_rate=0.0,
         ),
+        flag_args={"roi_size": "img_size"},  # its position embedding is fixed to one input size
     ),
 )
-register_network("SwinUNETR", NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False)))
+# Its deepest map is 1/32 of the input.
+register_network(
+    "SwinUNETR", NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False), input_multiple=32)
+)
 # The published benchmark's nnFormer: crop 96^3, embedding 192, depths 2,2,2,2, heads 6,12,24,48,
 # patch 2,4,4, windows 4,4,8,4 (the constructor's defaults); 149.27 M parameters at 5 classes.
 register_network("nnFormer", NetworkSpec(nnFormer, input_multiple=32, flag_args={"roi_size": "crop_size"}))

@@ -1,5 +1,6 @@
 """End to end on phantom data with a tiny RepUX-Net on CPU: train, fine-tune, segment, bad inputs."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_finetune_reports_weights_that_do_not_fit(trained, phantom, tmp_path):
     assert "--pretrained_weights" in message and "does not fit REPUXNET" in message
 
 
-def check_predictions(prediction_dir: Path, phantom: Path) -> None:
+def check_predictions(prediction_dir: Path, phantom: Path, num_classes: int = 5) -> None:
     inputs = sorted((phantom / "imagesTs").glob("*.nii.gz"))
     assert any(nib.aff2axcodes(nib.load(p).affine) != ("R", "A", "S") for p in inputs)  # non-RAS covered
     for image_path in inputs:
@@ -151,8 +152,53 @@ def check_predictions(prediction_dir: Path, phantom: Path) -> None:
         np.testing.assert_allclose(prediction.affine, image.affine, rtol=0, atol=1e-5)
         assert prediction.get_data_dtype() == np.uint8
         values = np.unique(np.asarray(prediction.dataobj))
-        assert values.min() >= 0 and values.max() < 5
+        assert values.min() >= 0 and values.max() < num_classes
         assert not np.abs(np.array(image.header.get_zooms()) - 1).max() < 0.05  # anisotropic inputs
+
+
+#: Narrower layers than the published ones, so that the scripts run each comparison network in seconds,
+#: and the smallest ROI each trains on (instance norm needs more than one voxel in the deepest map).
+SMALL = {
+    "UNETR": (dict(feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4), 32),
+    "SwinUNETR": (dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)), 64),
+    "nnFormer": (dict(embed_dim=12, num_heads=(3, 3, 3, 3)), 32),
+    "TransBTS": (dict(embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
+    "nnUNet": (dict(filters=[4, 8, 8, 8, 8, 8]), 64),
+    "SegResNet": (dict(init_filters=8), 32),
+    "UNet": (dict(channels=(4, 8, 8, 8, 8)), 32),
+}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_comparison_networks_train_finetune_and_segment(name, phantom, tmp_path, monkeypatch):
+    """Each comparison network through the three scripts with its registry entry (input size from
+    --roi_size, head replacement, model card); only its layer widths are narrowed."""
+    from networks import registry
+
+    widths, roi = SMALL[name]
+    spec = registry.get_spec(name)
+    monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(spec, defaults={**spec.defaults, **widths}))
+    run = dict(network=name, roi_size=roi, cache_rate=1, num_workers=0, device="cpu")
+    main_train.main(flags(root=phantom, output=tmp_path / "train", max_iter=1, **run))
+    main_finetune.main(
+        flags(
+            root=phantom,
+            output=tmp_path / "tune",
+            dataset=six_class_dataset(phantom, tmp_path),
+            pretrain=True,
+            pretrained_weights=tmp_path / "train" / "best_metric_model.pth",
+            pretrain_classes=5,
+            max_iter=1,
+            **run,
+        )
+    )
+    tuned = tmp_path / "tune" / "best_metric_model.pth"
+    card = json.loads((tmp_path / "tune" / "best_metric_model.pth.json").read_text())
+    assert (card["network"], card["out_channels"]) == (name, 6)
+    model = build_network(name, 1, 6, **card["network_args"])
+    model.load_state_dict(torch.load(tuned, weights_only=True), strict=True)
+    test_seg.main(flags(root=phantom, output=tmp_path / "pred", trained_weights=tuned, cache_rate=0, num_workers=0))
+    check_predictions(tmp_path / "pred", phantom, num_classes=6)
 
 
 def test_segment_with_model_card(trained, phantom, tmp_path, capsys):
