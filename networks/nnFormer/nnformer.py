@@ -198,7 +198,8 @@ class TransformerBlock(nn.Module):
 class Stage(nn.Module):
     """Transformer blocks at one resolution, alternating plain and shifted windows.
 
-    ``cross`` makes the first block a skip attention block (a decoder stage).
+    ``cross`` makes the first block a skip attention block (a decoder stage). The reference decoder
+    shifts every block after the first; with the published depth of 2 the two rules agree.
     """
 
     def __init__(
