@@ -8,6 +8,9 @@ from torch import nn
 import networks
 from networks import available_networks, build_network
 
+#: An nnFormer small enough for CPU tests at 32^3.
+NNFORMER_TINY = dict(crop_size=32, embed_dim=12, num_heads=(3, 3, 3, 3))
+
 
 def count_parameters(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
@@ -199,7 +202,7 @@ def test_unetr_uses_the_published_configuration():
         ("SegResNet", dict(init_filters=8), 32),
         ("UNet", dict(channels=(4, 8, 8, 8, 8)), 32),
         ("TransBTS", dict(img_size=32, embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
-        ("nnFormer", dict(crop_size=32, embed_dim=12, num_heads=(3, 3, 3, 3)), 32),
+        ("nnFormer", NNFORMER_TINY, 32),
     ],
 )
 def test_added_networks_forward_head_and_state_dict(name, overrides, size):
@@ -253,9 +256,6 @@ def test_model_stats_matches_the_reference_counts(capsys):
     for label, (params, macs) in expected.items():
         assert rows[label][:2] == (params, macs), label
     assert rows["REPUXNET"][2] == "65.8"  # the paper's column beside ours
-
-
-NNFORMER_TINY = dict(crop_size=32, embed_dim=12, num_heads=(3, 3, 3, 3))
 
 
 def test_nnformer_published_configuration():
@@ -330,13 +330,13 @@ def test_nnformer_attention_matches_the_written_out_formula(cross):
 def test_nnformer_shifted_windows_stay_inside_their_regions():
     """A token touches only its own window; after the cyclic shift, only the tokens of its region
     (the wrapped-around corner for token 0, not the tokens it was rolled next to)."""
-    from networks.nnFormer.nnformer import Stage, shifted_window_mask
+    from networks.nnFormer.nnformer import Stage
 
     torch.manual_seed(0)
     stage = Stage(dim=6, resolution=(8, 8, 8), depth=2, num_heads=2, window=4, drop_path=(0.0, 0.0)).double()
     plain, shifted = stage.blocks
     assert (plain.shift, shifted.shift) == (0, 2)
-    mask = shifted_window_mask((8, 8, 8), 4, 2, torch.device("cpu"))
+    mask = stage.mask
     x = torch.randn(1, 512, 6, dtype=torch.float64)
     moved = x.clone()
     moved[0, 0] += torch.randn(6, dtype=torch.float64)  # token (0, 0, 0), not a constant (LayerNorm drops it)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.layers import as_triple
+
 __all__ = ["TransBTS"]
 
 
@@ -116,8 +118,8 @@ class TransBTS(nn.Module):
         base_channels: int = 16,
     ) -> None:
         super().__init__()
-        size = tuple(img_size) if isinstance(img_size, Sequence) else (img_size,) * 3
-        if len(size) != 3 or any(s % 8 for s in size):
+        size = as_triple(img_size, "img_size")
+        if any(s % 8 for s in size):
             raise ValueError(f"img_size must be one or three multiples of 8, got {img_size!r}")
         if embedding_dim % num_heads or embedding_dim % 4:
             raise ValueError(f"embedding_dim ({embedding_dim}) must be a multiple of num_heads and of 4")

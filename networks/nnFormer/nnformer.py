@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch import nn
 
+from networks.layers import as_triple
+
 __all__ = ["nnFormer"]
 
 Size3 = tuple[int, int, int]
@@ -31,6 +33,11 @@ def effective_window(resolution: Size3, window: int, shift: int) -> tuple[int, i
     return window, shift
 
 
+def padded_size(resolution: Size3, window: int) -> Size3:
+    """``resolution`` padded up to multiples of ``window`` on each side."""
+    return tuple(side + (-side) % window for side in resolution)
+
+
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """``(B, S, H, W, C)`` with sides divisible by ``window`` -> ``(B * windows, window^3, C)``."""
     b, s, h, w, c = x.shape
@@ -45,10 +52,10 @@ def window_reverse(windows: torch.Tensor, window: int, size: Sequence[int]) -> t
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, s, h, w, -1)
 
 
-def shifted_window_mask(padded: Size3, window: int, shift: int, device: torch.device) -> torch.Tensor:
+def shifted_window_mask(padded: Size3, window: int, shift: int) -> torch.Tensor:
     """``(windows, window^3, window^3)`` logits offsets that keep attention inside each region that a
     cyclic shift by ``shift`` brought together in one window."""
-    regions = torch.zeros(1, *padded, 1, device=device)
+    regions = torch.zeros(1, *padded, 1)
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     label = 0
     for s in bounds:
@@ -58,7 +65,7 @@ def shifted_window_mask(padded: Size3, window: int, shift: int, device: torch.de
                 label += 1
     labels = window_partition(regions, window).squeeze(-1)
     different = labels.unsqueeze(1) != labels.unsqueeze(2)
-    return torch.zeros(different.shape, device=device).masked_fill(different, MASKED_LOGIT)
+    return torch.zeros(different.shape).masked_fill(different, MASKED_LOGIT)
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -152,6 +159,7 @@ class TransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.resolution, self.window, self.shift = resolution, window, shift
+        self.padded = padded_size(resolution, window)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads, cross=cross)
         self.drop_path = DropPath(drop_path)
@@ -162,16 +170,15 @@ class TransformerBlock(nn.Module):
         b, _, c = tokens.shape
         s, h, w = self.resolution
         x = tokens.view(b, s, h, w, c)
-        pads = [(-side) % self.window for side in (s, h, w)]
-        x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        ps, ph, pw = (p - side for p, side in zip(self.padded, self.resolution, strict=True))
+        x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, ps))
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift,) * 3, dims=(1, 2, 3))
         return window_partition(x, self.window)
 
     def _merge(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
         s, h, w = self.resolution
-        padded = [side + (-side) % self.window for side in (s, h, w)]
-        x = window_reverse(windows, self.window, (batch, *padded))
+        x = window_reverse(windows, self.window, (batch, *self.padded))
         if self.shift:
             x = torch.roll(x, shifts=(self.shift,) * 3, dims=(1, 2, 3))
         return x[:, :s, :h, :w].reshape(batch, s * h * w, -1)
@@ -227,14 +234,17 @@ class Stage(nn.Module):
             )
             for i in range(depth)
         )
+        # Fixed by the resolution: built once, not part of the state dict.
+        mask = (
+            shifted_window_mask(padded_size(resolution, self.window), self.window, self.shift) if self.shift else None
+        )
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, up: torch.Tensor | None = None):
-        mask = None
-        if self.shift:
-            padded = tuple(side + (-side) % self.window for side in self.resolution)
-            mask = shifted_window_mask(padded, self.window, self.shift, x.device)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, skip, up) if i == 0 and skip is not None else block(x, mask)
+        """``skip`` and ``up`` (a decoder stage) go to the skip attention block."""
+        x = self.blocks[0](x, self.mask, skip, up)
+        for block in self.blocks[1:]:
+            x = block(x, self.mask)
         return x
 
 
@@ -250,6 +260,8 @@ class Projection(nn.Module):
 
     @staticmethod
     def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        # One fused layer_norm on a channels-last view rather than networks.layers.LayerNorm's
+        # hand-written channels-first steps: fewer saved activations on the network's largest maps.
         return norm(x.movedim(1, -1)).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,13 +313,6 @@ class PatchExpanding(nn.Module):
         return self.up(x).flatten(2).transpose(1, 2)
 
 
-def _triple(value: int | Sequence[int], name: str) -> Size3:
-    triple = tuple(value) if isinstance(value, Sequence) else (value,) * 3
-    if len(triple) != 3:
-        raise ValueError(f"{name} must be one or three integers, got {value!r}")
-    return triple
-
-
 def _linear_rates(largest: float, count: int) -> list[float]:
     """``count`` drop-path rates from 0 to ``largest`` (computed in Python: works on the meta device)."""
     return [largest * i / max(count - 1, 1) for i in range(count)]
@@ -356,7 +361,7 @@ class nnFormer(nn.Module):  # noqa: N801 (the paper's spelling)
         drop_path_rate: float = 0.2,
     ) -> None:
         super().__init__()
-        crop, patch = _triple(crop_size, "crop_size"), _triple(patch_size, "patch_size")
+        crop, patch = as_triple(crop_size, "crop_size"), as_triple(patch_size, "patch_size")
         stages = len(depths)
         if stages < 2 or len(num_heads) != stages or len(window_size) != stages:
             raise ValueError(
@@ -383,10 +388,9 @@ class nnFormer(nn.Module):  # noqa: N801 (the paper's spelling)
         self.merging = nn.ModuleList(PatchMerging(dims[i], grids[i]) for i in range(stages - 1))
         self.encoder_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         # Decoder stage i (width dims[i]) follows encoder stage i+1; its drop-path rates rise from the
-        # deepest decoder stage to the shallowest, as the reference implementation has them.
+        # deepest decoder stage to the shallowest (the deeper ones, i+1 .. stages-2, come first), as the
+        # reference implementation has them.
         rates = _linear_rates(drop_path_rate, sum(depths[:-1]))
-        order = list(range(stages - 1))[::-1]  # decoder stages, deepest first
-        start = {i: sum(depths[j] for j in order[: order.index(i)]) for i in order}
         self.expanding = nn.ModuleList(PatchExpanding(dims[i + 1], grids[i + 1]) for i in range(stages - 1))
         self.decoder = nn.ModuleList(
             Stage(
@@ -395,7 +399,7 @@ class nnFormer(nn.Module):  # noqa: N801 (the paper's spelling)
                 depths[i],
                 num_heads[i],
                 window_size[i],
-                rates[start[i] :][: depths[i]],
+                rates[sum(depths[i + 1 : -1]) :][: depths[i]],
                 cross=True,
             )
             for i in range(stages - 1)
