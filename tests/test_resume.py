@@ -152,6 +152,18 @@ def test_a_single_nonfinite_loss_is_skipped_and_counted(phantom, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
+def test_a_skipped_step_leaves_batchnorm_statistics_untouched(phantom, tmp_path, monkeypatch):
+    output = tmp_path / "first_nan"
+    monkeypatch.setattr(engine.train, "DiceCELoss", lambda **kwargs: NaNAfter(bad=[1]))
+    train(phantom, output, max_iter=1, eval_step=1)
+    best = load_state(output / "best_metric_model.pth")  # saved after the only, skipped, step
+    statistics = [k for k in best if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics  # RepUX-Net's blocks hold BatchNorm statistics
+    for key in statistics:
+        expected = 1 if key.endswith("running_var") else 0  # as initialised
+        assert torch.equal(best[key], torch.full_like(best[key], expected)), key
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(phantom, tmp_path, capsys):
     output = tmp_path / "fresh"
     train(phantom, output, "--resume", "auto", max_iter=1)
