@@ -303,6 +303,10 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
         )
 
     steps_per_epoch = len(epoch_batches(0))
+    # A forward can change only the buffers the state dict holds (BatchNorm statistics); the others are
+    # derived constants (BFR priors, attention masks) and need no copy at every step.
+    saved_buffer_names = set(model.state_dict())
+    stateful_buffers = [buffer for name, buffer in model.named_buffers() if name in saved_buffer_names]
     output.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=progress["step"] or None) if main else None
     best_path, last_path = output / BEST_WEIGHTS, output / LAST_CHECKPOINT
@@ -320,7 +324,7 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
                     step = progress["step"] + 1
                     image, label = batch["image"].to(device), batch["label"].to(device)
                     # A non-finite step must leave no trace: the forward also updates BatchNorm statistics.
-                    buffers = [buffer.clone() for buffer in model.buffers()]
+                    buffers = [buffer.clone() for buffer in stateful_buffers]
                     with autocast:
                         loss = loss_function(network(image), label)
                     optimizer.zero_grad(set_to_none=True)
@@ -332,7 +336,7 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
                         bad_in_a_row = 0
                     else:  # skip the update; every rank agrees
                         with torch.no_grad():
-                            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                            for buffer, saved in zip(stateful_buffers, buffers, strict=True):
                                 buffer.copy_(saved)
                         progress["nonfinite_steps"] += 1
                         bad_in_a_row += 1
