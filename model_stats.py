@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from networks import available_networks, build_network, canonical_name, get_spec
+from networks import available_networks, build_network, canonical_name, overrides_from_flags
 from networks.dwconv import full_kernels
 
 #: The paper's table (seeds/ README): parameters (M) and FLOPs (G) at 96^3, by registry name and arguments.
@@ -36,9 +36,7 @@ PAPER = {
 
 def network_stats(name: str, size: int = 96, in_channels: int = 1, out_channels: int = 5, **overrides) -> dict:
     """Parameters (millions) and MACs (billions) of one registry network for a ``1 x C x size^3`` input."""
-    input_size_argument = get_spec(name).flag_args.get("roi_size")  # networks built for one input size
-    if input_size_argument:
-        overrides.setdefault(input_size_argument, (size,) * 3)
+    overrides = {**overrides_from_flags(name, roi_size=(size,) * 3), **overrides}  # networks built for one size
     try:
         with torch.device("meta"):
             model = build_network(name, in_channels, out_channels, **overrides)
