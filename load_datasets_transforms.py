@@ -43,6 +43,7 @@ __all__ = [
     "data_transforms",
     "find_cases",
     "load_dataset_config",
+    "roi_of",
     "split_folds",
 ]
 
@@ -382,9 +383,9 @@ def data_loader(args) -> tuple:
     return (*samples, config.num_classes)
 
 
-def _roi(args) -> tuple[int, int, int]:
-    roi = getattr(args, "roi_size", (96, 96, 96))
-    roi = tuple(roi) if isinstance(roi, Sequence) else (roi,)
+def roi_of(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """A patch size from one edge (an integer or a one-element list) or three."""
+    roi = tuple(int(r) for r in roi_size) if isinstance(roi_size, Sequence) else (int(roi_size),)
     return roi * 3 if len(roi) == 1 else roi
 
 
@@ -458,7 +459,8 @@ def build_transforms(
 def data_transforms(args):
     """The published entry point: ``(train_transforms, val_transforms)`` or the test transforms."""
     config = load_dataset_config(args.dataset, getattr(args, "datalist", None))
-    return build_transforms(config, args.mode, _roi(args), getattr(args, "crop_sample", 2))
+    roi = roi_of(getattr(args, "roi_size", 96))
+    return build_transforms(config, args.mode, roi, getattr(args, "crop_sample", 2))
 
 
 #: Fold assignment does not follow --seed: the same cases form the same folds on every machine and run.

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from load_datasets_transforms import DatasetConfig, check_cases, find_cases
+from load_datasets_transforms import DatasetConfig, check_cases, find_cases, roi_of
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
 
 __all__ = [
@@ -82,11 +82,6 @@ def stitching_device(
         free_bytes = torch.cuda.mem_get_info(device)[0]
     needed = 4 * (num_classes + 1) * int(np.prod(spatial_shape))
     return device if needed <= free_bytes // 2 else torch.device("cpu")
-
-
-def roi_of(roi_size: Sequence[int]) -> tuple[int, int, int]:
-    roi = tuple(int(r) for r in roi_size)
-    return roi * 3 if len(roi) == 1 else roi
 
 
 @dataclass(frozen=True)
