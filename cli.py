@@ -7,10 +7,10 @@ import sys
 from collections.abc import Callable
 
 from engine import RunStopped, UsageError
-from load_datasets_transforms import DatasetError
+from load_datasets_transforms import DatasetError, roi_of
 from networks import available_networks
 
-__all__ = ["add_common_arguments", "add_training_arguments", "run_or_exit", "str2bool"]
+__all__ = ["add_common_arguments", "add_training_arguments", "parser_for", "run_or_exit", "str2bool"]
 
 
 def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
@@ -35,21 +35,44 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
-def int_list(count: int | None = None, allowed: tuple[int, ...] = ()):
-    """Parser of comma-separated positive integers, ``count`` of them (or any count in ``allowed``)."""
+def int_list(count: int):
+    """Parser of ``count`` comma-separated positive integers."""
 
     def parse(value: str) -> tuple[int, ...]:
         try:
             numbers = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-        counts = allowed or ((count,) if count else ())
-        if (counts and len(numbers) not in counts) or any(n < 1 for n in numbers):
-            wanted = " or ".join(str(c) for c in counts)
-            raise argparse.ArgumentTypeError(f"expected {wanted} positive integers, got {value!r}")
+        if len(numbers) != count or any(n < 1 for n in numbers):
+            raise argparse.ArgumentTypeError(f"expected {count} positive integers, got {value!r}")
         return numbers
 
     return parse
+
+
+def roi_size(value: str) -> tuple[int, int, int]:
+    """``--roi_size``: one or three positive integers (see :func:`load_datasets_transforms.roi_of`)."""
+    try:
+        return roi_of(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the text already says where it comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def parser_for(description: str) -> argparse.ArgumentParser:
+    """The argument parser of a script, with every default shown in ``--help``."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
 
 
 def positive_int(value: str) -> int:
@@ -71,46 +94,71 @@ def unit_interval(upper_open: bool = False) -> Callable[[str], float]:
     return parse
 
 
+#: test_seg.py: what the model card beside the weights decides, when there is one.
+CARD_DECIDES = {
+    "dataset": "flare, amos, feta, or a dataset JSON file: where the test files are; its preprocessing only for "
+    "weights without a model card (default: flare)",
+    "network": "network of weights without a model card (default: the card's, else REPUXNET)",
+    "roi_size": "sliding-window size, one or three integers (default: the model card's, else 96)",
+    "feat_size": "encoder channels of weights without a model card (default: the card's, else published)",
+    "kernel_size": "depthwise kernel size of weights without a model card (default: the card's, else published)",
+    "hidden_size": "bottleneck width of weights without a model card (default: the card's, else published)",
+}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
-    """Flags of all three scripts (published names and defaults, plus device, seed and network shape)."""
+    """Flags of all three scripts (published names and defaults, plus device, seed and network shape);
+    ``mode="test"`` (test_seg.py) says which of them a model card decides."""
+    card = CARD_DECIDES if mode == "test" else {}
     parser.add_argument("--root", required=True, help="dataset folder (imagesTr, labelsTr, imagesVal, ...)")
     parser.add_argument("--output", required=True, help="folder for weights, logs or predictions")
     parser.add_argument(
         "--dataset",
-        default="flare",
-        help="flare, amos, feta, or a dataset JSON file (labels, spacing, intensity, lists)",
+        default=None if card else "flare",
+        help=card.get("dataset", "flare, amos, feta, or a dataset JSON file (labels, spacing, intensity, lists)"),
     )
-    parser.add_argument("--datalist", default=None, help="MSD-style JSON whose training/validation/test lists to use")
-    parser.add_argument("--network", default="REPUXNET", help=f"one of: {', '.join(available_networks())}")
+    parser.add_argument(
+        "--datalist",
+        default=None,
+        help="MSD-style JSON whose training/validation/test lists to use (default: none, the folders)",
+    )
+    parser.add_argument(
+        "--network",
+        default=None if card else "REPUXNET",
+        help=card.get("network", f"one of: {', '.join(available_networks())}"),
+    )
     parser.add_argument("--mode", default=mode, choices=[mode], help=f"kept for the published scripts ({mode})")
-    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0)")
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index")
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available, else CPU"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--roi_size",
-        type=int_list(allowed=(1, 3)),
-        default=(96,),
-        help="patch / sliding-window size: one or three integers (default 96)",
+        type=roi_size,
+        default=None if card else "96",
+        help=card.get("roi_size", "patch / sliding-window size: one or three integers"),
     )
     parser.add_argument(
         "--feat_size",
         type=int_list(4),
         default=None,
-        help="encoder channels, e.g. 48,96,192,384 (default: the network's published value)",
+        help=card.get("feat_size", "encoder channels, e.g. 48,96,192,384 (default: the network's published value)"),
     )
     parser.add_argument(
         "--kernel_size",
         type=positive_int,
         default=None,
-        help="depthwise kernel size of the UX-Net family (default: published, 21 for RepUX-Net)",
+        help=card.get(
+            "kernel_size",
+            "depthwise kernel size of the UX-Net family (default: published, 21 for RepUX-Net, 7 for 3D UX-Net)",
+        ),
     )
     parser.add_argument(
         "--hidden_size",
         type=positive_int,
         default=None,
-        help="bottleneck / transformer width (default: the network's published value)",
+        help=card.get("hidden_size", "bottleneck / transformer width (default: the network's published value)"),
     )
     parser.add_argument(
         "--amp",
@@ -118,26 +166,43 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         const="bf16",
         default=None,
         choices=["bf16", "fp16"],
-        help="mixed precision: --amp (bf16, CPU or CUDA) or --amp fp16 (CUDA, with a gradient scaler)",
+        help="mixed precision: --amp (bf16, CPU or CUDA) or --amp fp16 (CUDA, with a gradient scaler); default: fp32",
     )
     parser.add_argument(
         "--dwconv",
         default="auto",
         choices=["auto", "native", "fft"],
-        help="depthwise large-kernel convolution algorithm (default auto: per device and kernel)",
+        help="depthwise large-kernel convolution algorithm (auto: per device and kernel)",
     )
     parser.add_argument("--cache_rate", type=unit_interval(), default=0.1, help="fraction of cases cached in memory")
     parser.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of main_train.py and main_finetune.py."""
-    parser.add_argument("--pretrain", type=str2bool, default=False, help="load --pretrained_weights (true/false)")
-    parser.add_argument("--pretrained_weights", default="", help="state_dict to start from when --pretrain true")
-    parser.add_argument("--batch_size", type=positive_int, default=1, help="subjects per step (default 1)")
-    parser.add_argument("--crop_sample", type=positive_int, default=2, help="random crops per subject (default 2)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    parser.add_argument("--optim", default="AdamW", help="AdamW, Adam or SGD (default AdamW)")
+def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = False) -> None:
+    """Flags of main_train.py and, with ``finetune``, of main_finetune.py (which needs weights to start from,
+    and takes ``--pretrain false`` to mean training from scratch)."""
+    if finetune:
+        parser.add_argument(
+            "--pretrain",
+            type=str2bool,
+            default=None,
+            help="false: train from scratch instead of fine-tuning (default: true)",
+        )
+        parser.add_argument(
+            "--pretrained_weights", default=None, help="weights to fine-tune (required unless --pretrain false)"
+        )
+        parser.add_argument(
+            "--pretrain_classes", type=positive_int, default=5, help="classes of the pretrained model's output head"
+        )
+    else:
+        parser.add_argument("--pretrain", type=str2bool, default=False, help="load --pretrained_weights (true/false)")
+        parser.add_argument(
+            "--pretrained_weights", default=None, help="state_dict to start from when --pretrain true (default: none)"
+        )
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="subjects per step")
+    parser.add_argument("--crop_sample", type=positive_int, default=2, help="random crops per subject")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    parser.add_argument("--optim", default="AdamW", help="AdamW, Adam or SGD")
     parser.add_argument(
         "--lr_schedule",
         default="constant",
@@ -145,31 +210,32 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="constant (published) or linear warm-up then cosine decay",
     )
     parser.add_argument("--warmup_iter", type=int, default=0, help="warm-up iterations of warmup_cosine")
-    parser.add_argument("--max_iter", type=positive_int, default=60000, help="training iterations (default 60000)")
+    parser.add_argument("--max_iter", type=positive_int, default=60000, help="training iterations")
     parser.add_argument("--eval_step", type=positive_int, default=500, help="validate every N iterations")
     parser.add_argument("--sw_batch_size", type=positive_int, default=2, help="sliding-window batch in validation")
     parser.add_argument(
         "--fold",
         type=int,
         default=None,
-        help="cross-validation: validate on fold K of the training cases (for datasets without a validation list)",
+        help="cross-validation: validate on fold K of the training cases (default: none; for datasets without a "
+        "validation list)",
     )
-    parser.add_argument("--num_folds", type=int, default=5, help="folds for --fold (default 5)")
+    parser.add_argument("--num_folds", type=int, default=5, help="folds for --fold")
     parser.add_argument(
         "--resume",
         default=None,
-        help="continue a run: a checkpoint_last.pth, or auto for <output>/checkpoint_last.pth (fresh start if none)",
+        help="continue a run: a checkpoint_last.pth, or auto for <output>/checkpoint_last.pth (default: a new run)",
     )
     parser.add_argument(
         "--max_bad_steps",
         type=positive_int,
         default=10,
-        help="stop after this many non-finite losses in a row (each one skips its update; default 10)",
+        help="stop after this many non-finite losses or gradients in a row (each one skips its update)",
     )
     parser.add_argument(
         "--cache_dir",
         default=None,
-        help="cache the deterministic part of each case on disk here (MONAI PersistentDataset), reused across runs",
+        help="cache the deterministic part of each case on disk here, reused across runs (default: none)",
     )
     parser.add_argument(
         "--gpu_transforms",

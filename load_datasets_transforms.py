@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils import ensure_tuple_rep
+from tqdm import tqdm
 
 __all__ = [
     "PRESETS",
@@ -41,8 +45,10 @@ __all__ = [
     "check_cases",
     "data_loader",
     "data_transforms",
+    "file_identity",
     "find_cases",
     "load_dataset_config",
+    "read_through",
     "roi_of",
     "split_folds",
 ]
@@ -312,56 +318,130 @@ def _summarise(problems: Sequence[str], limit: int = 20) -> str:
     return f"{len(problems)} problems in the dataset:\n  {shown}{more}"
 
 
-def _spatial_shape(image: nib.spatialimages.SpatialImage, path: str) -> tuple[int, ...]:
-    shape = tuple(image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise DatasetError(f"{path}: not a 3D volume (shape {tuple(image.shape)})")
-    return shape
+def _spatial_shape(shape: Sequence[int], path: str) -> tuple[int, ...]:
+    spatial = tuple(shape)
+    if len(spatial) == 4 and spatial[3] == 1:
+        spatial = spatial[:3]
+    if len(spatial) != 3:
+        raise DatasetError(f"{path}: not a 3D volume (shape {tuple(shape)})")
+    return spatial
 
 
-def check_cases(cases: Sequence[dict], num_classes: int) -> None:
+def file_identity(path: str | os.PathLike) -> tuple[str, list[int]]:
+    """A file's absolute path and what changes when it is rewritten: ``[size, modification time in ns]``."""
+    stat = os.stat(path)
+    return os.path.abspath(path), [stat.st_size, stat.st_mtime_ns]
+
+
+def read_through(path: str, kind: str) -> dict:
+    """Read every voxel of a NIfTI file once; a summary of what the checks need, or a DatasetError naming
+    the file (unreadable header, or voxel data cut short, as in a truncated ``.nii.gz``).
+
+    The summary holds the ``shape``; for an image whether every voxel is ``finite``; for a label (``kind``
+    ``"label"``) its distinct ``values``.
+    """
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise DatasetError(f"{path}: cannot read as NIfTI ({error})") from None
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # a truncated or corrupt compressed stream: EOFError, zlib.error, OSError...
+        raise DatasetError(f"{path}: cannot read its voxel data ({type(error).__name__}: {error})") from None
+    summary: dict = {"shape": list(image.shape)}
+    if kind == "label":
+        summary["values"] = np.unique(data).tolist()
+    else:
+        summary["finite"] = bool(np.issubdtype(data.dtype, np.integer) or np.isfinite(data).all())
+    return summary
+
+
+def _read_all(files: dict[str, str], known: dict, workers: int, progress: bool) -> dict[str, dict | str]:
+    """``read_through`` of every file (path -> kind) that ``known`` does not hold in its current state, on
+    ``workers`` threads (decompression releases the GIL); returns path -> summary or error message, and
+    records each new summary in ``known``."""
+    results: dict[str, dict | str] = {}
+    pending = {}
+    for path, kind in files.items():
+        absolute, identity = file_identity(path)
+        entry = known.get(absolute)
+        if entry is not None and entry.get("identity") == identity and entry.get("kind") == kind:
+            results[path] = entry["summary"]
+        else:
+            pending[path] = (kind, absolute, identity)
+    if not pending:
+        return results
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(read_through, path, kind): path for path, (kind, _, _) in pending.items()}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="Reading cases", disable=not progress):
+            path = futures[future]
+            try:
+                results[path] = future.result()
+            except DatasetError as error:
+                results[path] = str(error)
+                continue
+            kind, absolute, identity = pending[path]
+            known[absolute] = {"kind": kind, "identity": identity, "summary": results[path]}
+    return results
+
+
+def check_cases(
+    cases: Sequence[dict], num_classes: int, workers: int = 0, known: dict | None = None, progress: bool = False
+) -> None:
     """Check every case before any caching or training; raise one DatasetError naming each bad file.
 
-    Checks: files exist and are readable NIfTI, volumes are 3D, a label has its image's shape, and label
-    values are integers in ``[0, num_classes)``.
+    Every image and label is read through once (:func:`read_through`, on ``workers`` threads, with a
+    progress bar when ``progress``): files exist and are readable NIfTI to their last voxel, volumes are
+    3D, images hold no NaN or infinite voxels, a label has its image's shape, and label values are
+    integers in ``[0, num_classes)``. ``known`` (absolute path -> ``{"kind", "identity", "summary"}``, see
+    :func:`file_identity`) remembers earlier read-throughs: a file it holds unchanged is not read again,
+    and the files read now are added to it.
     """
-    problems = []
+    problems, files = [], {}
     for case in cases:
-        try:
-            image_path = case["image"]
-            if not os.path.isfile(image_path):
-                raise DatasetError(f"{image_path}: no such file")
-            try:
-                image = nib.load(image_path)
-            except Exception as error:  # nibabel raises many types for corrupt files
-                raise DatasetError(f"{image_path}: cannot read as NIfTI ({error})") from None
-            shape = _spatial_shape(image, image_path)
-            label_path = case.get("label")
-            if label_path is None:
+        if not os.path.isfile(case["image"]):
+            problems.append(f"{case['image']}: no such file")
+            continue
+        files[case["image"]] = "image"
+        if "label" in case:
+            if not os.path.isfile(case["label"]):
+                problems.append(f"{case['label']}: no such file (label of {case['image']})")
                 continue
-            if not os.path.isfile(label_path):
-                raise DatasetError(f"{label_path}: no such file (label of {image_path})")
-            try:
-                label = nib.load(label_path)
-                values = np.asanyarray(label.dataobj)
-            except Exception as error:
-                raise DatasetError(f"{label_path}: cannot read as NIfTI ({error})") from None
-            label_shape = _spatial_shape(label, label_path)
-            if label_shape != shape:
-                raise DatasetError(f"{label_path}: label shape {label_shape} differs from image shape {shape}")
-            unique = np.unique(values)
-            bad = unique[(unique < 0) | (unique >= num_classes) | (unique != np.round(unique))]
-            if bad.size:
-                shown = ", ".join(f"{v:g}" for v in bad[:5])
-                raise DatasetError(
-                    f"{label_path}: label values {shown} outside the {num_classes} classes 0..{num_classes - 1}"
-                )
+            files[case["label"]] = "label"
+    summaries = _read_all(files, {} if known is None else known, workers, progress)
+    for case in cases:
+        if case["image"] not in summaries or case.get("label", case["image"]) not in summaries:
+            continue  # a missing file, reported above
+        try:
+            _check_case(case, summaries, num_classes)
         except DatasetError as error:
             problems.append(str(error))
     if problems:
         raise DatasetError(_summarise(problems))
+
+
+def _check_case(case: dict, summaries: dict[str, dict | str], num_classes: int) -> None:
+    image_path = case["image"]
+    image = summaries[image_path]
+    if isinstance(image, str):
+        raise DatasetError(image)
+    shape = _spatial_shape(image["shape"], image_path)
+    if not image["finite"]:
+        raise DatasetError(f"{image_path}: NaN or infinite voxel values")
+    label_path = case.get("label")
+    if label_path is None:
+        return
+    label = summaries[label_path]
+    if isinstance(label, str):
+        raise DatasetError(label)
+    label_shape = _spatial_shape(label["shape"], label_path)
+    if label_shape != shape:
+        raise DatasetError(f"{label_path}: label shape {label_shape} differs from image shape {shape}")
+    values = np.array(label["values"], dtype=np.float64)
+    bad = values[~np.isfinite(values) | (values < 0) | (values >= num_classes) | (values != np.round(values))]
+    if bad.size:
+        shown = ", ".join(f"{v:g}" for v in bad[:5])
+        raise DatasetError(f"{label_path}: label values {shown} outside the {num_classes} classes 0..{num_classes - 1}")
 
 
 def data_loader(args) -> tuple:
@@ -383,10 +463,24 @@ def data_loader(args) -> tuple:
     return (*samples, config.num_classes)
 
 
-def roi_of(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
-    """A patch size from one edge (an integer or a one-element list) or three."""
-    roi = tuple(int(r) for r in roi_size) if isinstance(roi_size, Sequence) else (int(roi_size),)
-    return roi * 3 if len(roi) == 1 else roi
+def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
+    """A patch size from one edge or three: ``96``, ``"96"``, ``[96]``, ``"96,96,64"``, ``(96, 96, 64)``.
+
+    Raises ValueError for any other count or a value that is not a positive integer.
+    """
+    if isinstance(roi_size, str):
+        values: list = [part for part in roi_size.replace(" ", "").split(",") if part]
+    elif isinstance(roi_size, Sequence):
+        values = list(roi_size)
+    else:
+        values = [roi_size]
+    try:
+        edges = [int(v) for v in values if isinstance(v, str | numbers.Integral) and not isinstance(v, bool)]
+    except ValueError:  # a string that is not an integer
+        edges = []
+    if len(values) not in (1, 3) or len(edges) != len(values) or any(e < 1 for e in edges):
+        raise ValueError(f"ROI size {roi_size!r}: expected one or three positive integers, such as 96 or 96,96,64")
+    return ensure_tuple_rep(edges[0] if len(edges) == 1 else tuple(edges), 3)
 
 
 def build_transforms(

@@ -1,13 +1,11 @@
 """Train a segmentation network from scratch (FLARE 2021 by default), as the published main_train.py."""
 
-import argparse
-
-from cli import add_common_arguments, add_training_arguments, run_or_exit
+from cli import add_common_arguments, add_training_arguments, parser_for, run_or_exit
 from engine import run_training
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = parser_for(__doc__)
     add_common_arguments(parser, mode="train")
     add_training_arguments(parser)
     args = parser.parse_args(argv)

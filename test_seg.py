@@ -1,20 +1,19 @@
-"""Segment test images with trained weights; writes <case>_seg.nii.gz in each input's geometry."""
+"""Segment test images with trained weights; writes <case>_seg.nii.gz in each input's geometry.
 
-import argparse
+With a model card beside the weights (written by training), the card decides the network, its classes,
+the ROI and the preprocessing (spacing, intensity window); --dataset then only says where the files are.
+"""
 
-from cli import add_common_arguments, positive_int, run_or_exit, unit_interval
+from cli import add_common_arguments, parser_for, positive_int, run_or_exit, unit_interval
 from engine import run_inference
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = parser_for(__doc__)
     add_common_arguments(parser, mode="test")
-    parser.set_defaults(roi_size=None)  # from the weights' model card, else 96
-    parser.add_argument("--trained_weights", required=True, help="state_dict to segment with")
-    parser.add_argument("--sw_batch_size", type=positive_int, default=4, help="sliding-window batch (default 4)")
-    parser.add_argument(
-        "--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap (default 0.5)"
-    )
+    parser.add_argument("--trained_weights", required=True, help="weights to segment with (best_metric_model.pth, ...)")
+    parser.add_argument("--sw_batch_size", type=positive_int, default=4, help="sliding-window batch")
+    parser.add_argument("--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap")
     parser.add_argument(
         "--evaluate",
         action="store_true",
@@ -23,9 +22,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--label_map",
         default=None,
-        help="evaluate model classes as test labels, e.g. 3:1 (FLARE liver as label 1; others background)",
+        help="evaluate model classes as test labels, e.g. 3:1 (FLARE liver as label 1; others background; "
+        "default: none)",
     )
-    parser.add_argument("--nsd_tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    parser.add_argument("--nsd_tolerance", type=float, default=1.0, help="NSD tolerance in mm")
     args = parser.parse_args(argv)
     run_or_exit(run_inference, args)
 

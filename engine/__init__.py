@@ -15,7 +15,8 @@ from engine.common import (
     stitching_device,
 )
 from engine.infer import run_inference
-from engine.train import run_training, summarise_scores, validation_scores
+from engine.train import run_training
+from engine.validation import foreground_dice, summarise_scores, validation_scores
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -23,6 +24,7 @@ __all__ = [
     "RunStopped",
     "UsageError",
     "autocast_for",
+    "foreground_dice",
     "load_weights",
     "model_card_path",
     "run_inference",

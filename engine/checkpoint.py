@@ -9,12 +9,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.common import LAST_CHECKPOINT, UsageError, save_torch
+from engine.common import BEST_WEIGHTS, LAST_CHECKPOINT, UsageError, save_torch
 from networks import BFRConv3d
 
-__all__ = ["load_checkpoint", "resolve_resume", "restore_training_state", "save_checkpoint"]
+__all__ = [
+    "APPLIED_ON_RESUME",
+    "REFUSED_ON_RESUME",
+    "compare_flags",
+    "load_checkpoint",
+    "recorded_flags",
+    "resolve_resume",
+    "restore_training_state",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
+
+#: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
+#: depends on them (data order and augmentation: seed, batch_size, crop_sample, fold) or the saved state
+#: does (optimizer and schedule state).
+REFUSED_ON_RESUME = ("seed", "batch_size", "crop_sample", "fold", "num_folds", "optim", "lr_schedule", "warmup_iter")
+#: ... and applies other values of these from the resumed step on, saying so (flag: what then changes).
+APPLIED_ON_RESUME = {
+    "lr": "the schedule takes it as its base rate from the resumed step on",
+    "max_iter": "the run and its learning-rate schedule end there",
+    "eval_step": "validation follows it from the resumed step on",
+    "max_bad_steps": "the bound on non-finite steps in a row follows it",
+    "amp": "the resumed steps run in that precision",
+}
 
 
 def rng_states() -> dict:
@@ -49,9 +71,11 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler,
     progress: dict,
     card: dict,
+    flags: dict | None = None,
 ) -> None:
     """Write the run's state atomically: model (published state-dict format, plus the raw BFR kernels
-    ``W`` so that training resumes bit for bit), optimizer, schedule, scaler, progress, RNG states."""
+    ``W`` so that training resumes bit for bit), optimizer, schedule, scaler, progress (with the count of
+    non-finite steps in a row), RNG states, the model card and the training flags."""
     raw_bfr = {name: module.weight.detach() for name, module in model.named_modules() if isinstance(module, BFRConv3d)}
     save_torch(
         {
@@ -64,6 +88,7 @@ def save_checkpoint(
             "progress": dict(progress),
             "rng": rng_states(),
             "card": card,
+            "flags": flags,
         },
         path,
     )
@@ -83,21 +108,53 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def resolve_resume(resume: str | None, output: Path) -> Path | None:
+def resolve_resume(resume: str | None, output: Path, overwrite: bool = False) -> Path | None:
     """The checkpoint ``--resume`` names: a path, ``auto`` (``<output>/checkpoint_last.pth`` when it
-    exists, else a fresh start with a note), or None."""
+    exists; else a fresh start with a note, unless the folder holds the best weights of a run that cannot
+    be continued and ``overwrite`` is not set), or None."""
     if not resume:
         return None
     if resume == "auto":
         path = output / LAST_CHECKPOINT
-        if not path.is_file():
-            print(f"note: --resume auto: no {LAST_CHECKPOINT} in {output}; starting a new run")
-            return None
-        return path
+        if path.is_file():
+            return path
+        if (output / BEST_WEIGHTS).exists() and not overwrite:
+            raise UsageError(
+                f"--resume auto: {output} holds {BEST_WEIGHTS} but no {LAST_CHECKPOINT}, so its run cannot be "
+                "continued; pass --overwrite to start over there, or choose another --output"
+            )
+        print(f"note: --resume auto: no {LAST_CHECKPOINT} in {output}; starting a new run")
+        return None
     path = Path(resume)
     if not path.is_file():
         raise UsageError(f"--resume {path}: no such file")
     return path
+
+
+def recorded_flags(args) -> dict:
+    """The training flags a checkpoint records (see :data:`REFUSED_ON_RESUME`, :data:`APPLIED_ON_RESUME`)."""
+    return {name: getattr(args, name) for name in (*REFUSED_ON_RESUME, *APPLIED_ON_RESUME)}
+
+
+def compare_flags(saved: dict | None, args, resume: Path) -> list[str]:
+    """Check the flags of a resumed run against the checkpoint's: a UsageError naming every flag whose change
+    is refused; otherwise the notes (one line each) of the changes that are applied."""
+    if saved is None:
+        return [f"note: --resume {resume}: the checkpoint records no training flags; they are not checked"]
+    current = recorded_flags(args)
+    refused = [
+        f"--{n} {current[n]} (checkpoint: {saved.get(n)})" for n in REFUSED_ON_RESUME if current[n] != saved.get(n)
+    ]
+    if refused:
+        raise UsageError(
+            f"--resume {resume}: {'; '.join(refused)}: a resumed run keeps these flags, which its data order, "
+            "augmentation and optimizer state depend on; pass the checkpoint's values or start a new run"
+        )
+    return [
+        f"note: --{n} {current[n]} (checkpoint: {saved.get(n)}): applied: {what}"
+        for n, what in APPLIED_ON_RESUME.items()
+        if current[n] != saved.get(n)
+    ]
 
 
 def restore_training_state(
@@ -106,8 +163,10 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    lr: float | None = None,
 ) -> dict:
-    """Load a checkpoint into the run's objects and RNGs; returns its progress dict."""
+    """Load a checkpoint into the run's objects and RNGs; returns its progress dict. ``lr``: a new base
+    learning rate, applied to the schedule from the checkpoint's step on."""
     model.load_state_dict(checkpoint["model"], strict=True)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -115,6 +174,13 @@ def restore_training_state(
             modules[name].weight.copy_(weight)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if lr is not None and scheduler.base_lrs != [lr] * len(scheduler.base_lrs):
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for group, value in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
+            group["initial_lr"], group["lr"] = lr, value
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if checkpoint["scaler"] and scaler.is_enabled():  # a run without fp16 saves an empty scaler state
+        scaler.load_state_dict(checkpoint["scaler"])
     set_rng_states(checkpoint["rng"])
-    return dict(checkpoint["progress"])
+    progress = {"nonfinite_in_a_row": 0, "first_nonfinite": 0}  # absent from older checkpoints
+    return {**progress, **checkpoint["progress"]}

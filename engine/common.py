@@ -22,9 +22,13 @@ __all__ = [
     "NetworkChoice",
     "RunStopped",
     "UsageError",
+    "as_json",
     "autocast_for",
+    "check_output_folder",
     "checked_cases",
+    "read_through_record",
     "load_into",
+    "load_trained",
     "load_weights",
     "model_card_path",
     "network_from_flags",
@@ -34,6 +38,7 @@ __all__ = [
     "save_torch",
     "select_device",
     "stitching_device",
+    "verify_cases",
 ]
 
 BEST_WEIGHTS = "best_metric_model.pth"
@@ -101,7 +106,7 @@ class NetworkChoice:
 def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
     """The network the flags ask for; checks the ROI against the network's input multiple."""
     try:
-        name = canonical_name(args.network)
+        name = canonical_name(args.network or "REPUXNET")
         overrides = overrides_from_flags(
             name, feat_size=args.feat_size, kernel_size=args.kernel_size, hidden_size=args.hidden_size, roi_size=roi
         )
@@ -113,20 +118,42 @@ def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
     return NetworkChoice(name, overrides)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def replace_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over ``path``:
-    a crash while writing leaves the previous file intact."""
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: a crash while writing leaves the previous file intact. The file gets the permissions of
+    any new file (the user's umask), not the private ones of a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name keeps the suffixes: writers such as nibabel pick the format from them.
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_output_folder(output: str | os.PathLike) -> Path:
+    """``--output`` as a folder path that can be created; a clear UsageError where a file stands in the way."""
+    path = Path(output)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == path else f"lies under the file {candidate}"
+                raise UsageError(f"--output {path}: {what}, not a folder; choose a folder")
+            break
+    return path
 
 
 def save_torch(obj, path: Path) -> None:
@@ -137,13 +164,25 @@ def save_json(data: dict, path: Path) -> None:
     replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def as_json(value):
+    """``value`` as its JSON round trip (tuples become lists), to compare settings with a model card's."""
+    return json.loads(json.dumps(value))
+
+
 def model_card_path(weights: str | os.PathLike) -> Path:
     """The model card beside a weights file: ``best_metric_model.pth`` -> ``best_metric_model.pth.json``."""
     return Path(f"{weights}.json")
 
 
 def load_weights(path: str | os.PathLike, flag: str) -> dict:
-    """A state_dict from ``path``: a plain one (published format) or one under ``state_dict``/``model``."""
+    """A state_dict from ``path``: a plain one (published format) or one under ``state_dict``/``model``
+    (such as the model part of a training checkpoint)."""
+    return load_trained(path, flag)[0]
+
+
+def load_trained(path: str | os.PathLike, flag: str) -> tuple[dict, dict | None]:
+    """The state_dict of ``path`` (see :func:`load_weights`) and, for a training checkpoint
+    (``checkpoint_last.pth``), the model card it holds (else None)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
@@ -151,14 +190,17 @@ def load_weights(path: str | os.PathLike, flag: str) -> dict:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
         raise UsageError(f"{flag} {path}: cannot read as PyTorch weights ({error})") from None
+    card = None
     if isinstance(loaded, dict):
+        if isinstance(loaded.get("card"), dict) and "progress" in loaded:
+            card = loaded["card"]
         for key in ("state_dict", "model"):
             if isinstance(loaded.get(key), dict):
                 loaded = loaded[key]
                 break
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UsageError(f"{flag} {path}: not a state_dict of tensors")
-    return loaded
+    return loaded, card
 
 
 def load_into(model: nn.Module, state: dict, path: str | os.PathLike, flag: str, network: str) -> None:
@@ -173,8 +215,41 @@ def load_into(model: nn.Module, state: dict, path: str | os.PathLike, flag: str,
         ) from None
 
 
-def checked_cases(config: DatasetConfig, root: str, split: str) -> list[dict]:
-    """The cases of ``split``, every file checked (see :func:`load_datasets_transforms.check_cases`)."""
+def read_through_record() -> Path:
+    """Where read-throughs of dataset files are remembered between runs:
+    ``$XDG_CACHE_HOME/repuxnet/read_through.json`` (``~/.cache/repuxnet/...`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "repuxnet" / "read_through.json"
+
+
+def _load_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: read the files again
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def verify_cases(cases: Sequence[dict], num_classes: int, workers: int, progress: bool = True) -> None:
+    """Read every image and label of ``cases`` through before any work (see
+    :func:`load_datasets_transforms.check_cases`); files already read in their current state (path, size,
+    modification time), in this run or an earlier one, are not read again."""
+    record = read_through_record()
+    known = _load_record(record)
+    before = {path: entry.get("identity") for path, entry in known.items()}
+    try:
+        check_cases(cases, num_classes, workers, known, progress)
+    finally:
+        added = {path: entry for path, entry in known.items() if before.get(path) != entry.get("identity")}
+        if added:
+            try:  # merged with what other runs have added meanwhile
+                save_json({**_load_record(record), **added}, record)
+            except OSError:  # a read-only home: the files are read again next time
+                pass
+
+
+def checked_cases(config: DatasetConfig, root: str, split: str, workers: int = 0) -> list[dict]:
+    """The cases of ``split``, every file read through (see :func:`verify_cases`)."""
     cases = find_cases(config, root, split)
-    check_cases(cases, config.num_classes)
+    verify_cases(cases, config.num_classes, workers)
     return cases

@@ -61,6 +61,20 @@ class Distributed:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's ``obj`` (on every rank)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with rank 0's (model buffers, before a validation)."""
+        if self.enabled:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
         if not self.enabled:

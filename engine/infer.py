@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -16,23 +18,28 @@ from tqdm import tqdm
 from engine.common import (
     NetworkChoice,
     UsageError,
+    as_json,
     autocast_for,
-    checked_cases,
+    check_output_folder,
     load_into,
-    load_weights,
+    load_trained,
     model_card_path,
     network_from_flags,
     replace_atomically,
     roi_of,
     select_device,
     stitching_device,
+    verify_cases,
 )
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
-from load_datasets_transforms import build_transforms, load_dataset_config
+from load_datasets_transforms import DatasetConfig, build_transforms, find_cases, load_dataset_config
 from networks import canonical_name, switch_to_deploy
 from networks.dwconv import use_algorithm
 
 __all__ = ["run_inference"]
+
+#: The flags that describe a network's shape (a model card decides them when there is one).
+SHAPE_FLAGS = ("feat_size", "kernel_size", "hidden_size")
 
 
 def _stem(path: str | Path) -> str:
@@ -61,26 +68,88 @@ def run_inference(args) -> list[Path]:
         return _infer(args)
 
 
+def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
+    """The network, class count, ROI and dataset settings a model card decides; one line names the flags
+    that say otherwise (the card wins)."""
+    try:
+        choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
+        out_channels = int(card["out_channels"])
+        roi = roi_of(card["roi_size"])
+        preprocessing = {}
+        if "spacing" in card and "intensity" in card:
+            spacing = card["spacing"]
+            preprocessing = {
+                "spacing": None if spacing is None else tuple(float(v) for v in spacing),
+                "a_min": float(card["intensity"]["a_min"]),
+                "a_max": float(card["intensity"]["a_max"]),
+            }
+        classes = tuple(str(name) for name in card.get("classes", ()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{source}: not a valid model card ({error})") from None
+    if classes and len(classes) != out_channels:
+        raise UsageError(f"{source}: not a valid model card ({len(classes)} classes for {out_channels} outputs)")
+    ignored = []
+    if args.roi_size is not None and tuple(args.roi_size) != roi:
+        ignored.append(f"--roi_size {_text(args.roi_size)} (card: {_text(roi)})")
+    if args.network is not None or any(getattr(args, f) is not None for f in SHAPE_FLAGS):
+        given = network_from_flags(argparse.Namespace(**{**vars(args), "network": args.network or choice.name}), roi)
+        saved = as_json(choice.overrides)
+        if given.name != choice.name or any(saved.get(k) != v for k, v in as_json(given.overrides).items()):
+            ignored.append(f"--network and shape flags (card: {choice.name} {choice.overrides})")
+    if args.dataset is not None:
+        differing = [
+            f"{key} {_text(getattr(config, key))} (card: {_text(value)})"
+            for key, value in preprocessing.items()
+            if getattr(config, key) != value
+        ]
+        if classes and not args.label_map and config.labels != classes:
+            differing.append(f"{config.num_classes} classes (card: {len(classes)})")
+        if differing:
+            ignored.append(f"--dataset {args.dataset}: {', '.join(differing)}")
+    if ignored:
+        print(f"note: the model card {source} decides; ignored: {'; '.join(ignored)}")
+    config = replace(config, **preprocessing)
+    if classes and not args.label_map:  # with a label map, the dataset's labels describe the test labels
+        config = replace(config, labels=classes)
+    if not preprocessing:
+        print(f"note: {source} records no preprocessing; using that of --dataset {config.name}")
+    return choice, out_channels, roi, config
+
+
+def _text(value) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _infer(args) -> list[Path]:
     device = select_device(args.device, args.gpu)
     autocast = autocast_for(args.amp, device)
-    config = load_dataset_config(args.dataset, args.datalist)
-    state = load_weights(args.trained_weights, "--trained_weights")
+    output = check_output_folder(args.output)
+    config = load_dataset_config(args.dataset or "flare", args.datalist)
+    state, checkpoint_card = load_trained(args.trained_weights, "--trained_weights")
     card_path = model_card_path(args.trained_weights)
+    card, source = None, None
     if card_path.is_file():
         try:
             card = json.loads(card_path.read_text())
-            choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
-            out_channels = int(card["out_channels"])
-            roi = roi_of(args.roi_size or card["roi_size"])
-        except (ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError) as error:
             raise UsageError(f"{card_path}: not a valid model card ({error})") from None
-        print(f"Network from {card_path}: {choice.name} {choice.overrides}, {out_channels} classes")
+        source = str(card_path)
+    elif checkpoint_card is not None:
+        card, source = checkpoint_card, f"{args.trained_weights} (a training checkpoint: its model weights and card)"
+    if card is not None:
+        choice, out_channels, roi, config = _model_from_card(card, source, args, config)
+        print(
+            f"Model card {source}: {choice.name} {choice.overrides}, {out_channels} classes, ROI {_text(roi)}, "
+            f"spacing {_text(config.spacing) if config.spacing else 'native'}, "
+            f"window {config.a_min:g}..{config.a_max:g}"
+        )
     else:
-        roi = roi_of(args.roi_size or (96,))
+        roi = roi_of(args.roi_size or 96)
         choice = network_from_flags(args, roi)
         out_channels = config.num_classes
-    cases = checked_cases(config, args.root, "test")
+    cases = find_cases(config, args.root, "test")
     label_map = None
     if args.label_map:
         try:
@@ -99,6 +168,7 @@ def _infer(args) -> list[Path]:
         raise UsageError(
             f"--evaluate needs labels: a labelsTs folder under --root {args.root} or a test list with labels"
         )
+    verify_cases(cases, config.num_classes, args.num_workers)
     model = choice.build(1, out_channels)
     load_into(model, state, args.trained_weights, "--trained_weights", choice.name)
     switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
@@ -114,7 +184,6 @@ def _infer(args) -> list[Path]:
             AsDiscreted(keys="pred", argmax=True),
         ]
     )
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
     with torch.no_grad():
@@ -142,7 +211,8 @@ def _infer(args) -> list[Path]:
         names = {value: name for value, name in enumerate(config.labels) if value}  # background not scored
         summary = write_reports(rows, names, output)
         print(
-            f"Evaluation in the original geometry ({len(written)} cases): {output / 'metrics.csv'}, "
+            f"Evaluation in the original geometry ({len(written)} cases; foreground classes, background not "
+            f"scored): {output / 'metrics.csv'}, "
             f"{output / 'summary.json'}, {output / 'dice_per_class.png'}"
         )
         print(format_summary(summary))

@@ -3,7 +3,8 @@
 Iteration-based, as published: validation every ``--eval_step`` steps and at the end, ``best_metric_model.pth``
 (a plain state_dict) and its model card when the mean Dice improves. Beyond the published loop:
 ``checkpoint_last.pth`` at every validation and on SIGINT/SIGTERM, exact resumption (``--resume``),
-non-finite losses skipped and bounded (``--max_bad_steps``), and DistributedDataParallel under torchrun.
+non-finite losses and gradients skipped and bounded (``--max_bad_steps``), and DistributedDataParallel
+under torchrun.
 
 Data order is a function of (seed, epoch, rank): each epoch reseeds the sampler and the random
 transforms, so a resumed run replays the rest of the interrupted epoch exactly.
@@ -11,16 +12,16 @@ transforms, so a resumed run replays the rest of the interrupted epoch exactly.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, PersistentDataset, ThreadDataLoader
-from monai.inferers import sliding_window_inference
+from monai.data.utils import pickle_hashing
+from monai.data.utils import worker_init_fn as monai_worker_init
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -28,14 +29,22 @@ from torch.utils.data import DistributedSampler, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from engine.checkpoint import load_checkpoint, resolve_resume, restore_training_state, save_checkpoint
+from engine.checkpoint import (
+    compare_flags,
+    load_checkpoint,
+    recorded_flags,
+    resolve_resume,
+    restore_training_state,
+    save_checkpoint,
+)
 from engine.common import (
     BEST_WEIGHTS,
     LAST_CHECKPOINT,
     RunStopped,
     UsageError,
+    as_json,
     autocast_for,
-    checked_cases,
+    check_output_folder,
     load_into,
     load_weights,
     model_card_path,
@@ -43,100 +52,26 @@ from engine.common import (
     roi_of,
     save_json,
     save_torch,
-    stitching_device,
+    verify_cases,
 )
 from engine.distributed import Distributed
-from load_datasets_transforms import build_transforms, load_dataset_config, split_folds
+from engine.validation import foreground_dice, summarise_scores, validation_scores
+from load_datasets_transforms import (
+    DatasetError,
+    build_transforms,
+    file_identity,
+    find_cases,
+    load_dataset_config,
+    split_folds,
+)
 from networks import replace_head
 from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
 
-__all__ = ["overlay_slice", "run_training", "summarise_scores", "validation_scores"]
+__all__ = ["cached_dataset", "run_training"]
 
-
-def validation_scores(
-    model: nn.Module,
-    loader,
-    roi,
-    sw_batch_size: int,
-    num_classes: int,
-    device: torch.device,
-    amp: str | None = None,
-    progress: bool = True,
-    snapshot: dict | None = None,
-) -> torch.Tensor:
-    """Per-case, per-class Dice (cases x classes, NaN where a class is absent from the label) of the
-    argmax of sliding-window predictions. With ``snapshot``, its ``"overlay"`` receives the first case's
-    middle axial slice: image, image with label, image with prediction (H x W x 3, uint8)."""
-    metric = DiceMetric(include_background=True, reduction="none", get_not_nans=False)
-    was_training = model.training
-    model.eval()
-    cases = 0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="Validate", dynamic_ncols=True, leave=False, disable=not progress):
-            cases += 1
-            image, label = batch["image"], batch["label"]
-            output_device = stitching_device(image.shape[2:], num_classes, device)
-            with autocast_for(amp, device):
-                logits = sliding_window_inference(
-                    image.to(device), roi, sw_batch_size, model, sw_device=device, device=output_device
-                )
-            argmax = logits.argmax(1, keepdim=True)
-            if snapshot is not None and cases == 1:
-                snapshot["overlay"] = overlay_slice(
-                    image[0, 0].numpy(), label[0, 0].numpy(), argmax[0, 0].cpu().numpy()
-                )
-            prediction = one_hot(argmax, num_classes)
-            metric(y_pred=prediction, y=one_hot(label.to(output_device).long(), num_classes))
-    model.train(was_training)
-    if cases == 0:  # a rank whose share of the validation cases is empty
-        return torch.empty(0, num_classes)
-    scores = metric.aggregate().cpu()
-    metric.reset()
-    return scores
-
-
-# Distinct colours for label values 1, 2, ... (value 0 is background).
-PALETTE = np.array(
-    [
-        [0, 0, 0],
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-        [210, 245, 60],
-        [250, 190, 212],
-        [0, 128, 128],
-        [220, 190, 255],
-        [170, 110, 40],
-        [255, 250, 200],
-        [128, 0, 0],
-    ],
-    dtype=np.float32,
-)
-
-
-def overlay_slice(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The middle axial slice (last axis, RAS) of a volume: image | image + label | image + prediction."""
-    z = image.shape[-1] // 2
-    gray = np.repeat(np.clip(np.rot90(image[..., z]), 0, 1)[..., None] * 255, 3, axis=-1)
-
-    def blend(mask: np.ndarray) -> np.ndarray:
-        mask = np.rot90(mask[..., z]).astype(np.int64)
-        colours = PALETTE[mask % len(PALETTE)]
-        return np.where((mask > 0)[..., None], (1 - alpha) * gray + alpha * colours, gray)
-
-    return np.concatenate([gray, blend(label), blend(prediction)], axis=1).astype(np.uint8)
-
-
-def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
-    """The published mean Dice (background included, mean over cases and classes, absent classes left
-    out) and the Dice of each class (mean over the cases where it is present)."""
-    return float(torch.nanmean(scores)), torch.nanmean(scores, dim=0).tolist()
+#: Model card entries a resumed run must share with its checkpoint.
+CARD_KEPT_ON_RESUME = ("network", "network_args", "out_channels", "roi_size", "spacing", "intensity")
 
 
 class StopSignals:
@@ -162,6 +97,37 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+def data_worker_init(worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C and SIGTERM (sent to the whole process group by a terminal or a
+    job scheduler) to the main process, which stops the run cleanly and then ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    monai_worker_init(worker_id)
+
+
+def _case_key(case: dict) -> bytes:
+    """Disk-cache key of a case: its files with their size and modification time (a rewritten file is
+    another entry)."""
+    return pickle_hashing(
+        {
+            key: file_identity(value) if isinstance(value, str) and os.path.isfile(value) else value
+            for key, value in case.items()
+        }
+    )
+
+
+def cached_dataset(cases: list[dict], transforms, cache_rate: float, workers: int, cache_dir: Path | None):
+    """The dataset of ``cases``: the deterministic part of ``transforms`` cached in memory (``cache_rate``)
+    or, with ``cache_dir``, on disk. A disk entry is keyed by the case's files (path, size, modification
+    time) and by the deterministic transforms with all their settings (spacing, window, padding...), so a
+    reused folder never serves a volume made from other files or with other settings."""
+    if cache_dir is not None:
+        return PersistentDataset(
+            cases, transforms, cache_dir=cache_dir, hash_func=_case_key, hash_transform=pickle_hashing
+        )
+    return CacheDataset(cases, transforms, cache_rate=cache_rate, num_workers=workers, progress=False)
+
+
 def run_training(args, finetune: bool = False) -> float:
     """Train as main_train.py (``finetune=False``) or main_finetune.py does; returns the best mean Dice.
 
@@ -176,18 +142,58 @@ def run_training(args, finetune: bool = False) -> float:
         distributed.close()
 
 
-def _datasets(args, cases, transforms, cache_dir: Path | None):
-    if cache_dir is not None:
-        return PersistentDataset(cases, transforms, cache_dir=cache_dir)
-    return CacheDataset(cases, transforms, cache_rate=args.cache_rate, num_workers=args.num_workers, progress=False)
+def _pretrained_weights(args, finetune: bool, resuming: bool, main: bool) -> dict | None:
+    """The state_dict to start from, or None (training from scratch, or resuming)."""
+    pretrain = args.pretrain if args.pretrain is not None else finetune
+    if resuming:
+        return None
+    if finetune and not pretrain:
+        if main:
+            print("note: --pretrain false: training from scratch (no pretrained weights)")
+        return None
+    if not pretrain:
+        return None
+    if not args.pretrained_weights:
+        if finetune:
+            raise UsageError(
+                "main_finetune.py needs --pretrained_weights (the trained weights to fine-tune); "
+                "pass --pretrain false to train from scratch instead"
+            )
+        raise UsageError("--pretrain true needs --pretrained_weights")
+    return load_weights(args.pretrained_weights, "--pretrained_weights")
+
+
+def _split_cases(args, config, main: bool) -> tuple[list[dict], list[dict]]:
+    train_cases = find_cases(config, args.root, "training")
+    if args.fold is None:
+        return train_cases, find_cases(config, args.root, "validation")
+    if "validation" in config.lists:
+        raise UsageError(f"--fold {args.fold}: the dataset lists its own validation cases; folds need none")
+    train_cases, val_cases = split_folds(train_cases, args.num_folds, args.fold)
+    if main:
+        print(f"Fold {args.fold} of {args.num_folds}: validating on {len(val_cases)} of the training cases")
+    return train_cases, val_cases
+
+
+def _verify_on_main(cases: list[dict], num_classes: int, workers: int, distributed: Distributed) -> None:
+    """Process 0 reads every file through (remembered between runs); every process gets its verdict."""
+    problem = None
+    if distributed.is_main:
+        try:
+            verify_cases(cases, num_classes, workers)
+        except DatasetError as error:
+            problem = str(error)
+    problem = distributed.broadcast(problem)
+    if problem:
+        raise DatasetError(problem)
 
 
 def _train(args, finetune: bool, distributed: Distributed, device: torch.device) -> float:
     main = distributed.is_main
     autocast = autocast_for(args.amp, device)
     roi = roi_of(args.roi_size)
-    output = Path(args.output)
-    resume = resolve_resume(args.resume, output)
+    output = check_output_folder(args.output)
+    resume = resolve_resume(args.resume, output, args.overwrite)
     if resume is None and (output / BEST_WEIGHTS).exists() and not args.overwrite:
         raise UsageError(
             f"--output {output}: already holds {BEST_WEIGHTS}; pass --resume auto to continue that run, "
@@ -207,29 +213,24 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
         "intensity": {"a_min": config.a_min, "a_max": config.a_max},
         "roi_size": list(roi),
     }
+    notes = []
     if checkpoint is not None:
-        saved = {k: checkpoint["card"].get(k) for k in ("network", "network_args", "out_channels", "roi_size")}
-        current = {k: card[k] for k in saved}
+        saved = {k: as_json(checkpoint["card"].get(k)) for k in CARD_KEPT_ON_RESUME}
+        current = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
         if saved != current:
-            raise UsageError(f"--resume {resume}: the checkpoint is of {saved}, but the flags ask for {current}")
-    pretrained = None
-    if args.pretrain and checkpoint is None:
-        if not args.pretrained_weights:
-            raise UsageError("--pretrain true needs --pretrained_weights")
-        pretrained = load_weights(args.pretrained_weights, "--pretrained_weights")
+            changed = {k: (saved[k], current[k]) for k in saved if saved[k] != current[k]}
+            raise UsageError(
+                f"--resume {resume}: the checkpoint is of {saved}, but the flags ask for {current} "
+                f"(differing: {', '.join(changed)})"
+            )
+        notes = compare_flags(checkpoint.get("flags"), args, resume)
+    pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     gpu_transforms = args.gpu_transforms and device.type == "cuda"
     if args.gpu_transforms and not gpu_transforms and main:
         print("note: --gpu_transforms applies to CUDA devices; the transforms run on the CPU")
-    train_cases = checked_cases(config, args.root, "training")
-    if args.fold is not None:
-        if "validation" in config.lists:
-            raise UsageError(f"--fold {args.fold}: the dataset lists its own validation cases; folds need none")
-        train_cases, val_cases = split_folds(train_cases, args.num_folds, args.fold)
-        if main:
-            print(f"Fold {args.fold} of {args.num_folds}: validating on {len(val_cases)} of the training cases")
-    else:
-        val_cases = checked_cases(config, args.root, "validation")
+    train_cases, val_cases = _split_cases(args, config, main)
+    _verify_on_main(train_cases + val_cases, config.num_classes, args.num_workers, distributed)
     if main:
         print(
             f"Dataset {config.name}: {len(train_cases)} training and {len(val_cases)} validation cases, "
@@ -252,12 +253,13 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     train_transforms, val_transforms = build_transforms(
         config, "train", roi, args.crop_sample, device=device if gpu_transforms else None
     )
-    train_ds = _datasets(args, train_cases, train_transforms, cache_dir)
-    # Each rank validates its share of the cases; the scores are gathered (every rank agrees).
-    val_ds = _datasets(args, val_cases[distributed.rank :: distributed.world_size], val_transforms, cache_dir)
+    train_ds = cached_dataset(train_cases, train_transforms, args.cache_rate, args.num_workers, cache_dir)
+    # Each rank validates its share of the cases; the scores are gathered once (every rank agrees).
+    val_share = val_cases[distributed.rank :: distributed.world_size]
+    val_ds = cached_dataset(val_share, val_transforms, args.cache_rate, args.num_workers, cache_dir)
     pin = device.type == "cuda" and not gpu_transforms
     workers = 0 if gpu_transforms else args.num_workers  # CUDA tensors stay in the main process
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, pin_memory=pin)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, pin_memory=pin, worker_init_fn=data_worker_init)
 
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     try:
@@ -266,19 +268,24 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     except ValueError as error:
         raise UsageError(f"--optim/--lr/--lr_schedule: {error}") from None
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    progress = {"step": 0, "best_dice": 0.0, "best_step": 0, "nonfinite_steps": 0}
+    progress = {
+        "step": 0,
+        "best_dice": 0.0,
+        "best_step": 0,
+        "nonfinite_steps": 0,
+        "nonfinite_in_a_row": 0,
+        "first_nonfinite": 0,
+    }
+    best_path, last_path = output / BEST_WEIGHTS, output / LAST_CHECKPOINT
     if checkpoint is not None:
-        progress = restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
+        progress = restore_training_state(checkpoint, model, optimizer, scheduler, scaler, lr=args.lr)
+        if getattr(scheduler, "max_iter", args.max_iter) != args.max_iter:  # the schedule follows --max_iter
+            scheduler.max_iter = args.max_iter
         if main:
             print(f"Resumed from {resume} at step {progress['step']} (best Dice {progress['best_dice']:.4f})")
-        saved_max_iter = getattr(scheduler, "max_iter", args.max_iter)
-        if saved_max_iter != args.max_iter:  # a longer (or shorter) run: the schedule follows --max_iter
-            scheduler.max_iter = args.max_iter
-            if main:
-                print(
-                    f"note: --max_iter {args.max_iter}: the learning-rate schedule now ends there "
-                    f"(was {saved_max_iter})"
-                )
+            for note in notes:
+                print(note)
+            _restore_best_weights(checkpoint, progress, best_path)
     network = model
     if distributed.enabled:
         network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -300,6 +307,7 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
             num_workers=workers,
             pin_memory=pin,
             generator=generator,
+            worker_init_fn=data_worker_init,
         )
 
     steps_per_epoch = len(epoch_batches(0))
@@ -308,10 +316,42 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     saved_buffer_names = set(model.state_dict())
     stateful_buffers = [buffer for name, buffer in model.named_buffers() if name in saved_buffer_names]
     output.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=progress["step"] or None) if main else None
-    best_path, last_path = output / BEST_WEIGHTS, output / LAST_CHECKPOINT
-    bad_in_a_row, first_bad = 0, None
+    # Every point at or before the checkpoint's step is already logged; later ones are replayed.
+    purge_step = progress["step"] + 1 if checkpoint is not None else None
+    writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=purge_step) if main else None
     bar = tqdm(total=args.max_iter, initial=progress["step"], desc="Training", dynamic_ncols=True, disable=not main)
+
+    def save_last() -> None:
+        save_checkpoint(last_path, model, optimizer, scheduler, scaler, progress, card, recorded_flags(args))
+
+    def validate(step: int) -> None:
+        """Score the validation cases with the weights and buffers that are saved (rank 0's), then write
+        the checkpoint and, when the mean Dice improved, the best weights and their model card."""
+        distributed.broadcast_tensors(stateful_buffers)
+        snapshot = {} if main else None
+        scores = validation_scores(
+            model, val_loader, roi, args.sw_batch_size, config.num_classes, device, args.amp, main, snapshot
+        )
+        scores = torch.cat(distributed.gather(scores))
+        dice, per_class = summarise_scores(scores)
+        foreground = foreground_dice(scores)
+        improved = dice > progress["best_dice"]
+        if improved:
+            progress["best_dice"], progress["best_step"] = dice, step
+        if not main:
+            return
+        _report(writer, bar, config.labels, step, dice, foreground, per_class, progress, improved)
+        if "overlay" in snapshot:
+            writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
+        # The checkpoint first: it also holds what the best weights hold, so that a run killed between
+        # the two writes resumes coherently (see _restore_best_weights).
+        if progress["nonfinite_in_a_row"] == 0:  # during a run of non-finite steps, keep the last good one
+            save_last()
+        if improved:
+            save_torch(model.state_dict(), best_path)
+            best_card = {**card, "best_metric": dice, "best_metric_foreground": foreground, "best_step": step}
+            save_json(best_card, model_card_path(best_path))
+
     network.train()
     try:
         with StopSignals() as stop:
@@ -322,81 +362,39 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
                     next(batches)
                 for batch in batches:
                     step = progress["step"] + 1
-                    image, label = batch["image"].to(device), batch["label"].to(device)
-                    # A non-finite step must leave no trace: the forward also updates BatchNorm statistics.
-                    buffers = [buffer.clone() for buffer in stateful_buffers]
-                    with autocast:
-                        loss = loss_function(network(image), label)
-                    optimizer.zero_grad(set_to_none=True)
-                    finite = not distributed.any(not torch.isfinite(loss).item(), device)
-                    if finite:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        bad_in_a_row = 0
-                    else:  # skip the update; every rank agrees
-                        with torch.no_grad():
-                            for buffer, saved in zip(stateful_buffers, buffers, strict=True):
-                                buffer.copy_(saved)
-                        progress["nonfinite_steps"] += 1
-                        bad_in_a_row += 1
-                        first_bad = step if bad_in_a_row == 1 else first_bad
-                        if main:
-                            bar.write(f"warning: step {step}: non-finite loss ({loss.item()}); update skipped")
+                    loss, problem = _training_step(
+                        network,
+                        batch,
+                        loss_function,
+                        optimizer,
+                        scaler,
+                        autocast,
+                        stateful_buffers,
+                        distributed,
+                        device,
+                    )
+                    _count_nonfinite(progress, step, problem, bar if main else None)
                     if writer is not None:
-                        writer.add_scalar("train/loss", loss.item(), step - 1)
-                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step - 1)
-                        writer.add_scalar("train/nonfinite_steps", progress["nonfinite_steps"], step - 1)
+                        writer.add_scalar("train/loss", loss, step)
+                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                        writer.add_scalar("train/nonfinite_steps", progress["nonfinite_steps"], step)
                     scheduler.step()
                     progress["step"] = step
+                    _describe(bar, step, args.max_iter, loss, progress)
                     bar.update(1)
-                    bar.set_description(
-                        f"Training ({step} / {args.max_iter} Steps) (loss={loss.item():2.5f}, "
-                        f"best dice={progress['best_dice']:.4f})"
-                    )
-                    if bad_in_a_row >= args.max_bad_steps:
-                        kept = f"{last_path}" if last_path.exists() else "no checkpoint yet"
+                    if progress["nonfinite_in_a_row"] >= args.max_bad_steps:
                         raise RunStopped(
-                            f"stopping: the loss was not finite for {bad_in_a_row} steps in a row (steps "
-                            f"{first_bad}-{step}); kept the last good checkpoint ({kept}) and the best weights "
+                            f"stopping: {progress['nonfinite_in_a_row']} steps in a row had a non-finite loss or "
+                            f"gradient (steps {progress['first_nonfinite']}-{step}); kept the last good checkpoint "
+                            f"({last_path if last_path.exists() else 'no checkpoint yet'}) and the best weights "
                             f"({best_path if best_path.exists() else 'none yet'}); try a lower --lr or no --amp",
                             1,
                         )
                     if step % args.eval_step == 0 or step == args.max_iter:
-                        snapshot = {} if main else None
-                        scores = validation_scores(
-                            model,
-                            val_loader,
-                            roi,
-                            args.sw_batch_size,
-                            config.num_classes,
-                            device,
-                            args.amp,
-                            main,
-                            snapshot,
-                        )
-                        dice, per_class = summarise_scores(torch.cat(distributed.gather(scores)))
-                        improved = dice > progress["best_dice"]
-                        if improved:
-                            progress["best_dice"], progress["best_step"] = dice, step
-                        if main:
-                            _report(writer, bar, config.labels, step, dice, per_class, progress, improved)
-                            if "overlay" in snapshot:
-                                writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
-                            if improved:
-                                save_torch(model.state_dict(), best_path)
-                                save_json({**card, "best_metric": dice, "best_step": step}, model_card_path(best_path))
-                            if bad_in_a_row == 0:  # during a run of non-finite losses, keep the last good one
-                                save_checkpoint(last_path, model, optimizer, scheduler, scaler, progress, card)
+                        validate(step)
+                        _describe(bar, step, args.max_iter, loss, progress, refresh=True)
                     if distributed.any(stop.signum is not None, device):
-                        if main:
-                            save_checkpoint(last_path, model, optimizer, scheduler, scaler, progress, card)
-                        signum = stop.signum or signal.SIGTERM
-                        raise RunStopped(
-                            f"stopped by {signal.Signals(signum).name} at step {step}; saved {last_path}; "
-                            f"continue with --resume auto",
-                            128 + signum,
-                        )
+                        raise _stopped(stop.signum, step, progress, last_path, save_last if main else None)
                     if progress["step"] >= args.max_iter:
                         break
     finally:
@@ -412,13 +410,107 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     return progress["best_dice"]
 
 
-def _report(writer, bar, labels, step, dice, per_class, progress, improved) -> None:
+def _training_step(
+    network: nn.Module,
+    batch: dict,
+    loss_function,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: torch.autocast,
+    stateful_buffers: list[torch.Tensor],
+    distributed: Distributed,
+    device: torch.device,
+) -> tuple[float, str | None]:
+    """One update. A non-finite loss, or a finite loss with a non-finite gradient (global norm; fp32 and
+    bf16, where fp16's gradient scaler does not catch it), skips the update and leaves no trace: weights,
+    optimizer state and BatchNorm statistics stay as they were. Returns the loss and, for a skipped step,
+    what was not finite; every rank agrees."""
+    image, label = batch["image"].to(device), batch["label"].to(device)
+    buffers = [buffer.clone() for buffer in stateful_buffers]  # the forward also updates BatchNorm statistics
+    with autocast:
+        loss = loss_function(network(image), label)
+    optimizer.zero_grad(set_to_none=True)
+    problem = None
+    if distributed.any(not torch.isfinite(loss).item(), device):
+        problem = f"non-finite loss ({loss.item()})"
+    else:
+        scaler.scale(loss).backward()
+        if not scaler.is_enabled():
+            gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(gradients)
+            if distributed.any(not torch.isfinite(norm).item(), device):
+                problem = f"non-finite gradient (norm {norm.item()})"
+        if problem is None:
+            scaler.step(optimizer)
+            scaler.update()
+    if problem is not None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(stateful_buffers, buffers, strict=True):
+                buffer.copy_(saved)
+    return loss.item(), problem
+
+
+def _count_nonfinite(progress: dict, step: int, problem: str | None, bar: tqdm | None) -> None:
+    if problem is None:
+        progress["nonfinite_in_a_row"] = 0
+        return
+    progress["nonfinite_steps"] += 1
+    progress["nonfinite_in_a_row"] += 1
+    if progress["nonfinite_in_a_row"] == 1:
+        progress["first_nonfinite"] = step
+    if bar is not None:
+        bar.write(f"warning: step {step}: {problem}; update skipped")
+
+
+def _stopped(signum, step: int, progress: dict, last_path: Path, save_last) -> RunStopped:
+    """The stop after a signal: the checkpoint is written (by ``save_last``, on rank 0), unless the steps
+    since the last good one were skipped (non-finite), which keeps the last good checkpoint."""
+    signum = signum or signal.SIGTERM
+    if progress["nonfinite_in_a_row"]:
+        kept = f"kept the last good checkpoint {last_path}" if last_path.exists() else "no good checkpoint yet"
+        saved = f"during {progress['nonfinite_in_a_row']} non-finite steps in a row; {kept}"
+    else:
+        if save_last is not None:
+            save_last()
+        saved = f"saved {last_path}"
+    return RunStopped(
+        f"stopped by {signal.Signals(signum).name} at step {step}; {saved}; continue with --resume auto", 128 + signum
+    )
+
+
+def _restore_best_weights(checkpoint: dict, progress: dict, best_path: Path) -> None:
+    """A checkpoint written at the step of the best Dice holds the best weights: rewrite them if a run was
+    killed between the checkpoint and the best weights (or the best weights were removed)."""
+    step = progress["best_step"]
+    if not step or step != progress["step"]:
+        return
+    card_path = model_card_path(best_path)
+    try:
+        saved_step = json.loads(card_path.read_text()).get("best_step") if best_path.is_file() else None
+    except (OSError, ValueError):
+        saved_step = None
+    if saved_step == step:
+        return
+    save_torch(checkpoint["model"], best_path)
+    save_json({**checkpoint["card"], "best_metric": progress["best_dice"], "best_step": step}, card_path)
+    print(f"note: rewrote {best_path} (step {step}) from the checkpoint")
+
+
+def _describe(bar: tqdm, step: int, max_iter: int, loss: float, progress: dict, refresh: bool = False) -> None:
+    best = f", best dice={progress['best_dice']:.4f}" if progress["best_step"] else ""
+    bar.set_description(f"Training ({step} / {max_iter} Steps) (loss={loss:2.5f}{best})", refresh=refresh)
+
+
+def _report(writer, bar, labels, step, dice, foreground, per_class, progress, improved) -> None:
     writer.add_scalar("val/mean_dice", dice, step)
+    writer.add_scalar("val/mean_dice_foreground", foreground, step)
     for name, value in zip(labels, per_class, strict=True):
         writer.add_scalar(f"val/dice_{name.replace(' ', '_')}", value, step)
     verdict = "saved new best model" if improved else "not improved"
     classes = ", ".join(f"{n} {v:.4f}" for n, v in zip(labels, per_class, strict=True))
     bar.write(
-        f"step {step}: mean Dice {dice:.4f} ({verdict}; best {progress['best_dice']:.4f} at step "
-        f"{progress['best_step']}); per class: {classes}"
+        f"step {step}: mean Dice {dice:.4f} (background included, as published; {verdict}; best "
+        f"{progress['best_dice']:.4f} at step {progress['best_step']}), foreground mean Dice {foreground:.4f}; "
+        f"per class: {classes}"
     )

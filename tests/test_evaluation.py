@@ -13,7 +13,7 @@ import cv_summary
 import main_train
 import test_seg
 from engine.evaluate import apply_label_map, evaluate_case, parse_label_map, summarise
-from engine.train import overlay_slice
+from engine.validation import overlay_slice
 from load_datasets_transforms import DatasetError, split_folds
 from phantom import write_dataset
 
@@ -140,7 +140,7 @@ def test_phantom_evaluation_writes_consistent_csv_and_json(phantom, tmp_path, ca
         assert summary["classes"][name]["dice"]["std"] == pytest.approx(np.std(values))
     assert (output / "dice_per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "| class | Dice | HD95 (mm) | NSD |" in printed and "| **all** |" in printed
+    assert "| class | Dice | HD95 (mm) | NSD |" in printed and "| **foreground mean** |" in printed
 
 
 def test_label_map_evaluates_a_model_on_a_single_organ_dataset(phantom, tmp_path):

@@ -133,7 +133,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(phantom, tmp_path, monke
     stopped = exit_of(train, phantom, output, max_iter=20, eval_step=2, max_bad_steps=3)
     assert stopped.code == 1
     message = capsys.readouterr().err
-    assert "the loss was not finite for 3 steps in a row (steps 3-5)" in message
+    assert "3 steps in a row had a non-finite loss or gradient (steps 3-5)" in message
     assert f"kept the last good checkpoint ({output / 'checkpoint_last.pth'})" in message
     checkpoint = load_state(output / "checkpoint_last.pth")
     assert checkpoint["progress"]["step"] == 2  # written before the bad steps, untouched since
@@ -229,7 +229,7 @@ def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp
     from monai.data import DataLoader, Dataset
 
     from engine.common import checked_cases
-    from engine.train import summarise_scores, validation_scores
+    from engine.validation import summarise_scores, validation_scores
     from load_datasets_transforms import build_transforms, load_dataset_config
     from networks import build_network
 
@@ -253,6 +253,7 @@ def test_resume_with_a_longer_run_stretches_the_schedule(phantom, tmp_path, caps
     schedule = ["--lr_schedule", "warmup_cosine", "--warmup_iter", "1"]
     train(phantom, output, *schedule, max_iter=2, eval_step=2)
     train(phantom, output, *schedule, "--resume", "auto", max_iter=4, eval_step=2)
-    assert "note: --max_iter 4: the learning-rate schedule now ends there (was 2)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note: --max_iter 4 (checkpoint: 2): applied: the run and its learning-rate schedule end there" in printed
     checkpoint = load_state(output / "checkpoint_last.pth")
     assert checkpoint["progress"]["step"] == 4 and checkpoint["scheduler"]["max_iter"] == 4

@@ -101,7 +101,8 @@ class TransBTS(nn.Module):
     projection, the decoder reading the last Transformer layer's output. Two parameters of that
     implementation are left out because its forward never uses them (an unused linear patch embedding,
     128 x 512, and a LayerNorm): 31.51 M parameters at 5 classes against the paper's 31.6 M. It returns
-    logits (the reference implementation ended in a softmax, which the DiceCE loss applies itself).
+    logits, as the reference implementation does (its softmax line is commented out); the DiceCE loss
+    and inference apply the softmax.
     """
 
     def __init__(
