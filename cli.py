@@ -189,7 +189,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
             help="false: train from scratch instead of fine-tuning (default: true)",
         )
         parser.add_argument(
-            "--pretrained_weights", default=None, help="weights to fine-tune (required unless --pretrain false)"
+            "--pretrained_weights",
+            default=None,
+            help="weights to fine-tune (no default: required unless --pretrain false)",
         )
         parser.add_argument(
             "--pretrain_classes", type=positive_int, default=5, help="classes of the pretrained model's output head"

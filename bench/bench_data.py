@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import common
-from monai.data import CacheDataset, DataLoader, PersistentDataset
+from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
 
+from engine.train import cached_dataset
 from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
 from phantom import write_dataset
 
@@ -55,8 +56,8 @@ def main() -> None:
         cache = Path(folder) / "cache"
         settings = {
             "published: cache_rate 0.1": CacheDataset(cases, train_transforms, cache_rate=0.1, progress=False),
-            "ours: --cache_dir (reused)": PersistentDataset(cases, train_transforms, cache_dir=cache),
-            "ours: --cache_rate 1": CacheDataset(cases, train_transforms, cache_rate=1.0, progress=False),
+            "ours: --cache_dir (reused)": cached_dataset(cases, train_transforms, 0.0, 0, cache),
+            "ours: --cache_rate 1": cached_dataset(cases, train_transforms, 1.0, 0, None),
         }
         results = {name: throughput(dataset, args.batches, args.num_workers) for name, dataset in settings.items()}
     baseline = results["published: cache_rate 0.1"]

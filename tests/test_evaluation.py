@@ -177,3 +177,30 @@ def test_label_map_evaluates_a_model_on_a_single_organ_dataset(phantom, tmp_path
         test_seg.main([*argv, "--label_map", "7:1"])
     with pytest.raises(SystemExit, match="the dataset has no label 2"):
         test_seg.main([*argv, "--label_map", "3:2"])
+
+
+def test_surface_metrics_equal_monais_without_its_deprecation_warning():
+    import warnings
+
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    rng = np.random.default_rng(0)
+    shape, spacing = (20, 18, 14), (0.8, 1.1, 2.5)
+    label = np.zeros(shape, dtype=np.int64)
+    label[3:15, 4:14, 2:10] = 1
+    prediction = label.copy()
+    prediction[rng.random(shape) < 0.08] = 1  # scattered false positives
+    prediction[5:9, 6:10, 3:6] = 0  # a hole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MONAI 1.5+ deprecates get_mask_edges(always_return_as_numpy=...)
+        ours = evaluate_case(prediction, label, spacing, [1], nsd_tolerance=1.5)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y_pred = torch.from_numpy(np.stack([prediction == 0, prediction == 1])[None])
+        y = torch.from_numpy(np.stack([label == 0, label == 1])[None])
+        hd95 = compute_hausdorff_distance(y_pred, y, percentile=95, spacing=list(spacing))[0, 0].item()
+        nsd = compute_surface_dice(y_pred, y, class_thresholds=[1.5], spacing=list(spacing))[0, 0].item()
+    assert ours["hd95"] == pytest.approx(hd95, rel=1e-5)
+    assert ours["nsd"] == pytest.approx(nsd, rel=1e-5)
+    assert 0 < ours["nsd"] < 1 and ours["hd95"] > 0

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import flags
 import main_finetune
 import main_train
 import test_seg
+from load_datasets_transforms import DatasetError
 from networks import build_network
 from phantom import write_dataset
 
@@ -63,7 +65,7 @@ def test_train_writes_weights_card_and_tensorboard(trained, phantom):
     accumulator = EventAccumulator(str(events[0]))
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "val/mean_dice", "val/dice_liver", "val/dice_pancreas"} <= set(tags)
+    assert {"train/loss", "train/lr", "val/mean_dice", "val/mean_dice_foreground", "val/dice_liver"} <= set(tags)
     assert [e.step for e in accumulator.Scalars("val/mean_dice")] == [2, 4]  # two validations
     assert len(accumulator.Scalars("train/loss")) == 4
 
@@ -111,7 +113,7 @@ def test_finetune_replaces_the_head_for_another_class_count(trained, phantom, tm
             torch.testing.assert_close(tuned[key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_finetune_with_pretrain_false_trains_from_scratch(phantom, tmp_path):
+def test_finetune_with_pretrain_false_trains_from_scratch(phantom, tmp_path, capsys):
     output = tmp_path / "scratch"
     main_finetune.main(
         flags(
@@ -125,6 +127,7 @@ def test_finetune_with_pretrain_false_trains_from_scratch(phantom, tmp_path):
         )
     )
     assert (output / "best_metric_model.pth").exists()  # the missing weights file was never opened
+    assert "note: --pretrain false: training from scratch (no pretrained weights)" in capsys.readouterr().out
 
 
 def test_finetune_reports_weights_that_do_not_fit(trained, phantom, tmp_path):
@@ -225,31 +228,53 @@ def test_segment_published_state_dict_with_model_flags(trained, phantom, tmp_pat
 
 
 class ThresholdOracle(torch.nn.Module):
-    """Classifies each voxel by its windowed intensity: air, body (0 HU) or insert (200 HU)."""
+    """Classifies each voxel by its windowed intensity: air, body (0 HU) or insert (200 HU); ``centres``
+    are the three classes' windowed values (those of the -125..275 HU window by default)."""
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 3) -> None:
+    def __init__(self, in_channels: int = 1, out_channels: int = 3, centres=(0.0, 125 / 400, 325 / 400)) -> None:
         super().__init__()
         self.sharpness = torch.nn.Parameter(torch.tensor(100.0))
-        self.register_buffer("centres", torch.tensor([0.0, 125 / 400, 325 / 400]).view(1, 3, 1, 1, 1))
+        self.register_buffer("centres", torch.tensor(centres).view(1, 3, 1, 1, 1))
 
     def forward(self, x):
         return -self.sharpness * (x - self.centres) ** 2
 
 
-def test_predictions_land_in_the_input_geometry(tmp_path):
-    """An intensity oracle's segmentation of an anisotropic, axes-permuted, flipped volume with an
-    off-centre insert must overlay the insert in the original voxel grid (a flip or swap would miss it)."""
+ORACLE_AFFINE = np.array([[0.0, -1.6, 0.0, 20.0], [-1.3, 0.0, 0.0, 30.0], [0.0, 0.0, 2.5, -10.0], [0, 0, 0, 1]])
+
+
+def oracle_case(root: Path) -> np.ndarray:
+    """An anisotropic, axes-permuted, flipped volume with a body and an off-centre insert, in imagesTs."""
     from networks import NetworkSpec, available_networks, register_network
 
     if "ThresholdOracle" not in available_networks():
         register_network("ThresholdOracle", NetworkSpec(ThresholdOracle, input_multiple=1))
-    root = tmp_path / "data"
     (root / "imagesTs").mkdir(parents=True)
     image = np.full((36, 30, 20), -1000, np.int16)
     image[4:32, 3:27, 2:18] = 0  # body
     image[6:14, 5:12, 3:9] = 200  # insert near one corner
-    affine = np.array([[0.0, -1.6, 0.0, 20.0], [-1.3, 0.0, 0.0, 30.0], [0.0, 0.0, 2.5, -10.0], [0, 0, 0, 1]])
-    nib.save(nib.Nifti1Image(image, affine), root / "imagesTs" / "case.nii.gz")
+    nib.save(nib.Nifti1Image(image, ORACLE_AFFINE), root / "imagesTs" / "case.nii.gz")
+    return image
+
+
+def oracle_dice(prediction_path: Path, image: np.ndarray) -> list[float]:
+    """Dice of body and insert of a saved prediction of :func:`oracle_case`."""
+    prediction = nib.load(prediction_path)
+    assert prediction.shape == image.shape and np.allclose(prediction.affine, ORACLE_AFFINE)
+    predicted = np.asarray(prediction.dataobj)
+    expected = np.digitize(image, [-500, 100])
+    scores = []
+    for value in (1, 2):
+        overlap = np.logical_and(predicted == value, expected == value).sum()
+        scores.append(2 * overlap / ((predicted == value).sum() + (expected == value).sum()))
+    return scores
+
+
+def test_predictions_land_in_the_input_geometry(tmp_path):
+    """An intensity oracle's segmentation of an anisotropic, axes-permuted, flipped volume with an
+    off-centre insert must overlay the insert in the original voxel grid (a flip or swap would miss it)."""
+    root = tmp_path / "data"
+    image = oracle_case(root)
     dataset = tmp_path / "oracle.json"
     dataset.write_text(
         json.dumps(
@@ -276,14 +301,41 @@ def test_predictions_land_in_the_input_geometry(tmp_path):
             device="cpu",
         )
     )
-    prediction = nib.load(output / "case_seg.nii.gz")
-    assert prediction.shape == image.shape and np.allclose(prediction.affine, affine)
-    predicted = np.asarray(prediction.dataobj)
-    expected = np.digitize(image, [-500, 100])
-    for value in (1, 2):
-        overlap = np.logical_and(predicted == value, expected == value).sum()
-        dice = 2 * overlap / ((predicted == value).sum() + (expected == value).sum())
-        assert dice > 0.9, (value, dice)
+    assert min(oracle_dice(output / "case_seg.nii.gz", image)) > 0.9
+
+
+def test_inference_takes_the_preprocessing_from_the_model_card(tmp_path, capsys):
+    """A model whose card says window -1000..3000 HU: under the FLARE window (the --dataset default) its
+    body class would be read as insert. Without --dataset, and against a contradicting one, the card wins."""
+    root = tmp_path / "data"
+    image = oracle_case(root)
+    centres = [0.0, 1000 / 4000, 1200 / 4000]  # air, body, insert in the -1000..3000 window
+    weights = tmp_path / "oracle.pth"
+    torch.save(ThresholdOracle(centres=centres).state_dict(), weights)
+    card = {
+        "network": "ThresholdOracle",
+        "network_args": {"centres": centres},
+        "in_channels": 1,
+        "out_channels": 3,
+        "classes": ["air", "body", "insert"],
+        "dataset": "wide-window",
+        "spacing": [1.0, 1.0, 1.2],
+        "intensity": {"a_min": -1000.0, "a_max": 3000.0},
+        "roi_size": [32, 32, 32],
+    }
+    Path(f"{weights}.json").write_text(json.dumps(card))
+    run = dict(root=root, trained_weights=weights, cache_rate=0, num_workers=0, device="cpu")
+    test_seg.main(flags(output=tmp_path / "card", **run))
+    printed = capsys.readouterr().out
+    assert "window -1000..3000" in printed and "note: the model card" not in printed
+    assert min(oracle_dice(tmp_path / "card" / "case_seg.nii.gz", image)) > 0.9
+    test_seg.main(flags(output=tmp_path / "flags", dataset="flare", roi_size=64, **run))
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: the model card")]
+    assert note == [
+        f"note: the model card {weights}.json decides; ignored: --roi_size 64,64,64 (card: 32,32,32); "
+        "--dataset flare: a_min -125 (card: -1000), a_max 275 (card: 3000), 5 classes (card: 3)"
+    ]
+    assert min(oracle_dice(tmp_path / "flags" / "case_seg.nii.gz", image)) > 0.9
 
 
 # ---- bad inputs: one clear message, non-zero exit, before any training ----
@@ -474,3 +526,100 @@ def test_phantom_cases_are_plausible():
     assert zooms.max() / zooms.min() > 1.25  # anisotropic voxels
     other, _, _ = make_case(np.random.default_rng(1))
     assert other.shape != image.shape or not np.array_equal(other, image)
+
+
+def truncate(path: Path) -> None:
+    """Cut a .nii.gz short, as an interrupted copy leaves it: the header still reads, the voxels do not."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    nib.load(path)  # the header is intact
+
+
+def test_truncated_image_stops_the_run_before_it_starts(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    path = root / "imagesTr" / "phantom_001.nii.gz"
+    truncate(path)
+    message = train_error(root, tmp_path, "--cache_rate", "0")  # not cached up front: found by the read-through
+    assert message.startswith(f"error: {path}: cannot read its voxel data (")
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_image_with_nonfinite_voxels_is_refused(phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    path = root / "imagesVal" / "phantom_002.nii.gz"
+    image = nib.load(path)
+    values = np.asarray(image.dataobj).astype(np.float32)
+    values[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(values, image.affine), path)
+    assert train_error(root, tmp_path) == f"error: {path}: NaN or infinite voxel values"
+
+
+def test_read_through_is_remembered_by_path_size_and_time(phantom, tmp_path, monkeypatch):
+    import load_datasets_transforms
+    from engine.common import read_through_record, verify_cases
+
+    root = copy_phantom(phantom, tmp_path)
+    cases = load_datasets_transforms.find_cases(load_datasets_transforms.load_dataset_config("flare"), root, "training")
+    reads = []
+    real = load_datasets_transforms.read_through
+
+    def counting(path, kind):
+        reads.append(path)
+        return real(path, kind)
+
+    monkeypatch.setattr(
+        load_datasets_transforms, "read_through", lambda path, kind: reads.append(path) or real(path, kind)
+    )
+    verify_cases(cases, 5, workers=2, progress=False)
+    assert sorted(reads) == sorted(str(p) for case in cases for p in case.values())
+    assert str(Path(cases[0]["image"]).resolve()) in json.loads(read_through_record().read_text())
+    reads.clear()
+    verify_cases(cases, 5, workers=2, progress=False)  # another run over the same files
+    assert reads == []
+    label = Path(cases[1]["label"])
+    label.write_bytes(label.read_bytes())  # rewritten: another modification time
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
+    verify_cases(cases, 5, workers=2, progress=False)
+    assert reads == [str(label)]
+    with pytest.raises(DatasetError, match="label values 4 outside the 4 classes"):  # values remembered, checked anew
+        verify_cases(cases, 4, workers=2, progress=False)
+    assert reads == [str(label)]
+
+
+def test_output_that_is_a_file_gives_one_line(trained, phantom, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert train_error(phantom, tmp_path, "--output", str(taken)) == (
+        f"error: --output {taken}: is a file, not a folder; choose a folder"
+    )
+    weights = trained / "best_metric_model.pth"
+    message = exit_message(test_seg.main, flags(root=phantom, output=taken / "pred", trained_weights=weights))
+    assert message == f"error: --output {taken / 'pred'}: lies under the file {taken}, not a folder; choose a folder"
+
+
+def test_segment_with_a_training_checkpoint(trained, phantom, tmp_path, capsys):
+    checkpoint = trained / "checkpoint_last.pth"
+    output = tmp_path / "pred"
+    test_seg.main(flags(root=phantom, output=output, trained_weights=checkpoint, cache_rate=0, num_workers=0))
+    assert f"Model card {checkpoint} (a training checkpoint: its model weights and card)" in capsys.readouterr().out
+    check_predictions(output, phantom)
+
+
+def test_truncated_test_image_stops_inference_before_it_starts(trained, phantom, tmp_path):
+    root = copy_phantom(phantom, tmp_path)
+    path = root / "imagesTs" / "phantom_004.nii.gz"
+    truncate(path)
+    weights = trained / "best_metric_model.pth"
+    message = exit_message(test_seg.main, flags(root=root, output=tmp_path / "pred", trained_weights=weights))
+    assert message.startswith(f"error: {path}: cannot read its voxel data (")
+    assert not (tmp_path / "pred").exists()
+
+
+def test_finetune_without_weights_is_refused(phantom, tmp_path):
+    message = exit_message(main_finetune.main, flags(root=phantom, output=tmp_path / "ft", dataset="flare", **TINY))
+    assert message == (
+        "error: main_finetune.py needs --pretrained_weights (the trained weights to fine-tune); "
+        "pass --pretrain false to train from scratch instead"
+    )
+    assert not (tmp_path / "ft").exists()

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ def phantom(tmp_path_factory):
 
 
 def train(root, output, *extra, **values):
-    main_train.main(flags(root=root, output=output, lr=1e-3, **{**TINY, **values}) + list(extra))
+    main_train.main(flags(root=root, output=output, **{"lr": 1e-3, **TINY, **values}) + list(extra))
 
 
 def exit_of(function, *args, **kwargs) -> SystemExit:
@@ -197,6 +200,60 @@ def test_persistent_cache_dir_is_written_and_reused(phantom, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == cached
 
 
+def test_cache_dir_entries_are_keyed_by_the_preprocessing(phantom, tmp_path):
+    cache = tmp_path / "cache"
+    train(phantom, tmp_path / "flare", cache_dir=cache, max_iter=2)
+    first = set(p.name for p in cache.iterdir())
+    description = json.loads((phantom / "dataset.json").read_text())
+    description["spacing"] = [2.0, 2.0, 2.0]  # another spacing: other volumes, other entries
+    coarse = tmp_path / "coarse.json"
+    coarse.write_text(json.dumps(description))
+    train(phantom, tmp_path / "coarse", cache_dir=cache, dataset=coarse, max_iter=2)
+    assert len(set(p.name for p in cache.iterdir()) - first) == 4  # none of the first run's entries served
+    train(phantom, tmp_path / "flare_again", cache_dir=cache, max_iter=2)
+    assert len(list(cache.iterdir())) == 8  # the first settings find their entries again
+
+
+def test_cached_case_is_that_of_its_own_chain_and_files(phantom, tmp_path):
+    from engine.train import cached_dataset
+    from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
+
+    config = load_dataset_config("flare")
+    case = find_cases(config, phantom, "validation")[0]
+    train_transforms, val_transforms = build_transforms(config, "train", (96, 96, 96))  # training pads to 96
+    cache = tmp_path / "cache"
+    cached_dataset([case], train_transforms, 0, 0, cache)[0]  # the training chain's entry first
+    served = cached_dataset([case], val_transforms, 0, 0, cache)[0]  # then the validation chain's
+    expected = val_transforms(case)
+    assert served["image"].shape == expected["image"].shape  # not the padded training volume
+    assert torch.equal(torch.as_tensor(served["image"]), torch.as_tensor(expected["image"]))
+    assert len(list(cache.iterdir())) == 2
+    label = Path(case["label"])
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # the file is rewritten
+    cached_dataset([case], val_transforms, 0, 0, cache)[0]
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_cache_key_of_the_transforms_is_the_same_in_every_process(tmp_path):
+    """The key of the deterministic transforms must not depend on the process (hash randomisation, object
+    addresses), or a cache would never be reused across runs."""
+    script = (
+        "from monai.data import PersistentDataset; from monai.data.utils import pickle_hashing; "
+        "from load_datasets_transforms import build_transforms, load_dataset_config; "
+        "t, v = build_transforms(load_dataset_config('flare'), 'train', (32, 32, 32)); "
+        "print(PersistentDataset([], t, cache_dir='x', hash_transform=pickle_hashing).transform_hash)"
+    )
+    keys = set()
+    for seed in ("1", "2"):
+        environment = {**os.environ, "PYTHONHASHSEED": seed}
+        completed = subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        keys.add(completed.stdout.strip())
+    assert len(keys) == 1
+
+
 def test_device_transforms_chain_runs(phantom):
     from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
 
@@ -208,8 +265,8 @@ def test_device_transforms_chain_runs(phantom):
     assert len(crops) == 2 and crops[0]["image"].shape == (1, 32, 32, 32)
 
 
-def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp_path):
-    output = tmp_path / "ddp"
+def torchrun(root, output, **values) -> subprocess.CompletedProcess:
+    """main_train.py in two CPU processes (gloo), one thread each."""
     command = [
         sys.executable,
         "-m",
@@ -218,34 +275,52 @@ def test_two_process_gloo_run_agrees_with_single_process_validation(phantom, tmp
         "--nproc_per_node",
         "2",
         str(REPO / "main_train.py"),
-        *flags(root=phantom, output=output, lr=1e-3, max_iter=2, eval_step=2, **TINY),
+        *flags(root=root, output=output, **{"lr": 1e-3, **TINY, **values}),
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def test_two_process_run_with_fewer_validation_cases_than_processes(tmp_path):
+    root = tmp_path / "one_val"
+    write_dataset(root, num_train=2, num_val=1, num_test=0, seed=4)
+    completed = torchrun(root, tmp_path / "ddp", max_iter=1, eval_step=1)
+    assert completed.stdout.count("step 1: mean Dice") == 1  # process 0 reports the one case
+    assert (tmp_path / "ddp" / "best_metric_model.pth").exists()
+
+
+def test_two_process_run_reports_the_dice_of_the_saved_weights(tmp_path):
+    """Three validation cases (2 and 1 per process): the reported mean Dice is that of the saved weights,
+    buffers included, over all cases, as one process computes it."""
+    root = tmp_path / "three_val"
+    write_dataset(root, num_train=2, num_val=3, num_test=0, seed=12)
+    output = tmp_path / "ddp"
+    completed = torchrun(root, output, max_iter=3, eval_step=3, lr=3e-2)
     assert completed.stdout.count("Training finished") == 1  # rank 0 alone reports
     card = json.loads((output / "best_metric_model.pth.json").read_text())
 
     from monai.data import DataLoader, Dataset
 
-    from engine.common import checked_cases
-    from engine.validation import summarise_scores, validation_scores
-    from load_datasets_transforms import build_transforms, load_dataset_config
+    from engine.validation import foreground_dice, summarise_scores, validation_scores
+    from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
     from networks import build_network
 
     config = load_dataset_config("flare")
     model = build_network("REPUXNET", 1, 5, **card["network_args"])
     model.load_state_dict(load_state(output / "best_metric_model.pth"))
     _, val_transforms = build_transforms(config, "train", (32, 32, 32))
-    loader = DataLoader(Dataset(checked_cases(config, str(phantom), "validation"), val_transforms), batch_size=1)
+    loader = DataLoader(Dataset(find_cases(config, root, "validation"), val_transforms), batch_size=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): same summation order
     try:
         scores = validation_scores(model, loader, (32, 32, 32), 2, 5, torch.device("cpu"), progress=False)
-        dice, _ = summarise_scores(scores)
     finally:
         torch.set_num_threads(threads)
-    assert dice == pytest.approx(card["best_metric"], abs=1e-5)
+    assert scores.shape == (3, 5)
+    assert summarise_scores(scores)[0] == pytest.approx(card["best_metric"], abs=1e-6)
+    assert foreground_dice(scores) == pytest.approx(card["best_metric_foreground"], abs=1e-6)
 
 
 def test_resume_with_a_longer_run_stretches_the_schedule(phantom, tmp_path, capsys):
@@ -257,3 +332,180 @@ def test_resume_with_a_longer_run_stretches_the_schedule(phantom, tmp_path, caps
     assert "note: --max_iter 4 (checkpoint: 2): applied: the run and its learning-rate schedule end there" in printed
     checkpoint = load_state(output / "checkpoint_last.pth")
     assert checkpoint["progress"]["step"] == 4 and checkpoint["scheduler"]["max_iter"] == 4
+
+
+def test_resume_applies_or_refuses_changed_flags(phantom, tmp_path, capsys):
+    output = tmp_path / "flags"
+    train(phantom, output, max_iter=2, eval_step=2)
+    checkpoint = output / "checkpoint_last.pth"
+    before = checkpoint.read_bytes()
+    for changed, shown in (({"seed": 1}, "--seed 1 (checkpoint: 0)"), ({"batch_size": 2}, "--batch_size 2"),
+                           ({"crop_sample": 1}, "--crop_sample 1"), ({"optim": "SGD"}, "--optim SGD")):  # fmt: skip
+        error = exit_of(train, phantom, output, "--resume", "auto", max_iter=4, **changed)
+        assert str(error.code).startswith(f"error: --resume {checkpoint}: {shown}"), error.code
+        assert "a resumed run keeps these flags" in str(error.code)
+    assert checkpoint.read_bytes() == before  # refused before any work
+    capsys.readouterr()
+    train(phantom, output, "--resume", "auto", max_iter=3, eval_step=3, lr=5e-4)
+    printed = capsys.readouterr().out
+    assert "note: --lr 0.0005 (checkpoint: 0.001): applied" in printed
+    assert "note: --eval_step 3 (checkpoint: 2): applied" in printed
+    resumed = load_state(checkpoint)
+    assert resumed["progress"]["step"] == 3 and resumed["flags"]["lr"] == 5e-4
+    assert [group["lr"] for group in resumed["optimizer"]["param_groups"]] == [5e-4]
+    assert resumed["scheduler"]["base_lrs"] == [5e-4]
+
+
+def test_resumed_run_logs_every_point_exactly_once(phantom, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "events"
+    steps = dict(max_iter=6, eval_step=2)
+    stopping_optimizer(monkeypatch, stop_after=4)  # a validation step: checkpoint written at step 4
+    assert exit_of(train, phantom, output, **steps).code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    train(phantom, output, "--resume", "auto", **steps)
+    events = EventAccumulator(str(output / "tensorboard"))  # every event file of the folder, in order
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/mean_dice")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/mean_dice_foreground")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+class NaNThenSignal(NaNAfter):
+    """Non-finite losses from call ``first_bad`` on, and SIGTERM during call ``signal_at``."""
+
+    def __init__(self, first_bad: int, signal_at: int):
+        super().__init__(bad=range(first_bad, 1000))
+        self.signal_at = signal_at
+
+    def __call__(self, prediction, label):
+        if self.calls + 1 == self.signal_at:
+            signal.raise_signal(signal.SIGTERM)
+        return super().__call__(prediction, label)
+
+
+def test_a_signal_during_nonfinite_steps_keeps_the_last_good_checkpoint(phantom, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "nan_then_term"
+    loss = NaNThenSignal(first_bad=3, signal_at=5)
+    monkeypatch.setattr(engine.train, "DiceCELoss", lambda **kwargs: loss)
+    stopped = exit_of(train, phantom, output, max_iter=20, eval_step=2, max_bad_steps=10)
+    assert stopped.code == 128 + signal.SIGTERM
+    message = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 5; during 3 non-finite steps in a row; kept the last good checkpoint" in message
+    checkpoint = load_state(output / "checkpoint_last.pth")
+    assert checkpoint["progress"]["step"] == 2  # not the step-4 validation, nor the signal at step 5
+    assert checkpoint["progress"]["nonfinite_in_a_row"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def nan_gradient_at(monkeypatch, backward: int) -> None:
+    """Make the gradient of the first parameter NaN at the ``backward``-th backward pass (the loss stays
+    finite)."""
+
+    def build(model, name, lr):
+        optimizer = optimizers.build_optimizer(model, name, lr=lr)
+        count = [0]
+
+        def poison(gradient):
+            count[0] += 1
+            return gradient * float("nan") if count[0] == backward else gradient
+
+        optimizer.param_groups[0]["params"][0].register_hook(poison)
+        return optimizer
+
+    monkeypatch.setattr(engine.train, "build_optimizer", build)
+
+
+@pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["fp32", "bf16"])
+def test_a_nonfinite_gradient_skips_its_step(phantom, tmp_path, monkeypatch, capsys, amp):
+    output = tmp_path / "nan_gradient"
+    nan_gradient_at(monkeypatch, backward=2)
+    train(phantom, output, *amp, max_iter=4, eval_step=4)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: step 2: non-finite gradient (norm nan); update skipped"]
+    checkpoint = load_state(output / "checkpoint_last.pth")
+    assert checkpoint["progress"]["nonfinite_steps"] == 1 and checkpoint["progress"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in checkpoint["bfr_raw_weights"].values())
+    # AdamW took 3 of the 4 steps: its state holds no trace of the skipped one
+    states = checkpoint["optimizer"]["state"].values()
+    assert {float(state["step"]) for state in states} == {3.0}
+    assert all(torch.isfinite(state["exp_avg_sq"]).all() for state in states)
+
+
+def test_sigterm_to_the_process_group_with_workers_stops_cleanly(tmp_path):
+    """A job scheduler (or Ctrl-C in a terminal) signals every process of the job: the data-loading
+    workers must leave the stop to the main process."""
+    root = tmp_path / "data"
+    write_dataset(root, num_train=6, num_val=1, num_test=0, seed=8)
+    output = tmp_path / "workers"
+    command = [sys.executable, str(REPO / "main_train.py")]
+    command += flags(root=root, output=output, max_iter=1000, eval_step=1000, **{**TINY, "num_workers": 2})
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.extend(iter(lambda: process.stderr.read(64), b"")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while b"(2 / 1000 Steps)" not in b"".join(errors):  # in the first epoch of 6 steps: workers alive
+            assert process.poll() is None and time.monotonic() < deadline, b"".join(errors)[-2000:]
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    stderr = b"".join(errors).decode(errors="replace")
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
+    assert load_state(output / "checkpoint_last.pth")["progress"]["step"] >= 2
+
+
+def test_resume_auto_gives_one_answer_for_best_weights_without_checkpoint(phantom, tmp_path, capsys):
+    output = tmp_path / "killed"
+    train(phantom, output, max_iter=2, eval_step=2)
+    (output / "checkpoint_last.pth").unlink()  # as a run killed before its first checkpoint left it
+    error = exit_of(train, phantom, output, "--resume", "auto", max_iter=2)
+    assert str(error.code) == (
+        f"error: --resume auto: {output} holds best_metric_model.pth but no checkpoint_last.pth, so its run cannot "
+        "be continued; pass --overwrite to start over there, or choose another --output"
+    )
+    assert "starting a new run" not in capsys.readouterr().out
+    train(phantom, output, "--resume", "auto", "--overwrite", max_iter=2, eval_step=2)
+    assert "starting a new run" in capsys.readouterr().out
+
+
+def test_checkpoint_is_written_before_the_best_weights_and_restores_them(phantom, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "order"
+    written = []
+    real_save = engine.common.torch.save
+    monkeypatch.setattr(engine.common.torch, "save", lambda obj, path: written.append(obj) or real_save(obj, path))
+    train(phantom, output, max_iter=2, eval_step=2)
+    monkeypatch.undo()
+    assert [("progress" in obj) for obj in written] == [True, False]  # checkpoint, then best weights
+    (output / "best_metric_model.pth").unlink()  # killed between the two writes
+    (output / "best_metric_model.pth.json").unlink()
+    train(phantom, output, "--resume", "auto", max_iter=2, eval_step=2)
+    assert f"note: rewrote {output / 'best_metric_model.pth'} (step 2) from the checkpoint" in capsys.readouterr().out
+    checkpoint = load_state(output / "checkpoint_last.pth")
+    best = load_state(output / "best_metric_model.pth")
+    assert all(torch.equal(value, checkpoint["model"][key]) for key, value in best.items())
+    card = json.loads((output / "best_metric_model.pth.json").read_text())
+    assert card["best_step"] == 2 and card["best_metric"] == checkpoint["progress"]["best_dice"]
+
+
+def test_progress_bar_shows_the_current_step_and_best(phantom, tmp_path, capsys):
+    train(phantom, tmp_path / "bar", max_iter=4, eval_step=2)
+    captured = capsys.readouterr()
+    descriptions = re.findall(r"Training \(\d+ / 4 Steps\)[^:]*", captured.err + captured.out)
+    assert descriptions and "(4 / 4 Steps)" in descriptions[-1]
+    best = json.loads((tmp_path / "bar" / "best_metric_model.pth.json").read_text())["best_metric"]
+    assert descriptions[-1].endswith(f"best dice={best:.4f})")
+    assert not any("best dice=0.0000" in d for d in descriptions)  # no best shown before a validation
+    first = [d for d in descriptions if "(1 / 4 Steps)" in d]
+    assert first and all("best dice" not in d for d in first)

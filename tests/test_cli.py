@@ -1,0 +1,105 @@
+"""Flags and files: ROI parsing, --help defaults, atomic writes, the documented commands."""
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+import engine.common
+import main_finetune
+import main_train
+import test_seg
+from engine.common import replace_atomically, save_torch
+from load_datasets_transforms import roi_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(96, (96,) * 3), ("96", (96,) * 3), ([64], (64,) * 3), ("96,96,64", (96, 96, 64)), ((32, 16, 8), (32, 16, 8))],
+)
+def test_roi_of_takes_one_or_three_positive_integers(value, expected):
+    assert roi_of(value) == expected
+
+
+@pytest.mark.parametrize("value", ["96,96", (96, 96), "0", "-32", "9.5", "a", [96.0], "96,96,96,96", ""])
+def test_roi_of_refuses_anything_else(value):
+    with pytest.raises(ValueError, match="expected one or three positive integers"):
+        roi_of(value)
+
+
+def test_roi_size_flag_is_parsed_by_roi_of(capsys):
+    with pytest.raises(SystemExit):
+        main_train.main(["--root", "r", "--output", "o", "--roi_size", "96,96"])
+    assert "argument --roi_size: ROI size '96,96': expected one or three positive integers" in capsys.readouterr().err
+
+
+def option_help(main, capsys) -> dict[str, str]:
+    """Each option's help text from ``--help`` (flag -> its block, whitespace collapsed)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    blocks = re.split(r"\n(?=  -)", text)
+    return {re.match(r"\s+(-[-\w]+)", block).group(1): " ".join(block.split()) for block in blocks if block.strip()}
+
+
+#: Options without a default to show: the help switch, on/off switches and required flags.
+NO_DEFAULT = {"-h", "--overwrite", "--gpu_transforms", "--evaluate", "--root", "--output", "--trained_weights"}
+
+
+@pytest.mark.parametrize("script", [main_train, main_finetune, test_seg])
+def test_help_shows_every_default(script, capsys):
+    blocks = option_help(script.main, capsys)
+    assert {"--dataset", "--network", "--cache_rate", "--num_workers", "--sw_batch_size"} <= set(blocks)
+    for flag, text in blocks.items():
+        if flag not in NO_DEFAULT:
+            assert "default" in text, (flag, text)
+
+
+def test_help_says_what_the_model_card_and_the_weights_decide(capsys):
+    inference = option_help(test_seg.main, capsys)
+    assert "the model card's, else 96" in inference["--roi_size"]
+    assert "the card's, else REPUXNET" in inference["--network"]
+    finetune = option_help(main_finetune.main, capsys)
+    assert "required unless --pretrain false" in finetune["--pretrained_weights"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_use_the_umask_and_reach_the_disk_before_the_rename(tmp_path, monkeypatch, umask):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(engine.common.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(engine.common.os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    previous = os.umask(umask)
+    try:
+        save_torch({"w": torch.ones(2)}, tmp_path / "weights.pth")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "weights.pth").stat().st_mode) == 0o666 & ~umask
+    assert calls == ["fsync", "replace"]
+    assert torch.equal(torch.load(tmp_path / "weights.pth", weights_only=True)["w"], torch.ones(2))
+
+
+def test_atomic_write_failure_leaves_no_temporary_file(tmp_path):
+    def fail(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(tmp_path / "report.json", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_documented_finetune_command_matches_the_published_one():
+    training = (REPO / "TRAINING.md").read_text()
+    command = training[training.index("python main_finetune.py") :].split("```")[0]
+    assert "--max_iter 60000" in command  # the published command, and the CLI default
+    parser = cli.parser_for("")
+    cli.add_common_arguments(parser, "train")
+    cli.add_training_arguments(parser, finetune=True)
+    assert parser.get_default("max_iter") == 60000
