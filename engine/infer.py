@@ -92,9 +92,13 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
     if args.roi_size is not None and tuple(args.roi_size) != roi:
         ignored.append(f"--roi_size {_text(args.roi_size)} (card: {_text(roi)})")
     if args.network is not None or any(getattr(args, f) is not None for f in SHAPE_FLAGS):
-        given = network_from_flags(argparse.Namespace(**{**vars(args), "network": args.network or choice.name}), roi)
-        saved = as_json(choice.overrides)
-        if given.name != choice.name or any(saved.get(k) != v for k, v in as_json(given.overrides).items()):
+        try:
+            flagged = argparse.Namespace(**{**vars(args), "network": args.network or choice.name})
+            given, saved = network_from_flags(flagged, roi), as_json(choice.overrides)
+            agrees = given.name == choice.name and all(saved.get(k) == v for k, v in as_json(given.overrides).items())
+        except UsageError:  # flags that do not even fit the card's network
+            agrees = False
+        if not agrees:
             ignored.append(f"--network and shape flags (card: {choice.name} {choice.overrides})")
     if args.dataset is not None:
         differing = [

@@ -144,14 +144,11 @@ def run_training(args, finetune: bool = False) -> float:
 
 def _pretrained_weights(args, finetune: bool, resuming: bool, main: bool) -> dict | None:
     """The state_dict to start from, or None (training from scratch, or resuming)."""
-    pretrain = args.pretrain if args.pretrain is not None else finetune
     if resuming:
         return None
-    if finetune and not pretrain:
-        if main:
+    if not (args.pretrain if args.pretrain is not None else finetune):
+        if finetune and main:
             print("note: --pretrain false: training from scratch (no pretrained weights)")
-        return None
-    if not pretrain:
         return None
     if not args.pretrained_weights:
         if finetune:
@@ -217,12 +214,9 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     if checkpoint is not None:
         saved = {k: as_json(checkpoint["card"].get(k)) for k in CARD_KEPT_ON_RESUME}
         current = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
-        if saved != current:
-            changed = {k: (saved[k], current[k]) for k in saved if saved[k] != current[k]}
-            raise UsageError(
-                f"--resume {resume}: the checkpoint is of {saved}, but the flags ask for {current} "
-                f"(differing: {', '.join(changed)})"
-            )
+        differing = [f"{k} {saved[k]} (flags: {current[k]})" for k in CARD_KEPT_ON_RESUME if saved[k] != current[k]]
+        if differing:
+            raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}")
         notes = compare_flags(checkpoint.get("flags"), args, resume)
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None

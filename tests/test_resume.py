@@ -188,7 +188,8 @@ def test_corrupt_or_mismatched_checkpoints_give_clear_errors(phantom, tmp_path):
     good = tmp_path / "good"
     train(phantom, good, max_iter=1)
     error = exit_of(train, phantom, good, "--resume", "auto", max_iter=2, kernel_size=5)
-    assert "the checkpoint is of" in str(error.code) and "'ks': 3" in str(error.code)
+    assert "the checkpoint is of another model or data: network_args" in str(error.code)
+    assert "'ks': 3" in str(error.code) and "'ks': 5" in str(error.code)
 
 
 def test_persistent_cache_dir_is_written_and_reused(phantom, tmp_path):
