@@ -89,7 +89,7 @@ def test_load_reports_shape_mismatch():
 
 
 def test_sgd_moves_effective_kernel_by_m_squared():
-    """Under SGD the effective kernel moves by M^2 times the plain step (REFERENCE.md section 3)."""
+    """Under SGD the effective kernel W * M moves by M^2 times the plain step (W gets the gradient M * dL/dW_eff)."""
     bfr = BFRConv3d(2, 5, bias=False, dtype=torch.float64)
     plain = nn.Conv3d(2, 2, 5, padding=2, groups=2, bias=False).double()
     plain.load_state_dict(bfr.state_dict())

@@ -16,7 +16,7 @@ def count_parameters(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-# REFERENCE.md section 1, out_chans=5, counted with the published code.
+# out_chans=5, counted with the published code (README.md's table beside the paper's numbers).
 @pytest.mark.parametrize(
     "name, overrides, millions",
     [
@@ -227,7 +227,7 @@ def test_comparison_network_parameter_counts():
         nnformer = count_parameters(build_network("nnFormer", 1, 5))
     # the published code's 31.58 M less its two unused layers (a 128x512 linear and a LayerNorm)
     assert round(transbts, 2) == 31.51 and abs(transbts - 31.6) / 31.6 < 0.02  # the paper's table
-    assert round(nnformer, 2) == 149.27 and abs(nnformer - 149.3) / 149.3 < 0.02  # REFERENCE.md, the paper
+    assert round(nnformer, 2) == 149.27 and abs(nnformer - 149.3) / 149.3 < 0.02  # the paper's table
     with torch.device("meta"):  # the class count follows the dataset (published defect 9)
         assert build_network("TransBTS", 1, 16).out.out_channels == 16
         assert build_network("nnFormer", 1, 16).out.out_channels == 16
@@ -242,7 +242,7 @@ def test_transbts_checks_its_input_size():
 
 
 def test_model_stats_matches_the_reference_counts(capsys):
-    """REFERENCE.md section 1: parameters and MACs at 1x1x96^3, counted with the published code."""
+    """Parameters and MACs at 1x1x96^3, as counted with the published code (README.md's table)."""
     import model_stats
 
     expected = {"REPUXNET": (65.83, 703.0), "3DUXNET": (53.01, 577.4), "3DUXNET (ks=21)": (65.85, 703.2),

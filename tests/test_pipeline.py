@@ -16,11 +16,11 @@ from conftest import flags
 import main_finetune
 import main_train
 import test_seg
-from load_datasets_transforms import DatasetError
+from load_datasets_transforms import DatasetError, load_dataset_config
 from networks import build_network
 from phantom import write_dataset
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATALISTS = Path(__file__).resolve().parents[1] / "datalists"
 
 
 TRAIN_FLAGS = flags(max_iter=4, eval_step=2, lr=1e-3, **TINY)
@@ -401,11 +401,21 @@ def test_label_values_outside_the_classes(phantom, tmp_path):
 
 
 def test_invalid_json_dataset_and_datalist(phantom, tmp_path):
-    feta = SHARED_DATA / "dataset_FeTA.json"  # the published file has a trailing comma
+    lines = (DATALISTS / "dataset_FeTA.json").read_text().splitlines()
+    assert lines[286] == "        }"
+    lines[286] = "        },"  # the trailing comma of the published file, which datalists/ leaves out
+    feta = tmp_path / "dataset_FeTA.json"
+    feta.write_text("\n".join(lines) + "\n")
     message = train_error(phantom, tmp_path, "--datalist", str(feta))
     assert message.startswith(f"error: --datalist {feta}: invalid JSON at line 288 column 5")
     message = train_error(phantom, tmp_path, "--dataset", str(feta))
     assert message.startswith(f"error: --dataset {feta}: invalid JSON at line 288")
+
+
+@pytest.mark.parametrize("name, training, test", [("FLARE", 341, 20), ("AMOS", 180, 20), ("FeTA", 61, 18)])
+def test_published_datalists_ship_with_the_repository(name, training, test):
+    lists = load_dataset_config(name.lower(), str(DATALISTS / f"dataset_{name}.json")).lists
+    assert len(lists["training"]) == training and len(lists.get("test", [])) == test
 
 
 def test_bad_flags(phantom, tmp_path):
@@ -422,7 +432,7 @@ def test_bad_flags(phantom, tmp_path):
 def test_flare_datalist_pairs_listed_files(tmp_path):
     from load_datasets_transforms import DatasetError, check_cases, find_cases, load_dataset_config
 
-    config = load_dataset_config("flare", str(SHARED_DATA / "dataset_FLARE.json"))
+    config = load_dataset_config("flare", str(DATALISTS / "dataset_FLARE.json"))
     cases = find_cases(config, tmp_path, "training")
     assert len(cases) == 341
     assert cases[0] == {
