@@ -1,6 +1,7 @@
 """Resumable, fault-tolerant and distributed training on tiny phantom runs (CPU)."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -418,11 +419,10 @@ def nan_gradient_at(monkeypatch, backward: int) -> None:
     monkeypatch.setattr(engine.train, "build_optimizer", build)
 
 
-@pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["fp32", "bf16"])
-def test_a_nonfinite_gradient_skips_its_step(phantom, tmp_path, monkeypatch, capsys, amp):
+def test_a_nonfinite_gradient_skips_its_step(phantom, tmp_path, monkeypatch, capsys):
     output = tmp_path / "nan_gradient"
     nan_gradient_at(monkeypatch, backward=2)
-    train(phantom, output, *amp, max_iter=4, eval_step=4)
+    train(phantom, output, max_iter=4, eval_step=4)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: step 2: non-finite gradient (norm nan); update skipped"]
     checkpoint = load_state(output / "checkpoint_last.pth")
@@ -433,6 +433,34 @@ def test_a_nonfinite_gradient_skips_its_step(phantom, tmp_path, monkeypatch, cap
     states = checkpoint["optimizer"]["state"].values()
     assert {float(state["step"]) for state in states} == {3.0}
     assert all(torch.isfinite(state["exp_avg_sq"]).all() for state in states)
+
+
+def test_a_bf16_step_with_a_nonfinite_gradient_leaves_no_trace():
+    """Under bf16 autocast (where no gradient scaler checks the gradients) a finite loss with a non-finite
+    gradient changes neither the weights, nor the BatchNorm statistics, nor the optimizer state. (Checked
+    on one step: on CPUs, bf16 training of the tiny network itself now and then yields a gradient whose
+    norm overflows, which the guard skips as well, so a whole run's count of skipped steps varies.)"""
+    from engine.distributed import Distributed
+    from engine.train import _training_step
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1)
+    )
+    optimizer = optimizers.build_optimizer(model, "AdamW", lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    batch = {"image": torch.randn(2, 1, 8, 8, 8), "label": torch.randint(0, 2, (2, 1, 8, 8, 8)).float()}
+    step = (DiceCELoss(to_onehot_y=True, softmax=True), optimizer, scaler, torch.autocast("cpu", torch.bfloat16))
+    buffers = list(model.buffers())
+    assert _training_step(model, batch, *step, buffers, Distributed(), cpu)[1] is None
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+    model[0].weight.register_hook(lambda gradient: gradient * float("nan"))
+    loss, problem = _training_step(model, batch, *step, buffers, Distributed(), cpu)
+    assert problem == "non-finite gradient (norm nan)" and math.isfinite(loss)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in weights.items())
+    assert all(torch.equal(value, optimizer.state[model[0].weight][key]) for key, value in adam.items())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_sigterm_to_the_process_group_with_workers_stops_cleanly(tmp_path):
