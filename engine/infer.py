@@ -126,48 +126,53 @@ def _text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _model_to_run(args, config: DatasetConfig):
+    """The network, class count, ROI and dataset settings to segment with, and the weights: from the model
+    card beside the weights or in a training checkpoint, else from the flags (published state dicts)."""
+    state, checkpoint_card = load_trained(args.trained_weights, "--trained_weights")
+    card_path = model_card_path(args.trained_weights)
+    card, source = checkpoint_card, f"{args.trained_weights} (a training checkpoint: its model weights and card)"
+    if card_path.is_file():
+        try:
+            card, source = json.loads(card_path.read_text()), str(card_path)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{card_path}: not a valid model card ({error})") from None
+    if card is None:
+        roi = roi_of(args.roi_size or 96)
+        return network_from_flags(args, roi), config.num_classes, roi, config, state
+    choice, out_channels, roi, config = _model_from_card(card, source, args, config)
+    print(
+        f"Model card {source}: {choice.name} {choice.overrides}, {out_channels} classes, ROI {_text(roi)}, "
+        f"spacing {_text(config.spacing) if config.spacing else 'native'}, window {config.a_min:g}..{config.a_max:g}"
+    )
+    return choice, out_channels, roi, config, state
+
+
+def _label_map_of(args, out_channels: int, config: DatasetConfig) -> dict[int, int] | None:
+    """``--label_map`` parsed and checked against the model's classes and the dataset's labels."""
+    if not args.label_map:
+        return None
+    try:
+        label_map = parse_label_map(args.label_map)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    outside = sorted(c for c in label_map if c >= out_channels)
+    if outside:
+        raise UsageError(f"--label_map {args.label_map}: the model has no class {outside[0]} ({out_channels} classes)")
+    unknown = sorted(t for t in label_map.values() if t >= config.num_classes)
+    if unknown:
+        raise UsageError(f"--label_map {args.label_map}: the dataset has no label {unknown[0]}")
+    return label_map
+
+
 def _infer(args) -> list[Path]:
     device = select_device(args.device, args.gpu)
     autocast = autocast_for(args.amp, device)
     output = check_output_folder(args.output)
     config = load_dataset_config(args.dataset or "flare", args.datalist)
-    state, checkpoint_card = load_trained(args.trained_weights, "--trained_weights")
-    card_path = model_card_path(args.trained_weights)
-    card, source = None, None
-    if card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text())
-        except (OSError, ValueError) as error:
-            raise UsageError(f"{card_path}: not a valid model card ({error})") from None
-        source = str(card_path)
-    elif checkpoint_card is not None:
-        card, source = checkpoint_card, f"{args.trained_weights} (a training checkpoint: its model weights and card)"
-    if card is not None:
-        choice, out_channels, roi, config = _model_from_card(card, source, args, config)
-        print(
-            f"Model card {source}: {choice.name} {choice.overrides}, {out_channels} classes, ROI {_text(roi)}, "
-            f"spacing {_text(config.spacing) if config.spacing else 'native'}, "
-            f"window {config.a_min:g}..{config.a_max:g}"
-        )
-    else:
-        roi = roi_of(args.roi_size or 96)
-        choice = network_from_flags(args, roi)
-        out_channels = config.num_classes
+    choice, out_channels, roi, config, state = _model_to_run(args, config)
     cases = find_cases(config, args.root, "test")
-    label_map = None
-    if args.label_map:
-        try:
-            label_map = parse_label_map(args.label_map)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        outside = sorted(c for c in label_map if c >= out_channels)
-        if outside:
-            raise UsageError(
-                f"--label_map {args.label_map}: the model has no class {outside[0]} ({out_channels} classes)"
-            )
-        unknown = sorted(t for t in label_map.values() if t >= config.num_classes)
-        if unknown:
-            raise UsageError(f"--label_map {args.label_map}: the dataset has no label {unknown[0]}")
+    label_map = _label_map_of(args, out_channels, config)
     if args.evaluate and not all("label" in case for case in cases):
         raise UsageError(
             f"--evaluate needs labels: a labelsTs folder under --root {args.root} or a test list with labels"
