@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.common import BEST_WEIGHTS, LAST_CHECKPOINT, UsageError, save_torch
+from engine.common import BEST_WEIGHTS, LAST_CHECKPOINT, UsageError, as_json, save_torch
 from networks import BFRConv3d
 
 __all__ = [
     "APPLIED_ON_RESUME",
+    "CARD_KEPT_ON_RESUME",
     "REFUSED_ON_RESUME",
-    "compare_flags",
+    "check_resumed_run",
     "load_checkpoint",
     "recorded_flags",
     "resolve_resume",
@@ -24,6 +25,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+
+#: Model card entries a resumed run must share with its checkpoint (the model and its preprocessing).
+CARD_KEPT_ON_RESUME = ("network", "network_args", "out_channels", "roi_size", "spacing", "intensity")
 
 #: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
 #: depends on them (data order and augmentation: seed, batch_size, crop_sample, fold) or the saved state
@@ -136,9 +140,18 @@ def recorded_flags(args) -> dict:
     return {name: getattr(args, name) for name in (*REFUSED_ON_RESUME, *APPLIED_ON_RESUME)}
 
 
-def compare_flags(saved: dict | None, args, resume: Path) -> list[str]:
-    """Check the flags of a resumed run against the checkpoint's: a UsageError naming every flag whose change
-    is refused; otherwise the notes (one line each) of the changes that are applied."""
+def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[str]:
+    """Check a resumed run against its checkpoint: a UsageError naming every model card entry
+    (:data:`CARD_KEPT_ON_RESUME`) and every flag whose change is refused; otherwise the notes (one line each)
+    of the flag changes that are applied."""
+    saved_card = {k: as_json(checkpoint["card"].get(k)) for k in CARD_KEPT_ON_RESUME}
+    current_card = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
+    differing = [
+        f"{k} {saved_card[k]} (flags: {current_card[k]})" for k in saved_card if saved_card[k] != current_card[k]
+    ]
+    if differing:
+        raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}")
+    saved = checkpoint.get("flags")
     if saved is None:
         return [f"note: --resume {resume}: the checkpoint records no training flags; they are not checked"]
     current = recorded_flags(args)
@@ -164,9 +177,11 @@ def restore_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     lr: float | None = None,
+    max_iter: int | None = None,
 ) -> dict:
-    """Load a checkpoint into the run's objects and RNGs; returns its progress dict. ``lr``: a new base
-    learning rate, applied to the schedule from the checkpoint's step on."""
+    """Load a checkpoint into the run's objects and RNGs; returns its progress dict. ``lr`` and
+    ``max_iter``: a new base learning rate and a new end of the schedule (one that has an end), applied from
+    the checkpoint's step on."""
     model.load_state_dict(checkpoint["model"], strict=True)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -179,6 +194,8 @@ def restore_training_state(
         for group, value in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
             group["initial_lr"], group["lr"] = lr, value
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if max_iter is not None and hasattr(scheduler, "max_iter"):
+        scheduler.max_iter = max_iter
     if checkpoint["scaler"] and scaler.is_enabled():  # a run without fp16 saves an empty scaler state
         scaler.load_state_dict(checkpoint["scaler"])
     set_rng_states(checkpoint["rng"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from load_datasets_transforms import DatasetConfig, check_cases, find_cases, roi_of
+from load_datasets_transforms import check_cases, roi_of
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "as_json",
     "autocast_for",
     "check_output_folder",
-    "checked_cases",
     "read_through_record",
     "load_into",
     "load_trained",
@@ -246,10 +245,3 @@ def verify_cases(cases: Sequence[dict], num_classes: int, workers: int, progress
                 save_json({**_load_record(record), **added}, record)
             except OSError:  # a read-only home: the files are read again next time
                 pass
-
-
-def checked_cases(config: DatasetConfig, root: str, split: str, workers: int = 0) -> list[dict]:
-    """The cases of ``split``, every file read through (see :func:`verify_cases`)."""
-    cases = find_cases(config, root, split)
-    verify_cases(cases, config.num_classes, workers)
-    return cases

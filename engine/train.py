@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from engine.checkpoint import (
-    compare_flags,
+    check_resumed_run,
     load_checkpoint,
     recorded_flags,
     resolve_resume,
@@ -42,7 +42,6 @@ from engine.common import (
     LAST_CHECKPOINT,
     RunStopped,
     UsageError,
-    as_json,
     autocast_for,
     check_output_folder,
     load_into,
@@ -69,9 +68,6 @@ from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
 
 __all__ = ["cached_dataset", "run_training"]
-
-#: Model card entries a resumed run must share with its checkpoint.
-CARD_KEPT_ON_RESUME = ("network", "network_args", "out_channels", "roi_size", "spacing", "intensity")
 
 
 class StopSignals:
@@ -210,14 +206,7 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
         "intensity": {"a_min": config.a_min, "a_max": config.a_max},
         "roi_size": list(roi),
     }
-    notes = []
-    if checkpoint is not None:
-        saved = {k: as_json(checkpoint["card"].get(k)) for k in CARD_KEPT_ON_RESUME}
-        current = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
-        differing = [f"{k} {saved[k]} (flags: {current[k]})" for k in CARD_KEPT_ON_RESUME if saved[k] != current[k]]
-        if differing:
-            raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}")
-        notes = compare_flags(checkpoint.get("flags"), args, resume)
+    notes = check_resumed_run(checkpoint, card, args, resume) if checkpoint is not None else []
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     gpu_transforms = args.gpu_transforms and device.type == "cuda"
@@ -272,9 +261,9 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     }
     best_path, last_path = output / BEST_WEIGHTS, output / LAST_CHECKPOINT
     if checkpoint is not None:
-        progress = restore_training_state(checkpoint, model, optimizer, scheduler, scaler, lr=args.lr)
-        if getattr(scheduler, "max_iter", args.max_iter) != args.max_iter:  # the schedule follows --max_iter
-            scheduler.max_iter = args.max_iter
+        progress = restore_training_state(
+            checkpoint, model, optimizer, scheduler, scaler, lr=args.lr, max_iter=args.max_iter
+        )
         if main:
             print(f"Resumed from {resume} at step {progress['step']} (best Dice {progress['best_dice']:.4f})")
             for note in notes:
