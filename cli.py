@@ -96,8 +96,9 @@ def unit_interval(upper_open: bool = False) -> Callable[[str], float]:
 
 #: test_seg.py: what the model card beside the weights decides, when there is one.
 CARD_DECIDES = {
-    "dataset": "flare, amos, feta, or a dataset JSON file: where the test files are; its preprocessing only for "
-    "weights without a model card (default: flare)",
+    "dataset": "flare, amos, feta, or a dataset JSON file (Decathlon, nnU-Net v2 or this repository's): where the "
+    "test files are; its preprocessing only for weights without a model card (default: --root's dataset.json, "
+    "else flare)",
     "network": "network of weights without a model card (default: the card's, else REPUXNET)",
     "roi_size": "sliding-window size, one or three integers (default: the model card's, else 96)",
     "feat_size": "encoder channels of weights without a model card (default: the card's, else published)",
@@ -110,12 +111,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     """Flags of all three scripts (published names and defaults, plus device, seed and network shape);
     ``mode="test"`` (test_seg.py) says which of them a model card decides."""
     card = CARD_DECIDES if mode == "test" else {}
-    parser.add_argument("--root", required=True, help="dataset folder (imagesTr, labelsTr, imagesVal, ...)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="dataset folder (imagesTr, labelsTr, imagesVal, ...; default: the folder of a dataset JSON given as "
+        "--dataset)",
+    )
     parser.add_argument("--output", required=True, help="folder for weights, logs or predictions")
     parser.add_argument(
         "--dataset",
         default=None if card else "flare",
-        help=card.get("dataset", "flare, amos, feta, or a dataset JSON file (labels, spacing, intensity, lists)"),
+        help=card.get(
+            "dataset",
+            "flare, amos, feta, or a dataset JSON file: a Decathlon or nnU-Net v2 dataset.json, or this repository's "
+            "(see TRAINING.md, 'Your own dataset')",
+        ),
     )
     parser.add_argument(
         "--datalist",

@@ -1,46 +1,60 @@
-"""Datasets: presets and JSON descriptions, file lists paired by case, input checks, MONAI transforms.
+"""Datasets: file lists paired by case, input checks, MONAI transforms (dataset descriptions: dataset_config).
 
 ``data_loader(args)`` and ``data_transforms(args)`` keep the published names and return values. A
-dataset is a preset (``flare``, ``amos``, ``feta``: the published settings) or a JSON file describing
-one; every file list is checked (:func:`check_cases`) before anything is cached or trained.
+dataset is a preset (``flare``, ``amos``, ``feta``) or a JSON file describing one
+(:func:`dataset_config.load_dataset_config`); every file list is checked (:func:`check_cases`) before
+anything is cached or trained.
+
+A case is ``{"image": path, "label": path}``; a multi-channel image is one 4D file (channels last, as
+in the Medical Segmentation Decathlon) or a list of files, one per channel (nnU-Net's
+``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``...).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import numbers
 import os
 import random
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
+    NormalizeIntensity,
     Orientationd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
+    ScaleIntensityRange,
     Spacingd,
     SpatialPadd,
 )
 from monai.utils import ensure_tuple_rep
 from tqdm import tqdm
 
+from dataset_config import MEDIAN, PRESETS, SPLITS, ChannelNorm, DatasetConfig, DatasetError, load_dataset_config
+
 __all__ = [
+    "MEDIAN",
     "PRESETS",
+    "AnyChannelForeground",
+    "CaseSummary",
     "DatasetConfig",
     "DatasetError",
+    "NormalizeChannelsd",
+    "case_files",
     "case_name",
     "check_cases",
     "data_loader",
@@ -49,265 +63,180 @@ __all__ = [
     "find_cases",
     "load_dataset_config",
     "read_through",
+    "resolve_root",
     "roi_of",
     "split_folds",
 ]
 
-SPLIT_FOLDERS = {
-    "training": ("imagesTr", "labelsTr"),
-    "validation": ("imagesVal", "labelsVal"),
-    "test": ("imagesTs", "labelsTs"),
-}
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+CHANNEL_SUFFIX = re.compile(r"^(.+)_(\d{4})$")
+#: Version of the read-through summaries (entries of older versions are read again).
+SUMMARY_VERSION = 2
 
 
-class DatasetError(ValueError):
-    """A dataset problem a user must fix; the message names the file or flag and what is wrong."""
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """Everything the transforms and the engine need to know about a dataset.
-
-    Args:
-        name: preset name or the JSON file's ``name``.
-        labels: class names, index = label value (background first).
-        spacing: target voxel spacing in mm, or None to keep the native grid.
-        a_min, a_max: intensity window mapped to [0, 1] (clipped).
-        rotate_z: range (radians) of the random rotation about the last axis in training.
-        lists: optional MSD-style ``training`` / ``validation`` / ``test`` lists, relative to ``--root``.
-    """
-
-    name: str
-    labels: tuple[str, ...]
-    spacing: tuple[float, float, float] | None
-    a_min: float
-    a_max: float
-    rotate_z: float = math.pi / 30
-    lists: dict[str, list] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-
-FLARE_LABELS = ("background", "spleen", "kidney", "liver", "pancreas")
-AMOS_LABELS = (
-    "background",
-    "spleen",
-    "right kidney",
-    "left kidney",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "inferior vena cava",
-    "pancreas",
-    "right adrenal gland",
-    "left adrenal gland",
-    "duodenum",
-    "bladder",
-    "prostate/uterus",
-)
-FETA_LABELS = (
-    "background",
-    "external cerebrospinal fluid",
-    "grey matter",
-    "white matter",
-    "ventricles",
-    "cerebellum",
-    "deep grey matter",
-    "brainstem",
-)
-
-#: The published dataset settings.
-PRESETS: dict[str, DatasetConfig] = {
-    "flare": DatasetConfig("flare", FLARE_LABELS, (1.0, 1.0, 1.2), -125.0, 275.0, math.pi / 30),
-    "amos": DatasetConfig("amos", AMOS_LABELS, (1.5, 1.5, 2.0), -125.0, 275.0, math.pi / 30),
-    "feta": DatasetConfig("feta", FETA_LABELS, None, 0.0, 1000.0, math.pi / 15),
-}
-
-
-def _read_json(path: Path, flag: str) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"{flag} {path}: no such file")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetError(
-            f"{flag} {path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{flag} {path}: cannot read: {error}") from None
-    if not isinstance(content, dict):
-        raise DatasetError(f"{flag} {path}: expected a JSON object at the top level")
-    return content
-
-
-def _parse_labels(labels: object, where: str) -> tuple[str, ...]:
-    if not isinstance(labels, dict) or not labels:
-        raise DatasetError(f'{where}: \'labels\' must be an object such as {{"0": "background", "1": "liver"}}')
-    try:
-        by_value = {int(key): str(name) for key, name in labels.items()}
-    except ValueError:
-        raise DatasetError(f"{where}: 'labels' keys must be integers, got {sorted(labels)}") from None
-    if sorted(by_value) != list(range(len(by_value))):
-        raise DatasetError(f"{where}: 'labels' keys must be 0..{len(by_value) - 1}, got {sorted(by_value)}")
-    if len(by_value) < 2:
-        raise DatasetError(f"{where}: 'labels' needs background and at least one class")
-    return tuple(by_value[i] for i in range(len(by_value)))
-
-
-def _parse_lists(content: dict, where: str) -> dict[str, list]:
-    lists = {}
-    for split in SPLIT_FOLDERS:
-        if split not in content:
-            continue
-        entries = content[split]
-        if not isinstance(entries, list):
-            raise DatasetError(f"{where}: '{split}' must be a list")
-        for i, entry in enumerate(entries):
-            labelled = split != "test"
-            valid = isinstance(entry, dict) and isinstance(entry.get("image"), str)
-            valid = valid and (not labelled or isinstance(entry.get("label"), str))
-            if not (valid or (split == "test" and isinstance(entry, str))):
-                needs = '{"image": ..., "label": ...}' if labelled else 'a path or {"image": ...}'
-                raise DatasetError(f"{where}: '{split}' entry {i} must be {needs}, got {entry!r}")
-        lists[split] = entries
-    return lists
-
-
-def load_dataset_config(dataset: str, datalist: str | None = None) -> DatasetConfig:
-    """The configuration of ``--dataset`` (a preset name or a JSON file), with ``--datalist`` lists.
-
-    A dataset JSON holds ``labels`` (MSD style), ``spacing`` (``[x, y, z]`` mm or null), ``intensity``
-    (``{"a_min": .., "a_max": ..}``), optionally ``rotate_z`` (radians) and ``training`` /
-    ``validation`` / ``test`` lists. A ``--datalist`` (MSD ``dataset.json``) supplies only the lists.
-    """
-    if dataset.lower() in PRESETS:
-        config = PRESETS[dataset.lower()]
-    elif dataset.lower().endswith(".json") or os.path.sep in dataset:
-        path = Path(dataset)
-        where = f"--dataset {path}"
-        content = _read_json(path, "--dataset")
-        for key in ("labels", "spacing", "intensity"):
-            if key not in content:
-                raise DatasetError(f"{where}: missing '{key}'")
-        spacing = content["spacing"]
-        if spacing is not None:
-            if not (
-                isinstance(spacing, list)
-                and len(spacing) == 3
-                and all(isinstance(s, int | float) and s > 0 for s in spacing)
-            ):
-                raise DatasetError(f"{where}: 'spacing' must be three positive numbers (mm) or null, got {spacing!r}")
-            spacing = tuple(float(s) for s in spacing)
-        intensity = content["intensity"]
-        if not (
-            isinstance(intensity, dict) and all(isinstance(intensity.get(k), int | float) for k in ("a_min", "a_max"))
-        ):
-            raise DatasetError(f'{where}: \'intensity\' must be {{"a_min": number, "a_max": number}}')
-        if intensity["a_max"] <= intensity["a_min"]:
-            raise DatasetError(f"{where}: 'intensity' a_max must be greater than a_min")
-        config = DatasetConfig(
-            name=str(content.get("name", path.stem)),
-            labels=_parse_labels(content["labels"], where),
-            spacing=spacing,
-            a_min=float(intensity["a_min"]),
-            a_max=float(intensity["a_max"]),
-            rotate_z=float(content.get("rotate_z", math.pi / 30)),
-            lists=_parse_lists(content, where),
-        )
-    else:
-        raise DatasetError(f"--dataset {dataset!r}: not a preset ({', '.join(PRESETS)}) nor a .json file")
-    if datalist is not None:
-        path = Path(datalist)
-        lists = _parse_lists(_read_json(path, "--datalist"), f"--datalist {path}")
-        if not lists:
-            raise DatasetError(f"--datalist {path}: no 'training', 'validation' or 'test' list")
-        config = replace(config, lists={**config.lists, **lists})
-    return config
-
-
-def case_name(path: str | os.PathLike) -> str:
-    """Case identifier of an image or label file: the name without ``.nii.gz`` and a ``_0000`` channel suffix."""
+def _stem(path: str | os.PathLike) -> str:
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
-        name = name[:-5]
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return name[: -len(ending)]
     return name
 
 
+def case_name(path: str | os.PathLike | Sequence) -> str:
+    """Case identifier of an image (its first channel file) or label file: the name without ``.nii.gz``
+    and a ``_0000`` channel suffix."""
+    if not isinstance(path, str | os.PathLike):
+        path = path[0]
+    name = _stem(path)
+    match = CHANNEL_SUFFIX.match(name)
+    return match.group(1) if match else name
+
+
+def case_files(case: dict) -> list[str]:
+    """Every file of a case: its image file(s), then its label if it has one."""
+    image = case["image"]
+    return [*([image] if isinstance(image, str) else image), *([case["label"]] if "label" in case else [])]
+
+
+def resolve_root(config: DatasetConfig, root: str | os.PathLike | None) -> Path:
+    """``--root``, else the folder of the dataset JSON; a DatasetError for a preset without ``--root``."""
+    if root is None:
+        if config.root is None:
+            raise DatasetError(f"--root is needed with {config.source or config.name} (the folder of imagesTr, ...)")
+        return config.root
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"--root {root}: no such folder")
+    return root
+
+
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
 
 
-def _pair_folders(root: Path, image_dir: str, label_dir: str | None) -> list[dict]:
+def _group_channels(images: list[Path], labelled: set[str] | None, config: DatasetConfig) -> tuple[dict, list]:
+    """Image files by case: a file named as a label, or ``<case>_NNNN`` of a labelled case, is the image of
+    that case; with several channels, ``<case>_0000``, ``<case>_0001``... are the channel files of one case
+    and any other file a 4D image. Returns ``{case: path or [channel paths]}`` and the problems found."""
+    channels: dict[str, dict[int, Path]] = {}
+    singles: dict[str, Path] = {}
+    problems = []
+    for path in images:
+        stem, match = _stem(path), CHANNEL_SUFFIX.match(_stem(path))
+        if labelled is not None and stem in labelled:
+            case = stem
+        elif match and (config.in_channels > 1 or (labelled is not None and match.group(1) in labelled)):
+            case, index = match.group(1), int(match.group(2))
+            if config.in_channels > 1:
+                if index >= config.in_channels:
+                    problems.append(
+                        f"{path}: channel {index}, but the dataset has {config.in_channels} "
+                        f"({', '.join(config.channels)})"
+                    )
+                channels.setdefault(case, {})[index] = path
+                continue
+        else:
+            case = stem
+        if case in singles:
+            problems.append(f"{path}: second image for case {case!r} (also {singles[case]})")
+        singles[case] = path
+    grouped: dict[str, Path | list[Path]] = dict(singles)
+    for case, files in channels.items():
+        if case in singles:
+            problems.append(
+                f"{singles[case]}: case {case!r} has both this image and channel files ({files[min(files)]})"
+            )
+            continue
+        folder = files[min(files)].parent
+        for index, channel in enumerate(config.channels):
+            if index not in files:
+                problems.append(
+                    f"{folder / f'{case}_{index:04d}{config.file_ending}'}: missing (channel {index}, {channel}, "
+                    f"of case {case!r})"
+                )
+        grouped[case] = [files[i] for i in sorted(files)]
+    return grouped, problems
+
+
+def _pair_folders(root: Path, image_dir: str, label_dir: str | None, config: DatasetConfig) -> list[dict]:
     images_path = root / image_dir
     if not images_path.is_dir():
         raise DatasetError(f"{images_path}: missing folder (expected the published layout under --root)")
     images = _nifti_files(images_path)
     if not images:
         raise DatasetError(f"{images_path}: no .nii.gz images")
-    if label_dir is None:
-        return [{"image": str(p)} for p in images]
-    labels_path = root / label_dir
-    if not labels_path.is_dir():
-        raise DatasetError(f"{labels_path}: missing folder (labels for {images_path})")
-    by_case: dict[str, dict] = {}
-    problems = []
-    for kind, files in (("image", images), ("label", _nifti_files(labels_path))):
-        for path in files:
-            entry = by_case.setdefault(case_name(path), {})
-            if kind in entry:
-                problems.append(f"{path}: second {kind} for case {case_name(path)!r} (also {entry[kind]})")
-            entry[kind] = str(path)
-    for _, entry in sorted(by_case.items()):
-        if "label" not in entry:
-            problems.append(f"{entry['image']}: no label for this image in {labels_path}")
-        elif "image" not in entry:
-            problems.append(f"{entry['label']}: no image for this label in {images_path}")
+    labels: dict[str, Path] = {}
+    if label_dir is not None:
+        labels_path = root / label_dir
+        if not labels_path.is_dir():
+            raise DatasetError(f"{labels_path}: missing folder (labels for {images_path})")
+        for path in _nifti_files(labels_path):
+            labels[_stem(path)] = path
+    grouped, problems = _group_channels(images, set(labels) if label_dir is not None else None, config)
+    cases = []
+    for case in sorted(grouped.keys() | labels.keys()):
+        image = grouped.get(case)
+        if image is None:
+            problems.append(f"{labels[case]}: no image for this label in {images_path}")
+            continue
+        entry = {"image": str(image) if isinstance(image, Path) else [str(p) for p in image]}
+        if label_dir is not None:
+            if case not in labels:
+                problems.append(f"{case_files(entry)[0]}: no label for this image in {root / label_dir}")
+                continue
+            entry["label"] = str(labels[case])
+        cases.append(entry)
     if problems:
         raise DatasetError(_summarise(problems))
-    return [by_case[case] for case in sorted(by_case)]
+    return cases
 
 
-def _from_list(root: Path, entries: list, labelled: bool) -> list[dict]:
+def _from_list(root: Path, entries: list, test_labels: Path | None) -> list[dict]:
+    """Cases of a JSON list; unlabelled test entries take their label from ``test_labels`` (labelsTs)."""
     cases = []
     for entry in entries:
         entry = {"image": entry} if isinstance(entry, str) else entry
-        case = {"image": str(root / entry["image"])}
-        if labelled:
+        image = entry["image"]
+        case = {"image": str(root / image) if isinstance(image, str) else [str(root / p) for p in image]}
+        if "label" in entry:
             case["label"] = str(root / entry["label"])
+        elif test_labels is not None:
+            case["label"] = str(test_labels / f"{case_name(image)}.nii.gz")
         cases.append(case)
     return cases
 
 
-def find_cases(config: DatasetConfig, root: str | os.PathLike, split: str) -> list[dict]:
-    """The ``{"image": path, "label": path}`` cases of ``split`` (training, validation or test).
+def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str) -> list[dict]:
+    """The cases of ``split`` (training, validation or test) under ``root`` (None: the dataset JSON's folder).
 
-    Lists from the dataset JSON or ``--datalist`` win; otherwise the published folders under ``root``
-    are read and images paired with labels by case name (never by position). Test cases carry labels
-    only when ``labelsTs`` exists.
+    Lists from the dataset JSON or ``--datalist`` win; otherwise the published folders (imagesTr,
+    labelsTr, ...) are read and images paired with labels by case name (never by position), channel files
+    grouped by case. Test cases carry labels only when ``labelsTs`` exists. A dataset without validation
+    cases raises a DatasetError that says to pass ``--fold``.
     """
-    if split not in SPLIT_FOLDERS:
-        raise ValueError(f"split must be one of {', '.join(SPLIT_FOLDERS)}, got {split!r}")
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"--root {root}: no such folder")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    root = resolve_root(config, root)
+    image_dir, label_dir = SPLITS[split]
+    if split == "test" and not (root / label_dir).is_dir():
+        label_dir = None
     if split in config.lists:
         entries = config.lists[split]
         if not entries:
             raise DatasetError(f"the {split} list of {config.name} is empty")
-        labelled = split != "test" or all(isinstance(e, dict) and "label" in e for e in entries)
-        return _from_list(root, entries, labelled)
-    image_dir, label_dir = SPLIT_FOLDERS[split]
-    if split == "test" and not (root / label_dir).is_dir():
-        label_dir = None
-    return _pair_folders(root, image_dir, label_dir)
+        return _from_list(root, entries, root / label_dir if label_dir else None)
+    if split == "validation" and (config.lists or config.layout == "nnunet" or not (root / image_dir).is_dir()):
+        raise DatasetError(
+            f"{config.source or config.name}: the dataset has no validation cases; pass --fold 0 (of --num_folds 5) "
+            "to validate on a fifth of the training cases (--fold 1..4 for the other folds)"
+        )
+    cases = _pair_folders(root, image_dir, label_dir, config)
+    if split == "training" and config.num_training is not None and config.num_training != len(cases):
+        raise DatasetError(
+            f"{config.source}: numTraining is {config.num_training}, but {root / image_dir} and {root / label_dir} "
+            f"hold {len(cases)} cases"
+        )
+    return cases
 
 
 def _summarise(problems: Sequence[str], limit: int = 20) -> str:
@@ -316,15 +245,6 @@ def _summarise(problems: Sequence[str], limit: int = 20) -> str:
     shown = "\n  ".join(problems[:limit])
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{len(problems)} problems in the dataset:\n  {shown}{more}"
-
-
-def _spatial_shape(shape: Sequence[int], path: str) -> tuple[int, ...]:
-    spatial = tuple(shape)
-    if len(spatial) == 4 and spatial[3] == 1:
-        spatial = spatial[:3]
-    if len(spatial) != 3:
-        raise DatasetError(f"{path}: not a 3D volume (shape {tuple(shape)})")
-    return spatial
 
 
 def file_identity(path: str | os.PathLike) -> tuple[str, list[int]]:
@@ -337,8 +257,8 @@ def read_through(path: str, kind: str) -> dict:
     """Read every voxel of a NIfTI file once; a summary of what the checks need, or a DatasetError naming
     the file (unreadable header, or voxel data cut short, as in a truncated ``.nii.gz``).
 
-    The summary holds the ``shape``; for an image whether every voxel is ``finite``; for a label (``kind``
-    ``"label"``) its distinct ``values``.
+    The summary holds the ``shape`` and ``affine``; for an image whether every voxel is ``finite``; for a
+    label (``kind`` ``"label"``) its distinct ``values``.
     """
     try:
         image = nib.load(path)
@@ -348,7 +268,7 @@ def read_through(path: str, kind: str) -> dict:
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # a truncated or corrupt compressed stream: EOFError, zlib.error, OSError...
         raise DatasetError(f"{path}: cannot read its voxel data ({type(error).__name__}: {error})") from None
-    summary: dict = {"shape": list(image.shape)}
+    summary: dict = {"shape": list(image.shape), "affine": np.asarray(image.affine, dtype=float).tolist()}
     if kind == "label":
         summary["values"] = np.unique(data).tolist()
     else:
@@ -365,7 +285,12 @@ def _read_all(files: dict[str, str], known: dict, workers: int, progress: bool) 
     for path, kind in files.items():
         absolute, identity = file_identity(path)
         entry = known.get(absolute)
-        if entry is not None and entry.get("identity") == identity and entry.get("kind") == kind:
+        if (
+            entry is not None
+            and entry.get("identity") == identity
+            and entry.get("kind") == kind
+            and entry.get("version") == SUMMARY_VERSION
+        ):
             results[path] = entry["summary"]
         else:
             pending[path] = (kind, absolute, identity)
@@ -381,67 +306,136 @@ def _read_all(files: dict[str, str], known: dict, workers: int, progress: bool) 
                 results[path] = str(error)
                 continue
             kind, absolute, identity = pending[path]
-            known[absolute] = {"kind": kind, "identity": identity, "summary": results[path]}
+            known[absolute] = {"kind": kind, "identity": identity, "version": SUMMARY_VERSION, "summary": results[path]}
     return results
 
 
+@dataclass(frozen=True)
+class CaseSummary:
+    """What the checks learnt of a case: spatial ``shape`` and voxel ``spacing`` (mm), both along the RAS
+    axes; ``channels``; and whether its label has any ``foreground`` (None without a label)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    channels: int
+    foreground: bool | None
+
+
 def check_cases(
-    cases: Sequence[dict], num_classes: int, workers: int = 0, known: dict | None = None, progress: bool = False
-) -> None:
+    cases: Sequence[dict],
+    num_classes: int,
+    workers: int = 0,
+    known: dict | None = None,
+    progress: bool = False,
+    in_channels: int = 1,
+) -> list[CaseSummary]:
     """Check every case before any caching or training; raise one DatasetError naming each bad file.
 
     Every image and label is read through once (:func:`read_through`, on ``workers`` threads, with a
-    progress bar when ``progress``): files exist and are readable NIfTI to their last voxel, volumes are
-    3D, images hold no NaN or infinite voxels, a label has its image's shape, and label values are
-    integers in ``[0, num_classes)``. ``known`` (absolute path -> ``{"kind", "identity", "summary"}``, see
-    :func:`file_identity`) remembers earlier read-throughs: a file it holds unchanged is not read again,
-    and the files read now are added to it.
+    progress bar when ``progress``): files exist and are readable NIfTI to their last voxel; an image has
+    ``in_channels`` channels (a 4D file, channels last, or one 3D file per channel, all of one geometry);
+    images hold no NaN or infinite voxels; a label has its image's shape and geometry (affine) and integer
+    values in ``[0, num_classes)``. ``known`` (absolute path -> ``{"kind", "identity", "version",
+    "summary"}``, see :func:`file_identity`) remembers earlier read-throughs: a file it holds unchanged is
+    not read again, and the files read now are added to it. Returns a :class:`CaseSummary` per case.
     """
     problems, files = [], {}
     for case in cases:
-        if not os.path.isfile(case["image"]):
-            problems.append(f"{case['image']}: no such file")
-            continue
-        files[case["image"]] = "image"
-        if "label" in case:
-            if not os.path.isfile(case["label"]):
-                problems.append(f"{case['label']}: no such file (label of {case['image']})")
-                continue
-            files[case["label"]] = "label"
+        missing = [path for path in case_files(case) if not os.path.isfile(path)]
+        if missing:  # the first missing file of a case is enough to name it
+            owner = f" (label of {case_files(case)[0]})" if missing[0] == case.get("label") else ""
+            problems.append(f"{missing[0]}: no such file{owner}")
+        else:
+            files.update({path: "image" for path in case_files({"image": case["image"]})})
+            if "label" in case:
+                files[case["label"]] = "label"
     summaries = _read_all(files, {} if known is None else known, workers, progress)
+    checked = []
     for case in cases:
-        if case["image"] not in summaries or case.get("label", case["image"]) not in summaries:
+        if not all(path in summaries for path in case_files(case)):
             continue  # a missing file, reported above
         try:
-            _check_case(case, summaries, num_classes)
+            checked.append(_check_case(case, summaries, num_classes, in_channels))
         except DatasetError as error:
             problems.append(str(error))
     if problems:
         raise DatasetError(_summarise(problems))
+    return checked
 
 
-def _check_case(case: dict, summaries: dict[str, dict | str], num_classes: int) -> None:
-    image_path = case["image"]
-    image = summaries[image_path]
-    if isinstance(image, str):
-        raise DatasetError(image)
-    shape = _spatial_shape(image["shape"], image_path)
-    if not image["finite"]:
-        raise DatasetError(f"{image_path}: NaN or infinite voxel values")
+def _volume(summary: dict | str, path: str) -> tuple[tuple[int, ...], int]:
+    """A file's spatial shape and channel count (3D, or 4D with the channels last)."""
+    if isinstance(summary, str):
+        raise DatasetError(summary)
+    shape = tuple(summary["shape"])
+    if len(shape) == 3:
+        return shape, 1
+    if len(shape) == 4:
+        return shape[:3], shape[3]
+    raise DatasetError(f"{path}: not a 3D volume or a 4D one with the channels last (shape {shape})")
+
+
+def _geometry_difference(affine: np.ndarray, reference: np.ndarray) -> str | None:
+    """How two voxel-to-world affines differ (spacing, direction, origin), or None when they agree."""
+    if np.allclose(affine, reference, rtol=1e-4, atol=1e-4):
+        return None
+    zooms, reference_zooms = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(reference[:3, :3], axis=0)
+    if not np.allclose(zooms, reference_zooms, rtol=1e-4, atol=1e-4):
+        return f"spacing {_numbers(zooms)} mm vs {_numbers(reference_zooms)}"
+    if not np.allclose(affine[:3, :3] / zooms, reference[:3, :3] / reference_zooms, atol=1e-4):
+        return f"direction {nib.aff2axcodes(affine)} vs {nib.aff2axcodes(reference)}"
+    return f"origin {_numbers(affine[:3, 3])} mm vs {_numbers(reference[:3, 3])}"
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
+
+
+def _check_case(case: dict, summaries: dict[str, dict | str], num_classes: int, in_channels: int) -> CaseSummary:
+    images = case_files({"image": case["image"]})
+    shape, channels = _volume(summaries[images[0]], images[0])
+    affine = np.array(summaries[images[0]]["affine"])
+    for path in images[1:]:  # one file per channel: each 3D, all of one geometry
+        other_shape, other_channels = _volume(summaries[path], path)
+        if other_channels != 1 or other_shape != shape:
+            raise DatasetError(f"{path}: channel file of shape {summaries[path]['shape']}, expected {list(shape)}")
+        difference = _geometry_difference(np.array(summaries[path]["affine"]), affine)
+        if difference:
+            raise DatasetError(f"{path}: geometry differs from {images[0]} ({difference})")
+        channels += 1
+    if channels != in_channels:
+        raise DatasetError(
+            f"{images[0]}: {channels} channel{'s' * (channels > 1)}, but the dataset has {in_channels} "
+            f"(case {case_name(images[0])!r})"
+        )
+    for path in images:
+        if not summaries[path]["finite"]:
+            raise DatasetError(f"{path}: NaN or infinite voxel values")
+    orientation = nib.io_orientation(affine)[:, 0].astype(int)  # the RAS axis along each array axis
+    ras_shape, ras_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, ras_axis in enumerate(orientation):
+        ras_shape[ras_axis], ras_spacing[ras_axis] = shape[axis], float(np.linalg.norm(affine[:3, axis]))
+    foreground = None
     label_path = case.get("label")
-    if label_path is None:
-        return
-    label = summaries[label_path]
-    if isinstance(label, str):
-        raise DatasetError(label)
-    label_shape = _spatial_shape(label["shape"], label_path)
-    if label_shape != shape:
-        raise DatasetError(f"{label_path}: label shape {label_shape} differs from image shape {shape}")
+    if label_path is not None:
+        foreground = _check_label(label_path, summaries[label_path], shape, affine, num_classes)
+    return CaseSummary(tuple(ras_shape), tuple(ras_spacing), channels, foreground)
+
+
+def _check_label(path: str, label: dict | str, shape: tuple, affine: np.ndarray, num_classes: int) -> bool:
+    """Check a label against its image; whether it has any foreground."""
+    label_shape, label_channels = _volume(label, path)
+    if label_channels != 1 or label_shape != shape:
+        raise DatasetError(f"{path}: label shape {tuple(label['shape'])} differs from image shape {shape}")
+    difference = _geometry_difference(np.array(label["affine"]), affine)
+    if difference:
+        raise DatasetError(f"{path}: label geometry differs from its image's ({difference})")
     values = np.array(label["values"], dtype=np.float64)
     bad = values[~np.isfinite(values) | (values < 0) | (values >= num_classes) | (values != np.round(values))]
     if bad.size:
         shown = ", ".join(f"{v:g}" for v in bad[:5])
-        raise DatasetError(f"{label_path}: label values {shown} outside the {num_classes} classes 0..{num_classes - 1}")
+        raise DatasetError(f"{path}: label values {shown} outside the {num_classes} classes 0..{num_classes - 1}")
+    return bool((values > 0).any())
 
 
 def data_loader(args) -> tuple:
@@ -451,12 +445,13 @@ def data_loader(args) -> tuple:
     ``(test_samples, out_classes)`` for ``"test"``; samples are ``{"images": [...], "labels": [...]}``.
     """
     config = load_dataset_config(args.dataset, getattr(args, "datalist", None))
-    print(f"Start to load data from directory: {args.root}")
+    root = resolve_root(config, getattr(args, "root", None))
+    print(f"Start to load data from directory: {root}")
     splits = ("training", "validation") if args.mode == "train" else ("test",)
     samples = []
     for split in splits:
-        cases = find_cases(config, args.root, split)
-        check_cases(cases, config.num_classes)
+        cases = find_cases(config, root, split)
+        check_cases(cases, config.num_classes, in_channels=config.in_channels)
         samples.append({"images": [c["image"] for c in cases], "labels": [c["label"] for c in cases if "label" in c]})
     print(f"Finished loading all {args.mode} samples from dataset: {config.name}!")
     print(f"Number of classes for segmentation: {config.num_classes}")
@@ -483,6 +478,57 @@ def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
     return ensure_tuple_rep(edges[0] if len(edges) == 1 else tuple(edges), 3)
 
 
+class NormalizeChannelsd(MapTransform):
+    """Normalise each channel of the images under ``keys`` by its own scheme (see
+    :class:`dataset_config.ChannelNorm`): ``ct`` clips to the window and scales it to [0, 1], ``zscore``
+    standardises the channel's non-zero voxels (zero voxels stay 0), ``none`` leaves it."""
+
+    def __init__(self, keys: KeysCollection, normalization: Sequence[ChannelNorm]) -> None:
+        super().__init__(keys)
+        if any(norm.scheme == "ct" and norm.window is None for norm in normalization):
+            raise ValueError("a ct channel needs its window (derive it from the dataset first)")
+        self.normalization = tuple(normalization)
+        self.transforms = [
+            ScaleIntensityRange(*norm.window, b_min=0.0, b_max=1.0, clip=True)
+            if norm.scheme == "ct"
+            else NormalizeIntensity(nonzero=True)
+            if norm.scheme == "zscore"
+            else None
+            for norm in self.normalization
+        ]
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = data[key]
+            if image.shape[0] != len(self.transforms):
+                raise ValueError(f"{key}: {image.shape[0]} channels, normalisation for {len(self.transforms)}")
+            channels = [
+                image[c : c + 1] if transform is None else transform(image[c : c + 1])
+                for c, transform in enumerate(self.transforms)
+            ]
+            data[key] = torch.cat(channels) if len(channels) > 1 else channels[0]
+        return data
+
+
+@dataclass(frozen=True)
+class AnyChannelForeground:
+    """``select_fn`` of the foreground crop, on raw intensities: a voxel is foreground where any channel
+    shows it, above the window's low end for a ``ct`` channel (the published crop of the windowed image),
+    non-zero for the others (MRI background)."""
+
+    normalization: tuple[ChannelNorm, ...]
+
+    def __call__(self, image) -> torch.Tensor:
+        image = torch.as_tensor(image)
+        return torch.stack(
+            [
+                image[c] > norm.window[0] if norm.scheme == "ct" else image[c] != 0
+                for c, norm in enumerate(self.normalization)
+            ]
+        )
+
+
 def build_transforms(
     config: DatasetConfig,
     mode: str,
@@ -490,37 +536,41 @@ def build_transforms(
     crop_sample: int = 2,
     device: torch.device | None = None,
 ):
-    """Transform chains built from a dataset configuration.
+    """Transform chains built from a dataset configuration (with its derived settings filled in).
 
+    Preprocessing: load (channels first), reorient to RAS, resample to ``config.spacing``, crop to the
+    foreground (:class:`AnyChannelForeground`), normalise each channel (:class:`NormalizeChannelsd`).
     ``mode="train"`` returns ``(train_transforms, val_transforms)``; ``mode="test"`` returns the test
     chain (image only, invertible, for :class:`monai.transforms.Invertd`). With ``device``, the training
     chain moves each cached case there before the random crops, intensity shift and affine, which then
     run on that device (``--gpu_transforms``).
     """
+    if config.to_derive():
+        raise ValueError(f"{config.name}: derive {', '.join(config.to_derive())} first (dataset_fingerprint)")
     keys = ["image", "label"] if mode == "train" else ["image"]
     interpolation = ("bilinear", "nearest") if mode == "train" else ("bilinear",)
-
-    def preprocessing() -> list:
-        chain = [LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys)]
-        if config.spacing is not None:
-            chain.append(Spacingd(keys=keys, pixdim=config.spacing, mode=interpolation))
-        chain += [
-            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            ScaleIntensityRanged(
-                keys=["image"], a_min=config.a_min, a_max=config.a_max, b_min=0.0, b_max=1.0, clip=True
-            ),
-            CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-        ]
-        return chain
-
+    # Reoriented before resampling, so that the spacing is along the RAS axes whatever the stored order.
+    preprocessing = [
+        LoadImaged(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if config.spacing is not None:
+        preprocessing.append(Spacingd(keys=keys, pixdim=config.spacing, mode=interpolation))
+    preprocessing += [
+        CropForegroundd(
+            keys=keys, source_key="image", select_fn=AnyChannelForeground(config.normalization), allow_smaller=True
+        ),
+        NormalizeChannelsd(keys=["image"], normalization=config.normalization),
+    ]
     if mode == "test":
-        return Compose(preprocessing() + [EnsureTyped(keys=keys, dtype=np.float32, track_meta=True)])
+        return Compose(preprocessing + [EnsureTyped(keys=keys, dtype=np.float32, track_meta=True)])
     if mode != "train":
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
     roi_size = tuple(roi_size)
     to_device = [EnsureTyped(keys=keys, device=device, track_meta=False)] if device is not None else []
     train = Compose(
-        preprocessing()
+        preprocessing
         + to_device
         + [
             SpatialPadd(keys=keys, spatial_size=roi_size),  # crops need volumes at least as large as the ROI
@@ -546,7 +596,7 @@ def build_transforms(
             EnsureTyped(keys=keys, track_meta=False),
         ]
     )
-    val = Compose(preprocessing() + [EnsureTyped(keys=keys, track_meta=False)])
+    val = Compose(preprocessing + [EnsureTyped(keys=keys, track_meta=False)])
     return train, val
 
 

@@ -1,12 +1,26 @@
-"""Synthetic FLARE-like abdominal CT phantoms, written in the published dataset layout.
+"""Synthetic FLARE-like abdominal phantoms (CT, or two-channel MRI), in three dataset layouts.
 
-Each case is a small contrast-enhanced abdomen: an elliptic body (fat rim, soft tissue) with liver,
-spleen, two kidneys and pancreas as jittered ellipsoids at plausible portal-venous HU values, Gaussian
-noise, anisotropic voxels and a randomly chosen orientation in the affine (RAS, LPS, axes swapped, ...),
-stored as int16 NIfTI. Labels follow FLARE 2021: 0 background, 1 spleen, 2 kidney, 3 liver, 4 pancreas.
+Each case is a small abdomen: an elliptic body (fat rim, soft tissue) with liver, spleen, two kidneys
+and pancreas as jittered ellipsoids, Gaussian noise, anisotropic voxels and a randomly chosen orientation
+in the affine (RAS, LPS, axes swapped, ...), stored as int16 NIfTI. CT cases carry plausible
+portal-venous HU values; MRI cases two channels (T1- and T2-like contrasts, zero outside the body, an
+arbitrary gain per case and channel, as MRI has no absolute unit). Labels follow FLARE 2021: 0
+background, 1 spleen, 2 kidney, 3 liver, 4 pancreas.
 
-Command: ``python phantom.py --output data/phantom`` writes imagesTr/labelsTr, imagesVal/labelsVal,
-imagesTs/labelsTs and an MSD-style ``dataset.json``.
+Layouts (``--layout``):
+
+- ``published``: imagesTr/labelsTr, imagesVal/labelsVal, imagesTs/labelsTs and this repository's
+  ``dataset.json`` (for CT with the FLARE spacing and window);
+- ``decathlon``: a Medical Segmentation Decathlon task: imagesTr/labelsTr, imagesTs, ``dataset.json``
+  with ``training`` and ``test`` lists; multi-channel images are 4D files, channels last;
+- ``nnunet``: an nnU-Net v2 raw dataset: ``imagesTr/<case>_0000.nii.gz`` (one file per channel),
+  labelsTr, imagesTs and ``dataset.json`` (``channel_names``, ``file_ending``).
+
+The Decathlon and nnU-Net layouts have no validation split (``--num_val`` applies to ``published``); all
+three also write ``labelsTs``, the test labels, for ``test_seg.py --evaluate``.
+
+Command: ``python phantom.py --output data/phantom`` (CT, published layout);
+``python phantom.py --output data/mri_task --modality mri --layout nnunet``.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["LABELS", "make_case", "write_dataset"]
+__all__ = ["LABELS", "LAYOUTS", "MRI_CHANNELS", "make_case", "write_dataset"]
 
 LABELS = ("background", "spleen", "kidney", "liver", "pancreas")
 
@@ -34,6 +48,22 @@ ORGANS = {
     "kidney_left": (2, 180.0, (-20.0, -19.0, -4.0), (6.5, 7.5, 12.0)),
     "pancreas": (4, 75.0, (-4.0, 2.0, -2.0), (16.0, 4.5, 5.0)),
 }
+#: MRI channels: (name, intensity of fat, of soft tissue, and of each organ by name) in arbitrary units.
+MRI_CHANNELS = (
+    (
+        "T1",
+        800.0,
+        400.0,
+        {"liver": 520.0, "spleen": 330.0, "kidney_right": 270.0, "kidney_left": 270.0, "pancreas": 470.0},
+    ),
+    (
+        "T2",
+        550.0,
+        300.0,
+        {"liver": 180.0, "spleen": 520.0, "kidney_right": 680.0, "kidney_left": 680.0, "pancreas": 380.0},
+    ),
+)
+LAYOUTS = ("published", "decathlon", "nnunet")
 # Voxel-axis orientations of the stored array (nibabel axis codes); RAS is the canonical one.
 ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PLS", "ASR")
 
@@ -48,16 +78,22 @@ def _orientation_matrix(code: str, spacing: Sequence[float]) -> np.ndarray:
     return matrix
 
 
-def make_case(rng: np.random.Generator, orientation: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_case(
+    rng: np.random.Generator, orientation: str | None = None, modality: str = "ct"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make one phantom case.
 
     Args:
         rng: random generator (sizes, positions, spacing, orientation and noise come from it).
         orientation: axis code of the stored array (random from ``ORIENTATIONS`` when None).
+        modality: ``ct`` (one channel, HU) or ``mri`` (the channels of :data:`MRI_CHANNELS`, last axis).
 
     Returns:
-        ``(image, label, affine)``: int16 HU image, uint8 label of the same shape, 4x4 affine to RAS mm.
+        ``(image, label, affine)``: int16 image (CT: HU; MRI: 4D, channels last), uint8 label of the
+        spatial shape, 4x4 affine to RAS mm.
     """
+    if modality not in ("ct", "mri"):
+        raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
     orientation = orientation or str(rng.choice(ORIENTATIONS))
     in_plane = rng.uniform(1.3, 1.7)
     through_plane = rng.uniform(2.2, 3.0)
@@ -82,24 +118,39 @@ def make_case(rng: np.random.Generator, orientation: str | None = None) -> tuple
     scale = rng.uniform(0.9, 1.1)
     body_a, body_b = 52.0 * scale * rng.uniform(0.93, 1.07), 42.0 * scale * rng.uniform(0.93, 1.07)
     body = (x / body_a) ** 2 + (y / body_b) ** 2
-    image = np.full(shape, AIR_HU, dtype=np.float32)
-    image[body <= 1.0] = FAT_HU
-    image[body <= 0.78] = SOFT_TISSUE_HU
+    # One intensity per tissue and channel: CT in HU, MRI in the contrasts of MRI_CHANNELS.
+    if modality == "ct":
+        tissues = [(AIR_HU, FAT_HU, SOFT_TISSUE_HU, {name: hu for name, (_, hu, _, _) in ORGANS.items()})]
+    else:
+        tissues = [(0.0, fat, soft, organs) for _, fat, soft, organs in MRI_CHANNELS]
+    channels = []
+    for air, fat, soft, _ in tissues:
+        channel = np.full(shape, air, dtype=np.float32)
+        channel[body <= 1.0] = fat
+        channel[body <= 0.78] = soft
+        channels.append(channel)
     label = np.zeros(shape, dtype=np.uint8)
 
-    for value, hu, centre, axes in ORGANS.values():
+    for name, (value, _, centre, axes) in ORGANS.items():
         c = np.array(centre) * scale + rng.normal(0, 2.5, size=3)
         r = np.array(axes) * scale * rng.uniform(0.85, 1.15, size=3)
         angle = rng.uniform(-0.3, 0.3)  # in-plane rotation of the organ
         dx, dy = x - c[0], y - c[1]
         u, v = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy
         inside = (u / r[0]) ** 2 + (v / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1.0
-        image[inside] = hu + rng.normal(0, 4)
+        for channel, (_, _, _, organs) in zip(channels, tissues, strict=True):
+            channel[inside] = organs[name] + rng.normal(0, 4)
         label[inside] = value
 
-    image += rng.normal(0, 12.0, size=shape).astype(np.float32)
-    image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
-    return image, label, affine
+    if modality == "ct":
+        image = channels[0] + rng.normal(0, 12.0, size=shape).astype(np.float32)
+        return np.clip(np.round(image), -1024, 3071).astype(np.int16), label, affine
+    inside_body = body <= 1.0
+    for channel in channels:  # noise inside the body, zero outside; an arbitrary gain per case and channel
+        channel += inside_body * rng.normal(0, 20.0, size=shape).astype(np.float32)
+        channel *= rng.uniform(0.7, 1.4)
+    image = np.stack(channels, axis=-1)
+    return np.clip(np.round(image), 0, 32767).astype(np.int16), label, affine
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -112,47 +163,88 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def write_dataset(
-    output: str | os.PathLike, num_train: int = 8, num_val: int = 2, num_test: int = 2, seed: int = 0
+    output: str | os.PathLike,
+    num_train: int = 8,
+    num_val: int = 2,
+    num_test: int = 2,
+    seed: int = 0,
+    modality: str = "ct",
+    layout: str = "published",
 ) -> dict:
-    """Write a phantom dataset in the published layout under ``output`` and return its dataset.json.
+    """Write a phantom dataset under ``output`` in ``layout`` (see the module docstring) and return its
+    dataset.json.
 
-    Folders: imagesTr/labelsTr (``num_train`` cases), imagesVal/labelsVal, imagesTs/labelsTs; images and
-    labels share the file name ``phantom_NNN.nii.gz``. ``dataset.json`` (MSD style) lists the splits and
-    the FLARE settings (labels, 1.0 x 1.0 x 1.2 mm spacing, -125..275 HU window).
+    Cases are named ``phantom_NNN``; ``num_val`` validation cases are written in the ``published`` layout
+    only. In the published layout, a CT dataset.json carries the FLARE settings (labels, 1.0 x 1.0 x 1.2 mm
+    spacing, -125..275 HU window); every other one leaves spacing and normalisation to be derived.
     """
-    for name, count, least in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 0)):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if modality not in ("ct", "mri"):
+        raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
+    num_val = num_val if layout == "published" else 0
+    least_val = 1 if layout == "published" else 0
+    for name, count, least in (("num_train", num_train, 1), ("num_val", num_val, least_val), ("num_test", num_test, 0)):
         if count < least:
             raise ValueError(f"{name} must be at least {least}, got {count}")
     root = Path(output)
     rng = np.random.default_rng(seed)
-    splits = {
-        "training": ("imagesTr", "labelsTr", num_train),
-        "validation": ("imagesVal", "labelsVal", num_val),
-        "test": ("imagesTs", "labelsTs", num_test),
-    }
-    description: dict = {
-        "name": "FLARE-like phantom",
-        "description": "Synthetic abdominal CT phantoms (phantom.py)",
-        "labels": {str(i): name for i, name in enumerate(LABELS)},
-        "modality": {"0": "CT"},
-        "spacing": [1.0, 1.0, 1.2],
-        "intensity": {"a_min": -125.0, "a_max": 275.0},
-    }
+    channels = ["CT"] if modality == "ct" else [name for name, *_ in MRI_CHANNELS]
+    splits = {"training": num_train, "validation": num_val, "test": num_test}
+    lists: dict[str, list] = {split: [] for split in splits}
     case = 0
-    for split, (image_dir, label_dir, count) in splits.items():
-        (root / image_dir).mkdir(parents=True, exist_ok=True)
-        (root / label_dir).mkdir(parents=True, exist_ok=True)
-        entries = []
+    for split, count in splits.items():
+        image_dir, label_dir = {"training": ("imagesTr", "labelsTr"), "validation": ("imagesVal", "labelsVal")}.get(
+            split, ("imagesTs", "labelsTs")
+        )
         for _ in range(count):
-            image, label, affine = make_case(rng)
-            file_name = f"phantom_{case:03d}.nii.gz"
-            _save(image, affine, root / image_dir / file_name)
-            _save(label, affine, root / label_dir / file_name)
-            entries.append({"image": f"./{image_dir}/{file_name}", "label": f"./{label_dir}/{file_name}"})
+            image, label, affine = make_case(rng, modality=modality)
+            name = f"phantom_{case:03d}"
+            (root / image_dir).mkdir(parents=True, exist_ok=True)
+            (root / label_dir).mkdir(parents=True, exist_ok=True)
+            if layout == "nnunet":
+                for index in range(len(channels)):
+                    channel = image if image.ndim == 3 else image[..., index]
+                    _save(channel, affine, root / image_dir / f"{name}_{index:04d}.nii.gz")
+            else:
+                _save(image, affine, root / image_dir / f"{name}.nii.gz")
+            _save(label, affine, root / label_dir / f"{name}.nii.gz")
+            lists[split].append({"image": f"./{image_dir}/{name}.nii.gz", "label": f"./{label_dir}/{name}.nii.gz"})
             case += 1
-        description[split] = entries
-    description["numTraining"], description["numTest"] = num_train, num_test
+    description = _description(layout, modality, channels, lists)
     (root / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def _description(layout: str, modality: str, channels: list[str], lists: dict[str, list]) -> dict:
+    """The dataset.json of a phantom dataset in ``layout``."""
+    name = f"{'FLARE-like' if modality == 'ct' else 'Two-channel MRI'} phantom"
+    numbered = {str(i): channel for i, channel in enumerate(channels)}
+    if layout == "nnunet":
+        return {
+            "name": name,
+            "channel_names": numbered,
+            "labels": {label: value for value, label in enumerate(LABELS)},
+            "numTraining": len(lists["training"]),
+            "file_ending": ".nii.gz",
+        }
+    description: dict = {
+        "name": name,
+        "description": f"Synthetic abdominal {modality.upper()} phantoms (phantom.py)",
+        "tensorImageSize": "3D" if len(channels) == 1 else "4D",
+        "modality": numbered,
+        "labels": {str(i): label for i, label in enumerate(LABELS)},
+        "numTraining": len(lists["training"]),
+        "numTest": len(lists["test"]),
+    }
+    if layout == "published" and modality == "ct":
+        description.update(spacing=[1.0, 1.0, 1.2], intensity={"a_min": -125.0, "a_max": 275.0})
+    description["training"] = lists["training"]
+    if layout == "published":
+        description["validation"] = lists["validation"]
+        description["test"] = lists["test"]
+    else:  # the Decathlon lists test images by path, without labels
+        description["test"] = [entry["image"] for entry in lists["test"]]
     return description
 
 
@@ -160,16 +252,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="data/phantom", help="dataset folder to write (default data/phantom)")
     parser.add_argument("--num_train", type=int, default=8, help="training cases (default 8)")
-    parser.add_argument("--num_val", type=int, default=2, help="validation cases (default 2)")
+    parser.add_argument("--num_val", type=int, default=2, help="validation cases, published layout (default 2)")
     parser.add_argument("--num_test", type=int, default=2, help="test cases (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--modality", default="ct", choices=["ct", "mri"], help="ct, or two-channel mri (default ct)")
+    parser.add_argument("--layout", default="published", choices=LAYOUTS, help="dataset layout (default published)")
     args = parser.parse_args(argv)
     try:
-        write_dataset(args.output, args.num_train, args.num_val, args.num_test, args.seed)
+        description = write_dataset(
+            args.output, args.num_train, args.num_val, args.num_test, args.seed, args.modality, args.layout
+        )
     except ValueError as error:
         parser.error(str(error))
-    total = args.num_train + args.num_val + args.num_test
-    print(f"Wrote {total} phantom cases and dataset.json to {args.output}")
+    total = args.num_train + (args.num_val if args.layout == "published" else 0) + args.num_test
+    print(
+        f"Wrote {total} phantom cases ({description['name']}, {args.layout} layout) and dataset.json to {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import common
 from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
 
-from engine.train import cached_dataset
+from engine.data import cached_dataset
 from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
 from phantom import write_dataset
 

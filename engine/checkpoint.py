@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataset_config import card_preprocessing
 from engine.common import BEST_WEIGHTS, LAST_CHECKPOINT, UsageError, as_json, save_torch
 from networks import BFRConv3d
 
@@ -27,7 +28,16 @@ __all__ = [
 FORMAT_VERSION = 1
 
 #: Model card entries a resumed run must share with its checkpoint (the model and its preprocessing).
-CARD_KEPT_ON_RESUME = ("network", "network_args", "out_channels", "roi_size", "spacing", "intensity")
+CARD_KEPT_ON_RESUME = (
+    "network",
+    "network_args",
+    "in_channels",
+    "out_channels",
+    "roi_size",
+    "channels",
+    "spacing",
+    "normalization",
+)
 
 #: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
 #: depends on them (data order and augmentation: seed, batch_size, crop_sample, fold) or the saved state
@@ -144,7 +154,8 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
     """Check a resumed run against its checkpoint: a UsageError naming every model card entry
     (:data:`CARD_KEPT_ON_RESUME`) and every flag whose change is refused; otherwise the notes (one line each)
     of the flag changes that are applied."""
-    saved_card = {k: as_json(checkpoint["card"].get(k)) for k in CARD_KEPT_ON_RESUME}
+    saved_card = {"in_channels": 1, **checkpoint["card"], **card_preprocessing(checkpoint["card"])}
+    saved_card = {k: as_json(saved_card.get(k)) for k in CARD_KEPT_ON_RESUME}
     current_card = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
     differing = [
         f"{k} {saved_card[k]} (flags: {current_card[k]})" for k in saved_card if saved_card[k] != current_card[k]

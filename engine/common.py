@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from load_datasets_transforms import check_cases, roi_of
+from load_datasets_transforms import roi_of
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "as_json",
     "autocast_for",
     "check_output_folder",
-    "read_through_record",
     "load_into",
     "load_trained",
     "load_weights",
@@ -37,7 +36,6 @@ __all__ = [
     "save_torch",
     "select_device",
     "stitching_device",
-    "verify_cases",
 ]
 
 BEST_WEIGHTS = "best_metric_model.pth"
@@ -212,36 +210,3 @@ def load_into(model: nn.Module, state: dict, path: str | os.PathLike, flag: str,
             f"{flag} {path}: does not fit {network} with these flags ({detail[:300]}); check --network, "
             "--feat_size, --kernel_size, --hidden_size and the class count"
         ) from None
-
-
-def read_through_record() -> Path:
-    """Where read-throughs of dataset files are remembered between runs:
-    ``$XDG_CACHE_HOME/repuxnet/read_through.json`` (``~/.cache/repuxnet/...`` without it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "repuxnet" / "read_through.json"
-
-
-def _load_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: read the files again
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def verify_cases(cases: Sequence[dict], num_classes: int, workers: int, progress: bool = True) -> None:
-    """Read every image and label of ``cases`` through before any work (see
-    :func:`load_datasets_transforms.check_cases`); files already read in their current state (path, size,
-    modification time), in this run or an earlier one, are not read again."""
-    record = read_through_record()
-    known = _load_record(record)
-    before = {path: entry.get("identity") for path, entry in known.items()}
-    try:
-        check_cases(cases, num_classes, workers, known, progress)
-    finally:
-        added = {path: entry for path, entry in known.items() if before.get(path) != entry.get("identity")}
-        if added:
-            try:  # merged with what other runs have added meanwhile
-                save_json({**_load_record(record), **added}, record)
-            except OSError:  # a read-only home: the files are read again next time
-                pass

@@ -29,10 +29,18 @@ from engine.common import (
     roi_of,
     select_device,
     stitching_device,
-    verify_cases,
 )
+from engine.data import verify_cases
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
-from load_datasets_transforms import DatasetConfig, build_transforms, find_cases, load_dataset_config
+from load_datasets_transforms import (
+    MEDIAN,
+    DatasetConfig,
+    build_transforms,
+    case_files,
+    case_name,
+    find_cases,
+    load_dataset_config,
+)
 from networks import canonical_name, switch_to_deploy
 from networks.dwconv import use_algorithm
 
@@ -42,12 +50,16 @@ __all__ = ["run_inference"]
 SHAPE_FLAGS = ("feat_size", "kernel_size", "hidden_size")
 
 
-def _stem(path: str | Path) -> str:
-    """A NIfTI file's name without ``.nii.gz`` or ``.nii``."""
-    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+def _output_name(image: str | list[str]) -> str:
+    """The name a case's outputs take: its image file's without ``.nii.gz`` or ``.nii``, or for one file
+    per channel the case name (without ``_0000``)."""
+    if not isinstance(image, str):
+        return case_name(image)
+    return Path(image).name.removesuffix(".gz").removesuffix(".nii")
 
 
-def _write_prediction(prediction: np.ndarray, image_path: str, output: Path) -> Path:
+def _write_prediction(prediction: np.ndarray, image: str | list[str], output: Path) -> Path:
+    image_path = case_files({"image": image})[0]  # the geometry of every channel file (checked)
     source = nib.load(image_path)
     shape = tuple(source.shape[:3])
     if prediction.shape != shape:
@@ -56,7 +68,7 @@ def _write_prediction(prediction: np.ndarray, image_path: str, output: Path) -> 
     header.set_data_dtype(np.uint8)
     nifti = nib.Nifti1Image(prediction.astype(np.uint8), source.affine, header)
     nifti.header.set_slope_inter(1.0, 0.0)
-    path = output / f"{_stem(image_path)}_seg.nii.gz"
+    path = output / f"{_output_name(image)}_seg.nii.gz"
     replace_atomically(path, lambda tmp: nib.save(nifti, tmp))
     return path
 
@@ -69,25 +81,22 @@ def run_inference(args) -> list[Path]:
 
 
 def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
-    """The network, class count, ROI and dataset settings a model card decides; one line names the flags
-    that say otherwise (the card wins)."""
+    """The network, input channels, class count, ROI and dataset settings a model card decides; one line
+    names the flags that say otherwise (the card wins)."""
     try:
         choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
-        out_channels = int(card["out_channels"])
+        in_channels, out_channels = int(card.get("in_channels", 1)), int(card["out_channels"])
         roi = roi_of(card["roi_size"])
-        preprocessing = {}
-        if "spacing" in card and "intensity" in card:
-            spacing = card["spacing"]
-            preprocessing = {
-                "spacing": None if spacing is None else tuple(float(v) for v in spacing),
-                "a_min": float(card["intensity"]["a_min"]),
-                "a_max": float(card["intensity"]["a_max"]),
-            }
+        card_config = config.with_preprocessing(card) if "spacing" in card else None
         classes = tuple(str(name) for name in card.get("classes", ()))
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"{source}: not a valid model card ({error})") from None
     if classes and len(classes) != out_channels:
         raise UsageError(f"{source}: not a valid model card ({len(classes)} classes for {out_channels} outputs)")
+    if card_config is not None and card_config.in_channels != in_channels:
+        raise UsageError(
+            f"{source}: not a valid model card ({card_config.in_channels} channels, in_channels {in_channels})"
+        )
     ignored = []
     if args.roi_size is not None and tuple(args.roi_size) != roi:
         ignored.append(f"--roi_size {_text(args.roi_size)} (card: {_text(roi)})")
@@ -101,23 +110,37 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
         if not agrees:
             ignored.append(f"--network and shape flags (card: {choice.name} {choice.overrides})")
     if args.dataset is not None:
-        differing = [
-            f"{key} {_text(getattr(config, key))} (card: {_text(value)})"
-            for key, value in preprocessing.items()
-            if getattr(config, key) != value
-        ]
+        differing = _preprocessing_differences(config, card_config) if card_config is not None else []
         if classes and not args.label_map and config.labels != classes:
             differing.append(f"{config.num_classes} classes (card: {len(classes)})")
         if differing:
             ignored.append(f"--dataset {args.dataset}: {', '.join(differing)}")
     if ignored:
         print(f"note: the model card {source} decides; ignored: {'; '.join(ignored)}")
-    config = replace(config, **preprocessing)
+    if card_config is None:
+        print(f"note: {source} records no preprocessing; using that of {config.source or config.name}")
+        card_config = config
     if classes and not args.label_map:  # with a label map, the dataset's labels describe the test labels
-        config = replace(config, labels=classes)
-    if not preprocessing:
-        print(f"note: {source} records no preprocessing; using that of --dataset {config.name}")
-    return choice, out_channels, roi, config
+        card_config = replace(card_config, labels=classes)
+    return choice, in_channels, out_channels, roi, card_config
+
+
+def _preprocessing_differences(config: DatasetConfig, card_config: DatasetConfig) -> list[str]:
+    """The dataset's preprocessing settings that differ from a card's (settings it leaves to the data
+    agree with any)."""
+    if config.channels != card_config.channels:
+        return [f"channels {', '.join(config.channels)} (card: {', '.join(card_config.channels)})"]
+    differing = []
+    if config.spacing != MEDIAN and config.spacing != card_config.spacing:
+        differing.append(f"spacing {_spacing_text(config.spacing)} (card: {_spacing_text(card_config.spacing)})")
+    for name, mine, card in zip(config.channels, config.normalization, card_config.normalization, strict=True):
+        if mine.scheme != card.scheme or (mine.window is not None and mine.window != card.window):
+            differing.append(f"normalization of {name} {mine.describe()} (card: {card.describe()})")
+    return differing
+
+
+def _spacing_text(spacing) -> str:
+    return f"{_text(spacing)} mm" if spacing else "native"
 
 
 def _text(value) -> str:
@@ -127,7 +150,8 @@ def _text(value) -> str:
 
 
 def _model_to_run(args, config: DatasetConfig):
-    """The network, class count, ROI and dataset settings to segment with, and the weights: from the model
+    """The network, input channels, class count, ROI and dataset settings to segment with, and the weights:
+    from the model
     card beside the weights or in a training checkpoint, else from the flags (published state dicts)."""
     state, checkpoint_card = load_trained(args.trained_weights, "--trained_weights")
     card_path = model_card_path(args.trained_weights)
@@ -138,14 +162,21 @@ def _model_to_run(args, config: DatasetConfig):
         except (OSError, ValueError) as error:
             raise UsageError(f"{card_path}: not a valid model card ({error})") from None
     if card is None:
+        if config.to_derive():
+            raise UsageError(
+                f"--trained_weights {args.trained_weights}: no model card beside it, and {config.source} leaves "
+                f"{', '.join(config.to_derive())} to the training data; segment with weights that have their card"
+            )
         roi = roi_of(args.roi_size or 96)
-        return network_from_flags(args, roi), config.num_classes, roi, config, state
-    choice, out_channels, roi, config = _model_from_card(card, source, args, config)
+        return network_from_flags(args, roi), config.in_channels, config.num_classes, roi, config, state
+    choice, in_channels, out_channels, roi, config = _model_from_card(card, source, args, config)
     print(
         f"Model card {source}: {choice.name} {choice.overrides}, {out_channels} classes, ROI {_text(roi)}, "
-        f"spacing {_text(config.spacing) if config.spacing else 'native'}, window {config.a_min:g}..{config.a_max:g}"
+        f"{in_channels} input channel{'s' * (in_channels > 1)} "
+        f"({config.describe_channels()}), "
+        f"spacing {_spacing_text(config.spacing)}"
     )
-    return choice, out_channels, roi, config, state
+    return choice, in_channels, out_channels, roi, config, state
 
 
 def _label_map_of(args, out_channels: int, config: DatasetConfig) -> dict[int, int] | None:
@@ -165,20 +196,30 @@ def _label_map_of(args, out_channels: int, config: DatasetConfig) -> dict[int, i
     return label_map
 
 
+def _dataset_of(args) -> str:
+    """``--dataset``; without it, the ``dataset.json`` in ``--root`` (a Decathlon, nnU-Net or this
+    repository's description), else the published folders (``flare``)."""
+    if args.dataset is not None:
+        return args.dataset
+    if args.root is not None and (Path(args.root) / "dataset.json").is_file():
+        return str(Path(args.root) / "dataset.json")
+    return "flare"
+
+
 def _infer(args) -> list[Path]:
     device = select_device(args.device, args.gpu)
     autocast = autocast_for(args.amp, device)
     output = check_output_folder(args.output)
-    config = load_dataset_config(args.dataset or "flare", args.datalist)
-    choice, out_channels, roi, config, state = _model_to_run(args, config)
+    config = load_dataset_config(_dataset_of(args), args.datalist)
+    choice, in_channels, out_channels, roi, config, state = _model_to_run(args, config)
     cases = find_cases(config, args.root, "test")
     label_map = _label_map_of(args, out_channels, config)
     if args.evaluate and not all("label" in case for case in cases):
         raise UsageError(
             f"--evaluate needs labels: a labelsTs folder under --root {args.root} or a test list with labels"
         )
-    verify_cases(cases, config.num_classes, args.num_workers)
-    model = choice.build(1, out_channels)
+    verify_cases(cases, config.num_classes, args.num_workers, in_channels=in_channels)
+    model = choice.build(in_channels, out_channels)
     load_into(model, state, args.trained_weights, "--trained_weights", choice.name)
     switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
     model.to(device).eval()
@@ -237,4 +278,4 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
         prediction = apply_label_map(prediction, label_map)
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
     results = evaluate_case(prediction, label, spacing, range(1, config.num_classes), tolerance)
-    return [{"case": _stem(case["image"]), "class": value, **metrics} for value, metrics in results.items()]
+    return [{"case": _output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]

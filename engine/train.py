@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.data import CacheDataset, DataLoader, PersistentDataset, ThreadDataLoader
-from monai.data.utils import pickle_hashing
-from monai.data.utils import worker_init_fn as monai_worker_init
+from monai.data import DataLoader, ThreadDataLoader
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch import nn
@@ -29,6 +28,7 @@ from torch.utils.data import DistributedSampler, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from dataset_fingerprint import FINGERPRINT_FILE
 from engine.checkpoint import (
     check_resumed_run,
     load_checkpoint,
@@ -51,23 +51,24 @@ from engine.common import (
     roi_of,
     save_json,
     save_torch,
-    verify_cases,
 )
+from engine.data import cached_dataset, data_worker_init, derive_from_data, fit_cache_rate, verify_cases
 from engine.distributed import Distributed
 from engine.validation import foreground_dice, summarise_scores, validation_scores
 from load_datasets_transforms import (
+    DatasetConfig,
     DatasetError,
     build_transforms,
-    file_identity,
     find_cases,
     load_dataset_config,
+    resolve_root,
     split_folds,
 )
 from networks import replace_head
 from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
 
-__all__ = ["cached_dataset", "run_training"]
+__all__ = ["run_training"]
 
 
 class StopSignals:
@@ -91,37 +92,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-def data_worker_init(worker_id: int) -> None:
-    """Data-loading workers leave Ctrl-C and SIGTERM (sent to the whole process group by a terminal or a
-    job scheduler) to the main process, which stops the run cleanly and then ends them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    monai_worker_init(worker_id)
-
-
-def _case_key(case: dict) -> bytes:
-    """Disk-cache key of a case: its files with their size and modification time (a rewritten file is
-    another entry)."""
-    return pickle_hashing(
-        {
-            key: file_identity(value) if isinstance(value, str) and os.path.isfile(value) else value
-            for key, value in case.items()
-        }
-    )
-
-
-def cached_dataset(cases: list[dict], transforms, cache_rate: float, workers: int, cache_dir: Path | None):
-    """The dataset of ``cases``: the deterministic part of ``transforms`` cached in memory (``cache_rate``)
-    or, with ``cache_dir``, on disk. A disk entry is keyed by the case's files (path, size, modification
-    time) and by the deterministic transforms with all their settings (spacing, window, padding...), so a
-    reused folder never serves a volume made from other files or with other settings."""
-    if cache_dir is not None:
-        return PersistentDataset(
-            cases, transforms, cache_dir=cache_dir, hash_func=_case_key, hash_transform=pickle_hashing
-        )
-    return CacheDataset(cases, transforms, cache_rate=cache_rate, num_workers=workers, progress=False)
 
 
 def run_training(args, finetune: bool = False) -> float:
@@ -156,29 +126,111 @@ def _pretrained_weights(args, finetune: bool, resuming: bool, main: bool) -> dic
     return load_weights(args.pretrained_weights, "--pretrained_weights")
 
 
-def _split_cases(args, config, main: bool) -> tuple[list[dict], list[dict]]:
-    train_cases = find_cases(config, args.root, "training")
+def _initial_model(args, choice, config: DatasetConfig, pretrained: dict | None, finetune: bool, main: bool):
+    """The network to train, for the dataset's channels and classes: initialised by ``--seed``, or the
+    pretrained weights (fine-tuning: with a new output head for the dataset's classes)."""
+    if pretrained is None:
+        return choice.build(config.in_channels, config.num_classes)
+    loaded_classes = (getattr(args, "pretrain_classes", None) if finetune else None) or config.num_classes
+    model = choice.build(config.in_channels, loaded_classes)
+    channels = _input_channels_of(pretrained, model)
+    if channels is not None and channels != config.in_channels:
+        raise UsageError(
+            f"--pretrained_weights {args.pretrained_weights}: a model of {channels} input channel"
+            f"{'s' * (channels > 1)}; the dataset has {config.in_channels} ({', '.join(config.channels)}); "
+            "fine-tuning needs the same input channels"
+        )
+    load_into(model, pretrained, args.pretrained_weights, "--pretrained_weights", choice.name)
+    if finetune:
+        replace_head(model, choice.name, config.num_classes)
+    if main:
+        print(f"Loaded {args.pretrained_weights} ({loaded_classes} classes); output head for {config.num_classes}")
+    return model
+
+
+def _input_channels_of(state: dict, model: nn.Module) -> int | None:
+    """The input channel count of weights where it differs from ``model``'s: dimension 1 of the first
+    weight (in the model's order) whose shape differs from the model's there and only there."""
+    for name, tensor in model.state_dict().items():
+        loaded = state.get(name)
+        if loaded is None or loaded.shape == tensor.shape:
+            continue
+        same_elsewhere = loaded.shape[0] == tensor.shape[0] and loaded.shape[2:] == tensor.shape[2:]
+        if loaded.dim() == tensor.dim() >= 2 and same_elsewhere:
+            return int(loaded.shape[1])
+        return None
+    return None
+
+
+def _split_cases(args, config: DatasetConfig, training: list[dict], root, main: bool) -> tuple[list, list]:
     if args.fold is None:
-        return train_cases, find_cases(config, args.root, "validation")
+        return training, find_cases(config, root, "validation")  # none: the error says to pass --fold
     if "validation" in config.lists:
         raise UsageError(f"--fold {args.fold}: the dataset lists its own validation cases; folds need none")
-    train_cases, val_cases = split_folds(train_cases, args.num_folds, args.fold)
+    train_cases, val_cases = split_folds(training, args.num_folds, args.fold)
     if main:
         print(f"Fold {args.fold} of {args.num_folds}: validating on {len(val_cases)} of the training cases")
     return train_cases, val_cases
 
 
-def _verify_on_main(cases: list[dict], num_classes: int, workers: int, distributed: Distributed) -> None:
-    """Process 0 reads every file through (remembered between runs); every process gets its verdict."""
-    problem = None
-    if distributed.is_main:
+@dataclass
+class RunData:
+    """The checked cases of a run, its dataset with the settings derived from the data, what to record
+    of the derivation (None when nothing was derived) and the cache rate that fits in memory."""
+
+    config: DatasetConfig
+    train_cases: list[dict]
+    val_cases: list[dict]
+    derivation: dict | None
+    cache_rate: float
+
+
+def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunData:
+    """Cases listed, checked and read through, settings derived: on process 0 (remembered between runs),
+    whose verdict or result every process gets."""
+    main = distributed.is_main
+    root = resolve_root(config, args.root)
+    training = find_cases(config, root, "training")
+    train_cases, val_cases = _split_cases(args, config, training, root, main)
+    outcome: tuple | str | None = None
+    if main:
         try:
-            verify_cases(cases, num_classes, workers)
+            outcome = _checked_and_derived(args, config, training, train_cases, val_cases, distributed)
         except DatasetError as error:
-            problem = str(error)
-    problem = distributed.broadcast(problem)
-    if problem:
-        raise DatasetError(problem)
+            outcome = str(error)
+    outcome = distributed.broadcast(outcome)
+    if isinstance(outcome, str):
+        raise DatasetError(outcome)
+    config, derivation, cache_rate = outcome
+    if main:
+        print(
+            f"Dataset {config.name}: {len(train_cases)} training and {len(val_cases)} validation cases, "
+            f"{config.num_classes} classes ({', '.join(config.labels)}), {config.in_channels} input channel"
+            f"{'s' * (config.in_channels > 1)} ({config.describe_channels()}), "
+            f"spacing {','.join(f'{v:g}' for v in config.spacing) + ' mm' if config.spacing else 'native'}"
+        )
+    return RunData(config, train_cases, val_cases, derivation, cache_rate)
+
+
+def _checked_and_derived(args, config, training, train_cases, val_cases, distributed) -> tuple:
+    """Check every case, warn of labels without foreground, derive what the dataset leaves to the
+    data, fit the cache rate to the memory: ``(config, derivation, cache_rate)``."""
+    cases = train_cases + val_cases
+    summaries = verify_cases(cases, config.num_classes, args.num_workers, in_channels=config.in_channels)
+    for case, summary in zip(cases, summaries, strict=True):
+        if summary.foreground is False:
+            print(
+                f"warning: {case['label']}: no foreground (only background); the balanced crops find no "
+                "foreground in this case"
+            )
+    config, derivation = derive_from_data(config, training, args.num_workers)
+    cache_rate = args.cache_rate
+    if not args.cache_dir:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size))
+        cache_rate, note = fit_cache_rate(cache_rate, summaries, config.spacing, processes)
+        if note:
+            print(note)
+    return config, derivation, cache_rate
 
 
 def _train(args, finetune: bool, distributed: Distributed, device: torch.device) -> float:
@@ -195,51 +247,37 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     checkpoint = load_checkpoint(resume) if resume else None
     config = load_dataset_config(args.dataset, args.datalist)
     choice = network_from_flags(args, roi)
+    pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
+    set_determinism(seed=args.seed)
+    model = _initial_model(args, choice, config, pretrained, finetune, main)
+    data = _prepare_data(args, config, distributed)
+    config = data.config
     card = {
         "network": choice.name,
         "network_args": choice.overrides,
-        "in_channels": 1,
+        "in_channels": config.in_channels,
         "out_channels": config.num_classes,
         "classes": list(config.labels),
         "dataset": config.name,
-        "spacing": config.spacing,
-        "intensity": {"a_min": config.a_min, "a_max": config.a_max},
+        **config.preprocessing(),
+        "derived": data.derivation["derived"] if data.derivation else {},
         "roi_size": list(roi),
     }
     notes = check_resumed_run(checkpoint, card, args, resume) if checkpoint is not None else []
-    pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     gpu_transforms = args.gpu_transforms and device.type == "cuda"
     if args.gpu_transforms and not gpu_transforms and main:
         print("note: --gpu_transforms applies to CUDA devices; the transforms run on the CPU")
-    train_cases, val_cases = _split_cases(args, config, main)
-    _verify_on_main(train_cases + val_cases, config.num_classes, args.num_workers, distributed)
-    if main:
-        print(
-            f"Dataset {config.name}: {len(train_cases)} training and {len(val_cases)} validation cases, "
-            f"{config.num_classes} classes ({', '.join(config.labels)})"
-        )
-
-    set_determinism(seed=args.seed)
-    if pretrained is not None:
-        loaded_classes = (getattr(args, "pretrain_classes", None) if finetune else None) or config.num_classes
-        model = choice.build(1, loaded_classes)
-        load_into(model, pretrained, args.pretrained_weights, "--pretrained_weights", choice.name)
-        if finetune:
-            replace_head(model, choice.name, config.num_classes)
-        if main:
-            print(f"Loaded {args.pretrained_weights} ({loaded_classes} classes); output head for {config.num_classes}")
-    else:
-        model = choice.build(1, config.num_classes)
+    train_cases, val_cases = data.train_cases, data.val_cases
     model.to(device)
 
     train_transforms, val_transforms = build_transforms(
         config, "train", roi, args.crop_sample, device=device if gpu_transforms else None
     )
-    train_ds = cached_dataset(train_cases, train_transforms, args.cache_rate, args.num_workers, cache_dir)
+    train_ds = cached_dataset(train_cases, train_transforms, data.cache_rate, args.num_workers, cache_dir)
     # Each rank validates its share of the cases; the scores are gathered once (every rank agrees).
     val_share = val_cases[distributed.rank :: distributed.world_size]
-    val_ds = cached_dataset(val_share, val_transforms, args.cache_rate, args.num_workers, cache_dir)
+    val_ds = cached_dataset(val_share, val_transforms, data.cache_rate, args.num_workers, cache_dir)
     pin = device.type == "cuda" and not gpu_transforms
     workers = 0 if gpu_transforms else args.num_workers  # CUDA tensors stay in the main process
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, pin_memory=pin, worker_init_fn=data_worker_init)
@@ -299,6 +337,8 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     saved_buffer_names = set(model.state_dict())
     stateful_buffers = [buffer for name, buffer in model.named_buffers() if name in saved_buffer_names]
     output.mkdir(parents=True, exist_ok=True)
+    if main and data.derivation is not None:
+        save_json(data.derivation, output / FINGERPRINT_FILE)
     # Every point at or before the checkpoint's step is already logged; later ones are replayed.
     purge_step = progress["step"] + 1 if checkpoint is not None else None
     writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=purge_step) if main else None

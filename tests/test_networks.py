@@ -365,3 +365,33 @@ def test_nnformer_checks_its_arguments_and_input():
         build_network("nnFormer", 1, 2, num_heads=(6, 12, 24))
     with pytest.raises(ValueError, match="must be even multiples of num_heads"):
         build_network("nnFormer", 1, 2, embed_dim=20)
+
+
+#: Every registry network at a size a CPU test runs in seconds, with the input edge it needs.
+TINY_NETWORKS = {
+    "REPUXNET": (TINY, 32),
+    "3DUXNET": (TINY, 32),
+    "UNETR": (dict(img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4), 32),
+    "SwinUNETR": (dict(feature_size=12), 64),  # its deepest map is 1/32 of the input
+    "nnFormer": (NNFORMER_TINY, 32),
+    "TransBTS": (dict(img_size=32, embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
+    "nnUNet": (dict(filters=[4, 8, 8, 8, 8, 8]), 64),
+    "SegResNet": (dict(init_filters=8), 32),
+    "UNet": (dict(channels=(4, 8, 8, 8, 8)), 32),
+}
+
+
+def test_tiny_network_table_covers_the_registry():
+    assert sorted(TINY_NETWORKS) == sorted(available_networks())
+
+
+@pytest.mark.parametrize("name", sorted(TINY_NETWORKS))
+def test_every_network_reads_every_input_channel(name):
+    """Multi-channel datasets (MRI sequences): the second channel reaches the output."""
+    overrides, size = TINY_NETWORKS[name]
+    model = build_network(name, 2, 3, **overrides).eval()
+    x = torch.randn(1, 2, size, size, size, requires_grad=True)
+    output = model(x)
+    assert output.shape == (1, 3, size, size, size)
+    output.abs().sum().backward()
+    assert x.grad[:, 1].abs().sum() > 0

@@ -327,13 +327,13 @@ def test_inference_takes_the_preprocessing_from_the_model_card(tmp_path, capsys)
     run = dict(root=root, trained_weights=weights, cache_rate=0, num_workers=0, device="cpu")
     test_seg.main(flags(output=tmp_path / "card", **run))
     printed = capsys.readouterr().out
-    assert "window -1000..3000" in printed and "note: the model card" not in printed
+    assert "(CT ct -1000..3000)" in printed and "note: the model card" not in printed
     assert min(oracle_dice(tmp_path / "card" / "case_seg.nii.gz", image)) > 0.9
     test_seg.main(flags(output=tmp_path / "flags", dataset="flare", roi_size=64, **run))
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: the model card")]
     assert note == [
         f"note: the model card {weights}.json decides; ignored: --roi_size 64,64,64 (card: 32,32,32); "
-        "--dataset flare: a_min -125 (card: -1000), a_max 275 (card: 3000), 5 classes (card: 3)"
+        "--dataset flare: normalization of CT ct -125..275 (card: ct -1000..3000), 5 classes (card: 3)"
     ]
     assert min(oracle_dice(tmp_path / "flags" / "case_seg.nii.gz", image)) > 0.9
 
@@ -386,7 +386,8 @@ def test_non_3d_file(phantom, tmp_path):
     root = copy_phantom(phantom, tmp_path)
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), root / "imagesTr" / "phantom_001.nii.gz")
     message = train_error(root, tmp_path)
-    assert message == f"error: {root / 'imagesTr' / 'phantom_001.nii.gz'}: not a 3D volume (shape (8, 8))"
+    path = root / "imagesTr" / "phantom_001.nii.gz"
+    assert message == f"error: {path}: not a 3D volume or a 4D one with the channels last (shape (8, 8))"
 
 
 def test_label_values_outside_the_classes(phantom, tmp_path):
@@ -567,7 +568,7 @@ def test_image_with_nonfinite_voxels_is_refused(phantom, tmp_path):
 
 def test_read_through_is_remembered_by_path_size_and_time(phantom, tmp_path, monkeypatch):
     import load_datasets_transforms
-    from engine.common import read_through_record, verify_cases
+    from engine.data import read_through_record, verify_cases
 
     root = copy_phantom(phantom, tmp_path)
     cases = load_datasets_transforms.find_cases(load_datasets_transforms.load_dataset_config("flare"), root, "training")

@@ -193,6 +193,31 @@ def test_corrupt_or_mismatched_checkpoints_give_clear_errors(phantom, tmp_path):
     assert "'ks': 3" in str(error.code) and "'ks': 5" in str(error.code)
 
 
+def test_checkpoint_of_a_single_channel_card_format_resumes(phantom, tmp_path, capsys):
+    """Checkpoints written before multi-channel datasets hold one CT window as ``intensity``: they resume
+    when it is the dataset's, and are refused (naming the normalisation) when it is not."""
+    output = tmp_path / "old"
+    train(phantom, output, max_iter=1)
+    path = output / "checkpoint_last.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("channels", "normalization", "derived", "in_channels"):
+        checkpoint["card"].pop(key, None)
+    checkpoint["card"]["intensity"] = {"a_min": -125.0, "a_max": 275.0}
+    torch.save(checkpoint, path)
+    train(phantom, output, "--resume", "auto", max_iter=2)
+    assert "Resumed from" in capsys.readouterr().out
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("channels", "normalization", "derived", "in_channels"):
+        checkpoint["card"].pop(key, None)
+    checkpoint["card"]["intensity"] = {"a_min": -1000.0, "a_max": 1000.0}
+    torch.save(checkpoint, path)
+    error = exit_of(train, phantom, output, "--resume", "auto", max_iter=3)
+    assert (
+        "the checkpoint is of another model or data: normalization [{'scheme': 'ct', 'window': [-1000.0, 1000.0]}]"
+        in str(error.code)
+    )
+
+
 def test_persistent_cache_dir_is_written_and_reused(phantom, tmp_path):
     cache = tmp_path / "cache"
     train(phantom, tmp_path / "first", cache_dir=cache, max_iter=2)  # one epoch: every case visited
@@ -217,7 +242,7 @@ def test_cache_dir_entries_are_keyed_by_the_preprocessing(phantom, tmp_path):
 
 
 def test_cached_case_is_that_of_its_own_chain_and_files(phantom, tmp_path):
-    from engine.train import cached_dataset
+    from engine.data import cached_dataset
     from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
 
     config = load_dataset_config("flare")

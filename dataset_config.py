@@ -1,0 +1,448 @@
+"""What a dataset is: its classes, input channels, their normalisation and the target spacing.
+
+Four ways to say it, each a :class:`DatasetConfig`:
+
+- a preset: ``flare``, ``amos``, ``feta`` (the published settings);
+- this repository's JSON: Medical Segmentation Decathlon keys plus the optional ``spacing``,
+  ``intensity``, ``normalization``, ``channels`` and ``rotate_z``;
+- a Medical Segmentation Decathlon ``dataset.json`` (``modality``, ``labels`` ``{"0": "background"}``,
+  ``training`` / ``test`` lists; multi-channel images are 4D with the channels last);
+- an nnU-Net v2 raw ``dataset.json`` (``channel_names``, ``labels`` ``{"background": 0}``,
+  ``file_ending``; one file per channel, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``...).
+
+What a dataset does not give is derived from its training cases (``dataset_fingerprint.py``): the
+target spacing (``"median"``) and the window of CT channels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = [
+    "MEDIAN",
+    "PRESETS",
+    "SCHEMES",
+    "SPLITS",
+    "ChannelNorm",
+    "DatasetConfig",
+    "DatasetError",
+    "card_preprocessing",
+    "load_dataset_config",
+    "parse_lists",
+    "read_json",
+]
+
+#: ``spacing`` of a dataset whose target spacing is the median spacing of its training cases.
+MEDIAN = "median"
+#: Normalisation schemes of an input channel (see :class:`ChannelNorm`).
+SCHEMES = ("ct", "zscore", "none")
+#: The splits a dataset may list, each with its published image and label folders.
+SPLITS = {
+    "training": ("imagesTr", "labelsTr"),
+    "validation": ("imagesVal", "labelsVal"),
+    "test": ("imagesTs", "labelsTs"),
+}
+#: The published window of abdominal CT (HU).
+ABDOMEN_WINDOW = (-125.0, 275.0)
+
+
+class DatasetError(ValueError):
+    """A dataset problem a user must fix; the message names the file or flag and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """How one input channel is normalised, in each case on its own.
+
+    Args:
+        scheme: ``ct``: clip to ``window`` and scale it to [0, 1] (the published preprocessing, also used
+            with FeTA's 0..1000 window); ``zscore``: subtract the mean and divide by the standard deviation
+            of the channel's non-zero voxels (nnU-Net's MRI default; zero voxels stay 0); ``none``.
+        window: ``(a_min, a_max)`` of ``ct``; None until derived from the training cases' foreground.
+    """
+
+    scheme: str
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"normalization {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
+        if self.window is not None:
+            if self.scheme != "ct":
+                raise ValueError(f"normalization {self.scheme!r}: only 'ct' takes a window")
+            if not self.window[1] > self.window[0]:
+                raise ValueError(f"window {list(self.window)}: a_max must be greater than a_min")
+
+    def to_json(self) -> dict:
+        return {"scheme": self.scheme, "window": list(self.window)} if self.scheme == "ct" else {"scheme": self.scheme}
+
+    @classmethod
+    def from_json(cls, value: object) -> ChannelNorm:
+        """``"zscore"``, ``{"scheme": "ct", "window": [a_min, a_max]}`` (window optional: derived)."""
+        if isinstance(value, str):
+            return cls(value)
+        if not isinstance(value, dict) or not isinstance(value.get("scheme"), str):
+            raise ValueError(f'expected a scheme name or {{"scheme": ..., "window": [a_min, a_max]}}, got {value!r}')
+        window = value.get("window")
+        if window is not None:
+            if not (isinstance(window, list) and len(window) == 2 and all(_is_number(v) for v in window)):
+                raise ValueError(f"window {window!r}: expected [a_min, a_max]")
+            window = (float(window[0]), float(window[1]))
+        return cls(value["scheme"], window)
+
+    def describe(self) -> str:
+        if self.scheme != "ct":
+            return self.scheme
+        return f"ct {self.window[0]:g}..{self.window[1]:g}" if self.window else "ct (window to derive)"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Everything the transforms and the engine need to know about a dataset.
+
+    Args:
+        name: preset name or the JSON file's ``name``.
+        labels: class names, index = label value (background first).
+        spacing: target voxel spacing in mm (RAS axes), None to keep the native grid, or :data:`MEDIAN`.
+        channels: input channel names (``CT``, ``T1``, ``FLAIR``...), in the order of the image data.
+        normalization: one :class:`ChannelNorm` per channel.
+        rotate_z: range (radians) of the random rotation about the last axis in training.
+        lists: optional ``training`` / ``validation`` / ``test`` lists, relative to the root.
+        layout: ``folders`` (imagesTr/labelsTr/imagesVal/...; channel files ``_0000``, ``_0001``... grouped
+            by case) or ``nnunet`` (the same, with nnU-Net's ``file_ending`` and case count).
+        root: the folder the lists and folders are relative to when ``--root`` is not given (the folder
+            of a dataset JSON).
+        file_ending: image file ending (nnU-Net's ``file_ending``).
+        num_training: the training case count the dataset declares (``numTraining``), checked.
+        source: where the description comes from, for messages (``--dataset path``).
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    spacing: tuple[float, float, float] | None | str
+    channels: tuple[str, ...] = ("CT",)
+    normalization: tuple[ChannelNorm, ...] = (ChannelNorm("ct", ABDOMEN_WINDOW),)
+    rotate_z: float = math.pi / 30
+    lists: dict[str, list] = field(default_factory=dict)
+    layout: str = "folders"
+    root: Path | None = None
+    file_ending: str = ".nii.gz"
+    num_training: int | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.normalization) != len(self.channels):
+            raise ValueError(f"{len(self.normalization)} normalisations for {len(self.channels)} channels")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels)
+
+    def describe_channels(self) -> str:
+        """``T1 zscore, T2 zscore``: each channel with its normalisation."""
+        return ", ".join(f"{c} {n.describe()}" for c, n in zip(self.channels, self.normalization, strict=True))
+
+    def to_derive(self) -> list[str]:
+        """The settings the training cases must give: ``spacing``, ``window of <channel>``."""
+        derived = ["spacing"] if self.spacing == MEDIAN else []
+        return derived + [
+            f"window of {name}"
+            for name, norm in zip(self.channels, self.normalization, strict=True)
+            if norm.scheme == "ct" and norm.window is None
+        ]
+
+    def preprocessing(self) -> dict:
+        """The model card's preprocessing entries: ``channels``, ``normalization`` and ``spacing``."""
+        if self.to_derive():
+            raise ValueError(f"{self.name}: {', '.join(self.to_derive())} not derived yet")
+        return {
+            "channels": list(self.channels),
+            "normalization": [norm.to_json() for norm in self.normalization],
+            "spacing": None if self.spacing is None else list(self.spacing),
+        }
+
+    def with_preprocessing(self, card: dict) -> DatasetConfig:
+        """This dataset with the preprocessing of a model card (see :func:`card_preprocessing`)."""
+        entries = card_preprocessing(card)
+        spacing = entries["spacing"]
+        return replace(
+            self,
+            channels=tuple(entries["channels"]),
+            normalization=tuple(ChannelNorm.from_json(entry) for entry in entries["normalization"]),
+            spacing=None if spacing is None else tuple(float(v) for v in spacing),
+        )
+
+
+def card_preprocessing(card: dict) -> dict:
+    """The preprocessing entries of a model card (``channels``, ``normalization``, ``spacing``; see
+    :meth:`DatasetConfig.preprocessing`). A card from before multi-channel support holds one CT channel's
+    ``intensity`` window instead, which this translates."""
+    if "normalization" in card:
+        normalization = list(card["normalization"])
+        channels = card.get("channels") or [f"channel {i}" for i in range(len(normalization))]
+    else:
+        window = [float(card["intensity"]["a_min"]), float(card["intensity"]["a_max"])]
+        normalization, channels = [{"scheme": "ct", "window": window}], ["CT"]
+    return {"channels": [str(name) for name in channels], "normalization": normalization, "spacing": card["spacing"]}
+
+
+FLARE_LABELS = ("background", "spleen", "kidney", "liver", "pancreas")
+AMOS_LABELS = (
+    "background",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
+    "duodenum",
+    "bladder",
+    "prostate/uterus",
+)
+FETA_LABELS = (
+    "background",
+    "external cerebrospinal fluid",
+    "grey matter",
+    "white matter",
+    "ventricles",
+    "cerebellum",
+    "deep grey matter",
+    "brainstem",
+)
+
+#: The published dataset settings.
+PRESETS: dict[str, DatasetConfig] = {
+    "flare": DatasetConfig("flare", FLARE_LABELS, (1.0, 1.0, 1.2)),
+    "amos": DatasetConfig("amos", AMOS_LABELS, (1.5, 1.5, 2.0)),
+    "feta": DatasetConfig(
+        "feta", FETA_LABELS, None, ("T2w",), (ChannelNorm("ct", (0.0, 1000.0)),), rotate_z=math.pi / 15
+    ),
+}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_json(path: Path, flag: str) -> dict:
+    """A JSON object from ``path``; a DatasetError naming ``flag`` and the file otherwise."""
+    if not path.is_file():
+        raise DatasetError(f"{flag} {path}: no such file")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"{flag} {path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{flag} {path}: cannot read: {error}") from None
+    if not isinstance(content, dict):
+        raise DatasetError(f"{flag} {path}: expected a JSON object at the top level")
+    return content
+
+
+def _labels_by_value(by_value: dict[int, str], where: str) -> tuple[str, ...]:
+    if sorted(by_value) != list(range(len(by_value))):
+        raise DatasetError(f"{where}: 'labels' values must be 0..{len(by_value) - 1}, got {sorted(by_value)}")
+    if len(by_value) < 2:
+        raise DatasetError(f"{where}: 'labels' needs background and at least one class")
+    return tuple(by_value[i] for i in range(len(by_value)))
+
+
+def _msd_labels(labels: object, where: str) -> tuple[str, ...]:
+    """Decathlon labels: ``{"0": "background", "1": "liver"}``."""
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError(f'{where}: \'labels\' must be an object such as {{"0": "background", "1": "liver"}}')
+    try:
+        by_value = {int(key): str(name) for key, name in labels.items()}
+    except ValueError:
+        raise DatasetError(f"{where}: 'labels' keys must be integers, got {sorted(labels)}") from None
+    return _labels_by_value(by_value, where)
+
+
+def _nnunet_labels(labels: object, where: str) -> tuple[str, ...]:
+    """nnU-Net v2 labels: ``{"background": 0, "liver": 1}``; region-based labels are refused."""
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError(f'{where}: \'labels\' must be an object such as {{"background": 0, "liver": 1}}')
+    regions = [name for name, value in labels.items() if isinstance(value, list | tuple)]
+    if regions:
+        raise DatasetError(
+            f"{where}: label {regions[0]!r} is a region ({labels[regions[0]]}); region-based training "
+            "(nnU-Net's overlapping regions) is not supported: give each label value its own class"
+        )
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
+        raise DatasetError(f"{where}: 'labels' values must be integers, got {sorted(map(str, labels.values()))}")
+    by_value = {value: str(name) for name, value in labels.items()}
+    if len(by_value) != len(labels):
+        raise DatasetError(f"{where}: two labels share one value")
+    return _labels_by_value(by_value, where)
+
+
+def parse_lists(content: dict, where: str) -> dict[str, list]:
+    """The ``training`` / ``validation`` / ``test`` lists of a dataset JSON, checked entry by entry. An
+    image is a path or, for one file per channel, a list of paths."""
+    lists = {}
+    for split in SPLITS:
+        if split not in content:
+            continue
+        entries = content[split]
+        if not isinstance(entries, list):
+            raise DatasetError(f"{where}: '{split}' must be a list")
+        for i, entry in enumerate(entries):
+            labelled = split != "test"
+            image = entry.get("image") if isinstance(entry, dict) else None
+            valid = isinstance(image, str) or (
+                isinstance(image, list) and image and all(isinstance(p, str) for p in image)
+            )
+            valid = valid and (not labelled or isinstance(entry.get("label"), str))
+            if not (valid or (split == "test" and isinstance(entry, str))):
+                needs = '{"image": ..., "label": ...}' if labelled else 'a path or {"image": ...}'
+                raise DatasetError(f"{where}: '{split}' entry {i} must be {needs}, got {entry!r}")
+        lists[split] = entries
+    return lists
+
+
+def _channel_names(content: dict, key: str, where: str) -> tuple[str, ...] | None:
+    """Channel names from ``{"0": "T1", "1": "T2"}`` (``modality``, ``channel_names``) or a list."""
+    names = content.get(key)
+    if names is None:
+        return None
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    try:
+        by_index = {int(index): str(name) for index, name in names.items()}
+    except (AttributeError, ValueError):
+        raise DatasetError(f'{where}: \'{key}\' must be an object such as {{"0": "T1", "1": "T2"}}') from None
+    if sorted(by_index) != list(range(len(by_index))) or not by_index:
+        raise DatasetError(f"{where}: '{key}' keys must be 0..{len(by_index) - 1}, got {sorted(by_index)}")
+    return tuple(by_index[i] for i in range(len(by_index)))
+
+
+def _spacing(content: dict, where: str) -> tuple[float, float, float] | None | str:
+    if "spacing" not in content or content["spacing"] == MEDIAN:
+        return MEDIAN
+    spacing = content["spacing"]
+    if spacing is None:
+        return None
+    if not (isinstance(spacing, list) and len(spacing) == 3 and all(_is_number(s) and s > 0 for s in spacing)):
+        raise DatasetError(
+            f"{where}: 'spacing' must be three positive numbers (mm), null (native grid) or \"median\", got {spacing!r}"
+        )
+    return tuple(float(s) for s in spacing)
+
+
+def _default_norm(channel: str, window: tuple[float, float] | None) -> ChannelNorm:
+    """A channel named CT gets the CT window (``intensity``'s, else derived); every other one z-scores."""
+    return ChannelNorm("ct", window) if channel.strip().lower() == "ct" else ChannelNorm("zscore")
+
+
+def _normalization(content: dict, channels: tuple[str, ...], where: str) -> tuple[ChannelNorm, ...]:
+    window = None
+    if "intensity" in content:
+        intensity = content["intensity"]
+        if not (isinstance(intensity, dict) and all(_is_number(intensity.get(k)) for k in ("a_min", "a_max"))):
+            raise DatasetError(f'{where}: \'intensity\' must be {{"a_min": number, "a_max": number}}')
+        if intensity["a_max"] <= intensity["a_min"]:
+            raise DatasetError(f"{where}: 'intensity' a_max must be greater than a_min")
+        window = (float(intensity["a_min"]), float(intensity["a_max"]))
+    given = content.get("normalization")
+    if given is None:
+        return tuple(_default_norm(channel, window) for channel in channels)
+    entries = [given] * len(channels) if isinstance(given, str) else given
+    if not isinstance(entries, list) or len(entries) != len(channels):
+        raise DatasetError(
+            f"{where}: 'normalization' must be one scheme or a list of {len(channels)} (one per channel: "
+            f"{', '.join(channels)}), got {given!r}"
+        )
+    try:
+        norms = [ChannelNorm.from_json(entry) for entry in entries]
+    except ValueError as error:
+        raise DatasetError(f"{where}: 'normalization': {error}") from None
+    return tuple(replace(n, window=window) if n.scheme == "ct" and n.window is None else n for n in norms)
+
+
+def _nnunet_normalization(channels: tuple[str, ...], where: str) -> tuple[ChannelNorm, ...]:
+    """nnU-Net reads the normalisation from the channel name: CT, noNorm, anything else z-score."""
+    norms = []
+    for channel in channels:
+        lowered = channel.strip().lower()
+        if lowered in ("rescale_to_0_1", "rgb_to_0_1"):
+            raise DatasetError(
+                f"{where}: channel {channel!r}: nnU-Net's {channel} normalisation is not supported; add "
+                '"normalization": ["ct" with a window, "zscore" or "none" per channel] to the file'
+            )
+        norms.append(ChannelNorm("none") if lowered == "nonorm" else _default_norm(channel, None))
+    return tuple(norms)
+
+
+def _from_json(path: Path) -> DatasetConfig:
+    where = f"--dataset {path}"
+    content = read_json(path, "--dataset")
+    if "labels" not in content:
+        raise DatasetError(f"{where}: missing 'labels'")
+    nnunet = "channel_names" in content
+    if nnunet:
+        labels = _nnunet_labels(content["labels"], where)
+        channels = _channel_names(content, "channel_names", where)
+        file_ending = content.get("file_ending", ".nii.gz")
+        if file_ending not in (".nii.gz", ".nii"):
+            raise DatasetError(f"{where}: file_ending {file_ending!r}: only NIfTI (.nii.gz, .nii) is read")
+        if "numTraining" in content and not (isinstance(content["numTraining"], int) and content["numTraining"] > 0):
+            raise DatasetError(f"{where}: 'numTraining' must be a positive integer")
+        if "normalization" not in content:
+            normalization = _nnunet_normalization(channels, where)
+        else:
+            normalization = _normalization(content, channels, where)
+    else:
+        labels = _msd_labels(content["labels"], where)
+        channels = _channel_names(content, "channels", where) or _channel_names(content, "modality", where) or ("CT",)
+        file_ending = ".nii.gz"
+        normalization = _normalization(content, channels, where)
+    rotate_z = content.get("rotate_z", math.pi / 30)
+    if not _is_number(rotate_z):
+        raise DatasetError(f"{where}: 'rotate_z' must be a number (radians)")
+    return DatasetConfig(
+        name=str(content.get("name", path.stem)),
+        labels=labels,
+        spacing=_spacing(content, where),
+        channels=channels,
+        normalization=normalization,
+        rotate_z=float(rotate_z),
+        lists=parse_lists(content, where) if not nnunet else {},
+        layout="nnunet" if nnunet else "folders",
+        root=path.resolve().parent,
+        file_ending=file_ending,
+        num_training=content.get("numTraining") if nnunet else None,
+        source=where,
+    )
+
+
+def load_dataset_config(dataset: str, datalist: str | None = None) -> DatasetConfig:
+    """The configuration of ``--dataset`` (a preset name or a dataset JSON of any of the formats the
+    module docstring names, detected from its keys), with ``--datalist``'s lists (any MSD-style JSON)."""
+    if dataset.lower() in PRESETS:
+        config = replace(PRESETS[dataset.lower()], source=f"--dataset {dataset.lower()}")
+    elif dataset.lower().endswith(".json") or "/" in dataset or Path(dataset).is_file():
+        config = _from_json(Path(dataset))
+    else:
+        raise DatasetError(f"--dataset {dataset!r}: not a preset ({', '.join(PRESETS)}) nor a .json file")
+    if datalist is not None:
+        path = Path(datalist)
+        lists = parse_lists(read_json(path, "--datalist"), f"--datalist {path}")
+        if not lists:
+            raise DatasetError(f"--datalist {path}: no 'training', 'validation' or 'test' list")
+        config = replace(config, lists={**config.lists, **lists}, layout="folders")
+    return config
