@@ -27,14 +27,14 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
-#: Model card entries a resumed run must share with its checkpoint (the model and its preprocessing).
+#: Model card entries a resumed run must share with its checkpoint (the model and its preprocessing; the
+#: channels' names may change, not their count or normalisation).
 CARD_KEPT_ON_RESUME = (
     "network",
     "network_args",
     "in_channels",
     "out_channels",
     "roi_size",
-    "channels",
     "spacing",
     "normalization",
 )

@@ -40,6 +40,7 @@ from load_datasets_transforms import (
     case_name,
     find_cases,
     load_dataset_config,
+    resolve_root,
 )
 from networks import canonical_name, switch_to_deploy
 from networks.dwconv import use_algorithm
@@ -128,8 +129,8 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
 def _preprocessing_differences(config: DatasetConfig, card_config: DatasetConfig) -> list[str]:
     """The dataset's preprocessing settings that differ from a card's (settings it leaves to the data
     agree with any)."""
-    if config.channels != card_config.channels:
-        return [f"channels {', '.join(config.channels)} (card: {', '.join(card_config.channels)})"]
+    if config.in_channels != card_config.in_channels:
+        return [f"{config.in_channels} channels (card: {card_config.in_channels})"]
     differing = []
     if config.spacing != MEDIAN and config.spacing != card_config.spacing:
         differing.append(f"spacing {_spacing_text(config.spacing)} (card: {_spacing_text(card_config.spacing)})")
@@ -212,12 +213,11 @@ def _infer(args) -> list[Path]:
     output = check_output_folder(args.output)
     config = load_dataset_config(_dataset_of(args), args.datalist)
     choice, in_channels, out_channels, roi, config, state = _model_to_run(args, config)
-    cases = find_cases(config, args.root, "test")
+    root = resolve_root(config, args.root)
+    cases = find_cases(config, root, "test")
     label_map = _label_map_of(args, out_channels, config)
     if args.evaluate and not all("label" in case for case in cases):
-        raise UsageError(
-            f"--evaluate needs labels: a labelsTs folder under --root {args.root} or a test list with labels"
-        )
+        raise UsageError(f"--evaluate needs labels: a labelsTs folder in {root} or a test list with labels")
     verify_cases(cases, config.num_classes, args.num_workers, in_channels=in_channels)
     model = choice.build(in_channels, out_channels)
     load_into(model, state, args.trained_weights, "--trained_weights", choice.name)

@@ -20,6 +20,14 @@ def flags(**values) -> list[str]:
     return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
+def exit_message(main, argv) -> str:
+    """The message a script's ``main(argv)`` exits with (a non-zero exit is asserted)."""
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code not in (0, None)
+    return str(raised.value.code)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

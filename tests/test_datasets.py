@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN as TINY
-from conftest import flags
+from conftest import exit_message, flags
 
 import dataset_fingerprint
 import main_finetune
@@ -41,13 +41,6 @@ def nnunet(tmp_path_factory):
     description["channel_names"] = {"0": "CT", "1": "T2"}  # a CT channel: its window is derived
     (root / "dataset.json").write_text(json.dumps(description))
     return root
-
-
-def exit_message(main, argv) -> str:
-    with pytest.raises(SystemExit) as raised:
-        main(argv)
-    assert raised.value.code not in (0, None)
-    return str(raised.value.code)
 
 
 def copy_of(root: Path, tmp_path: Path) -> Path:
@@ -428,3 +421,23 @@ def test_check_cases_summarises_each_case(decathlon):
     assert summaries[0].channels == 2 and summaries[0].foreground is True
     assert sorted(summaries[0].shape) == sorted(image.shape[:3])
     assert summaries[0].spacing == pytest.approx(ras_spacing(cases[0]["image"]))
+
+
+def test_the_fingerprint_is_computed_once_per_set_of_files(nnunet, tmp_path, monkeypatch):
+    import engine.data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    computed = []
+    real = engine.data.compute_fingerprint
+    monkeypatch.setattr(engine.data, "compute_fingerprint", lambda *a, **k: computed.append(1) or real(*a, **k))
+    root = copy_of(nnunet, tmp_path)
+    config = load_dataset_config(str(root / "dataset.json"))
+    cases = find_cases(config, None, "training")
+    first, record = engine.data.derive_from_data(config, cases, workers=1, main=False)
+    again, _ = engine.data.derive_from_data(config, cases, workers=1, main=False)  # the next run
+    assert computed == [1] and again == first and not first.to_derive()
+    assert record["derived"]["window of CT"] == list(first.normalization[0].window)
+    label = Path(cases[0]["label"])
+    save_like(label, np.asarray(nib.load(label).dataobj))  # a rewritten file: another set of files
+    engine.data.derive_from_data(config, cases, workers=1, main=False)
+    assert computed == [1, 1]

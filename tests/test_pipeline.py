@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN as TINY
-from conftest import flags
+from conftest import exit_message, flags
 
 import main_finetune
 import main_train
@@ -38,13 +38,6 @@ def trained(phantom, tmp_path_factory):
     output = tmp_path_factory.mktemp("train")
     main_train.main(flags(root=phantom, output=output) + TRAIN_FLAGS)
     return output
-
-
-def exit_message(main, argv) -> str:
-    with pytest.raises(SystemExit) as raised:
-        main(argv)
-    assert raised.value.code not in (0, None)
-    return str(raised.value.code)
 
 
 def test_train_writes_weights_card_and_tensorboard(trained, phantom):
