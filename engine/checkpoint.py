@@ -199,7 +199,10 @@ def restore_training_state(
         for name, weight in checkpoint.get("bfr_raw_weights", {}).items():
             modules[name].weight.copy_(weight)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+    scheduler_state = dict(checkpoint["scheduler"])
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # older checkpoints: a hand-written constant
+        scheduler_state.setdefault("lr_lambdas", [None] * len(optimizer.param_groups))
+    scheduler.load_state_dict(scheduler_state)
     if lr is not None and scheduler.base_lrs != [lr] * len(scheduler.base_lrs):
         scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
         for group, value in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):

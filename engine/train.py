@@ -12,6 +12,7 @@ transforms, so a resumed run replays the rest of the interrupted epoch exactly.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -233,9 +234,206 @@ def _checked_and_derived(args, config, training, train_cases, val_cases, distrib
     return config, derivation, cache_rate
 
 
+@dataclass
+class Run:
+    """What a training run works with once it is set up: the flags, the dataset and model card, the
+    model (``network``: the same, wrapped for DistributedDataParallel under torchrun), its optimisation,
+    its data and its ``progress`` (step, best Dice and step, non-finite step counts)."""
+
+    args: argparse.Namespace
+    distributed: Distributed
+    device: torch.device
+    config: DatasetConfig
+    card: dict
+    roi: tuple[int, int, int]
+    output: Path
+    model: nn.Module
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_function: nn.Module
+    train_ds: object
+    val_loader: DataLoader
+    gpu_transforms: bool
+    stateful_buffers: list[torch.Tensor]
+    progress: dict
+    resumed: bool
+
+    @property
+    def main(self) -> bool:
+        return self.distributed.is_main
+
+    @property
+    def best_path(self) -> Path:
+        return self.output / BEST_WEIGHTS
+
+    @property
+    def last_path(self) -> Path:
+        return self.output / LAST_CHECKPOINT
+
+    def save_last(self) -> None:
+        save_checkpoint(
+            self.last_path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.progress,
+            self.card,
+            recorded_flags(self.args),
+        )
+
+
 def _train(args, finetune: bool, distributed: Distributed, device: torch.device) -> float:
+    """Set the run up, train to ``--max_iter`` (validating every ``--eval_step``), report."""
+    run = _set_up(args, finetune, distributed, device)
+    # Every point at or before the checkpoint's step is already logged; later ones are replayed.
+    purge_step = run.progress["step"] + 1 if run.resumed else None
+    writer = SummaryWriter(log_dir=str(run.output / "tensorboard"), purge_step=purge_step) if run.main else None
+    bar = tqdm(
+        total=args.max_iter, initial=run.progress["step"], desc="Training", dynamic_ncols=True, disable=not run.main
+    )
+    try:
+        _train_to_the_end(run, writer, bar)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    distributed.barrier()
+    if run.main:
+        print(
+            f"Training finished: best mean Dice {run.progress['best_dice']:.4f} at step "
+            f"{run.progress['best_step']}; weights in {run.best_path}"
+        )
+    return run.progress["best_dice"]
+
+
+def _train_to_the_end(run: Run, writer: SummaryWriter | None, bar: tqdm) -> None:
+    """The training loop: steps, each recorded; a validation every ``--eval_step`` steps and at the end; a
+    clean stop on SIGINT/SIGTERM."""
+    args, progress = run.args, run.progress
+    steps_per_epoch = len(_epoch_batches(run, 0))
+    autocast = autocast_for(args.amp, run.device)
+    run.network.train()
+    with StopSignals() as stop:
+        while progress["step"] < args.max_iter:
+            epoch, offset = divmod(progress["step"], steps_per_epoch)
+            batches = iter(_epoch_batches(run, epoch))
+            for _ in range(offset):  # replay the part of the epoch a resumed run has already trained on
+                next(batches)
+            for batch in batches:
+                step = progress["step"] + 1
+                loss, problem = _training_step(
+                    run.network,
+                    batch,
+                    run.loss_function,
+                    run.optimizer,
+                    run.scaler,
+                    autocast,
+                    run.stateful_buffers,
+                    run.distributed,
+                    run.device,
+                )
+                _record_step(run, step, loss, problem, writer, bar)
+                if step % args.eval_step == 0 or step == args.max_iter:
+                    _validate(run, step, writer, bar)
+                    _describe(bar, step, args.max_iter, loss, progress, refresh=True)
+                if run.distributed.any(stop.signum is not None, run.device):
+                    raise _stopped(stop.signum, step, progress, run.last_path, run.save_last if run.main else None)
+                if progress["step"] >= args.max_iter:
+                    break
+
+
+def _epoch_batches(run: Run, epoch: int) -> DataLoader:
+    """The training batches of ``epoch``: a function of (seed, epoch, rank) only (MONAI's DataLoader seeds
+    the random transforms from the loader's generator)."""
+    args, distributed = run.args, run.distributed
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + distributed.rank)
+    if distributed.enabled:
+        sampler = DistributedSampler(run.train_ds, distributed.world_size, distributed.rank, seed=args.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(run.train_ds, generator=generator)
+    loader_class = ThreadDataLoader if run.gpu_transforms else DataLoader
+    return loader_class(
+        run.train_ds,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=0 if run.gpu_transforms else args.num_workers,  # CUDA tensors stay in the main process
+        pin_memory=run.device.type == "cuda" and not run.gpu_transforms,
+        generator=generator,
+        worker_init_fn=data_worker_init,
+    )
+
+
+def _record_step(run: Run, step: int, loss: float, problem: str | None, writer, bar: tqdm) -> None:
+    """After a step: count it if it was skipped, log it, advance the schedule and the progress; stop the run
+    after ``--max_bad_steps`` skipped steps in a row."""
+    progress = run.progress
+    _count_nonfinite(progress, step, problem, bar if run.main else None)
+    if writer is not None:
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/nonfinite_steps", progress["nonfinite_steps"], step)
+    run.scheduler.step()
+    progress["step"] = step
+    _describe(bar, step, run.args.max_iter, loss, progress)
+    bar.update(1)
+    if progress["nonfinite_in_a_row"] >= run.args.max_bad_steps:
+        kept = run.last_path if run.last_path.exists() else "no checkpoint yet"
+        best = run.best_path if run.best_path.exists() else "none yet"
+        raise RunStopped(
+            f"stopping: {progress['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient (steps "
+            f"{progress['first_nonfinite']}-{step}); kept the last good checkpoint ({kept}) and the best weights "
+            f"({best}); try a lower --lr or no --amp",
+            1,
+        )
+
+
+def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
+    """Score the validation cases with the weights and buffers that are saved (rank 0's), report, then write
+    the checkpoint and, when the mean Dice improved, the best weights and their model card."""
+    args, progress = run.args, run.progress
+    run.distributed.broadcast_tensors(run.stateful_buffers)
+    snapshot = {} if run.main else None
+    scores = validation_scores(
+        run.model,
+        run.val_loader,
+        run.roi,
+        args.sw_batch_size,
+        run.config.num_classes,
+        run.device,
+        args.amp,
+        run.main,
+        snapshot,
+    )
+    scores = torch.cat(run.distributed.gather(scores))
+    dice, per_class = summarise_scores(scores)
+    foreground = foreground_dice(scores)
+    improved = dice > progress["best_dice"]
+    if improved:
+        progress["best_dice"], progress["best_step"] = dice, step
+    if not run.main:
+        return
+    _report(writer, bar, run.config.labels, step, dice, foreground, per_class, progress, improved)
+    if "overlay" in snapshot:
+        writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
+    # The checkpoint first: it also holds what the best weights hold, so that a run killed between the two
+    # writes resumes coherently (see _restore_best_weights).
+    if progress["nonfinite_in_a_row"] == 0:  # during a run of non-finite steps, keep the last good one
+        run.save_last()
+    if improved:
+        save_torch(run.model.state_dict(), run.best_path)
+        best_card = {**run.card, "best_metric": dice, "best_metric_foreground": foreground, "best_step": step}
+        save_json(best_card, model_card_path(run.best_path))
+
+
+def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device) -> Run:
+    """Everything a user can get wrong checked (flags, weights, checkpoint, dataset files), then the model,
+    data, optimisation and progress of the run (restored when it resumes)."""
     main = distributed.is_main
-    autocast = autocast_for(args.amp, device)
+    autocast_for(args.amp, device)  # checks --amp against the device
     roi = roi_of(args.roi_size)
     output = check_output_folder(args.output)
     resume = resolve_resume(args.resume, output, args.overwrite)
@@ -251,8 +449,72 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
     set_determinism(seed=args.seed)
     model = _initial_model(args, choice, config, pretrained, finetune, main)
     data = _prepare_data(args, config, distributed)
+    card = _model_card(choice, data, roi)
+    notes = check_resumed_run(checkpoint, card, args, resume) if checkpoint is not None else []
+    gpu_transforms = args.gpu_transforms and device.type == "cuda"
+    if args.gpu_transforms and not gpu_transforms and main:
+        print("note: --gpu_transforms applies to CUDA devices; the transforms run on the CPU")
+    model.to(device)
+    train_ds, val_loader = _datasets(args, data, roi, distributed, device, gpu_transforms)
+    optimizer, scheduler, scaler = _optimisation(args, model, device)
+    progress = dict(step=0, best_dice=0.0, best_step=0, nonfinite_steps=0, nonfinite_in_a_row=0, first_nonfinite=0)
+    if checkpoint is not None:
+        progress = restore_training_state(
+            checkpoint, model, optimizer, scheduler, scaler, lr=args.lr, max_iter=args.max_iter
+        )
+        if main:
+            print(f"Resumed from {resume} at step {progress['step']} (best Dice {progress['best_dice']:.4f})")
+            for note in notes:
+                print(note)
+            _restore_best_weights(checkpoint, progress, output / BEST_WEIGHTS)
+    network = model
+    if distributed.enabled:
+        network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # A forward can change only the buffers the state dict holds (BatchNorm statistics); the others are
+    # derived constants (BFR priors, attention masks) and need no copy at every step.
+    saved_buffer_names = set(model.state_dict())
+    stateful_buffers = [buffer for name, buffer in model.named_buffers() if name in saved_buffer_names]
+    output.mkdir(parents=True, exist_ok=True)
+    if main and data.derivation is not None:
+        save_json(data.derivation, output / FINGERPRINT_FILE)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    return Run(
+        args=args,
+        distributed=distributed,
+        device=device,
+        config=data.config,
+        card=card,
+        roi=roi,
+        output=output,
+        model=model,
+        network=network,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loss_function=loss_function,
+        train_ds=train_ds,
+        val_loader=val_loader,
+        gpu_transforms=gpu_transforms,
+        stateful_buffers=stateful_buffers,
+        progress=progress,
+        resumed=checkpoint is not None,
+    )
+
+
+def _optimisation(args, model: nn.Module, device: torch.device) -> tuple:
+    """The optimizer, learning-rate schedule and gradient scaler (fp16 only) of the flags."""
+    try:
+        optimizer = build_optimizer(model, args.optim, lr=args.lr)
+        scheduler = build_scheduler(optimizer, args.lr_schedule, max_iter=args.max_iter, warmup_iter=args.warmup_iter)
+    except ValueError as error:
+        raise UsageError(f"--optim/--lr/--lr_schedule: {error}") from None
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+
+def _model_card(choice, data: RunData, roi: tuple[int, int, int]) -> dict:
+    """The model card of a run: network, channels, classes, preprocessing (derived settings named), ROI."""
     config = data.config
-    card = {
+    return {
         "network": choice.name,
         "network_args": choice.overrides,
         "in_channels": config.in_channels,
@@ -263,174 +525,26 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
         "derived": data.derivation["derived"] if data.derivation else {},
         "roi_size": list(roi),
     }
-    notes = check_resumed_run(checkpoint, card, args, resume) if checkpoint is not None else []
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    gpu_transforms = args.gpu_transforms and device.type == "cuda"
-    if args.gpu_transforms and not gpu_transforms and main:
-        print("note: --gpu_transforms applies to CUDA devices; the transforms run on the CPU")
-    train_cases, val_cases = data.train_cases, data.val_cases
-    model.to(device)
 
+
+def _datasets(args, data: RunData, roi, distributed: Distributed, device: torch.device, gpu_transforms: bool):
+    """The cached training dataset and the loader of this process's share of the validation cases."""
     train_transforms, val_transforms = build_transforms(
-        config, "train", roi, args.crop_sample, device=device if gpu_transforms else None
+        data.config, "train", roi, args.crop_sample, device=device if gpu_transforms else None
     )
-    train_ds = cached_dataset(train_cases, train_transforms, data.cache_rate, args.num_workers, cache_dir)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    train_ds = cached_dataset(data.train_cases, train_transforms, data.cache_rate, args.num_workers, cache_dir)
     # Each rank validates its share of the cases; the scores are gathered once (every rank agrees).
-    val_share = val_cases[distributed.rank :: distributed.world_size]
+    val_share = data.val_cases[distributed.rank :: distributed.world_size]
     val_ds = cached_dataset(val_share, val_transforms, data.cache_rate, args.num_workers, cache_dir)
-    pin = device.type == "cuda" and not gpu_transforms
-    workers = 0 if gpu_transforms else args.num_workers  # CUDA tensors stay in the main process
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, pin_memory=pin, worker_init_fn=data_worker_init)
-
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    try:
-        optimizer = build_optimizer(model, args.optim, lr=args.lr)
-        scheduler = build_scheduler(optimizer, args.lr_schedule, max_iter=args.max_iter, warmup_iter=args.warmup_iter)
-    except ValueError as error:
-        raise UsageError(f"--optim/--lr/--lr_schedule: {error}") from None
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    progress = {
-        "step": 0,
-        "best_dice": 0.0,
-        "best_step": 0,
-        "nonfinite_steps": 0,
-        "nonfinite_in_a_row": 0,
-        "first_nonfinite": 0,
-    }
-    best_path, last_path = output / BEST_WEIGHTS, output / LAST_CHECKPOINT
-    if checkpoint is not None:
-        progress = restore_training_state(
-            checkpoint, model, optimizer, scheduler, scaler, lr=args.lr, max_iter=args.max_iter
-        )
-        if main:
-            print(f"Resumed from {resume} at step {progress['step']} (best Dice {progress['best_dice']:.4f})")
-            for note in notes:
-                print(note)
-            _restore_best_weights(checkpoint, progress, best_path)
-    network = model
-    if distributed.enabled:
-        network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    def epoch_batches(epoch: int):
-        """The training batches of ``epoch``: a function of (seed, epoch, rank) only."""
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + distributed.rank)
-        train_transforms.set_random_state(seed=(args.seed * 7919 + epoch * 104_729 + distributed.rank) % 2**32)
-        if distributed.enabled:
-            sampler = DistributedSampler(train_ds, distributed.world_size, distributed.rank, seed=args.seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(train_ds, generator=generator)
-        loader_class = ThreadDataLoader if gpu_transforms else DataLoader
-        return loader_class(
-            train_ds,
-            batch_size=args.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=pin,
-            generator=generator,
-            worker_init_fn=data_worker_init,
-        )
-
-    steps_per_epoch = len(epoch_batches(0))
-    # A forward can change only the buffers the state dict holds (BatchNorm statistics); the others are
-    # derived constants (BFR priors, attention masks) and need no copy at every step.
-    saved_buffer_names = set(model.state_dict())
-    stateful_buffers = [buffer for name, buffer in model.named_buffers() if name in saved_buffer_names]
-    output.mkdir(parents=True, exist_ok=True)
-    if main and data.derivation is not None:
-        save_json(data.derivation, output / FINGERPRINT_FILE)
-    # Every point at or before the checkpoint's step is already logged; later ones are replayed.
-    purge_step = progress["step"] + 1 if checkpoint is not None else None
-    writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=purge_step) if main else None
-    bar = tqdm(total=args.max_iter, initial=progress["step"], desc="Training", dynamic_ncols=True, disable=not main)
-
-    def save_last() -> None:
-        save_checkpoint(last_path, model, optimizer, scheduler, scaler, progress, card, recorded_flags(args))
-
-    def validate(step: int) -> None:
-        """Score the validation cases with the weights and buffers that are saved (rank 0's), then write
-        the checkpoint and, when the mean Dice improved, the best weights and their model card."""
-        distributed.broadcast_tensors(stateful_buffers)
-        snapshot = {} if main else None
-        scores = validation_scores(
-            model, val_loader, roi, args.sw_batch_size, config.num_classes, device, args.amp, main, snapshot
-        )
-        scores = torch.cat(distributed.gather(scores))
-        dice, per_class = summarise_scores(scores)
-        foreground = foreground_dice(scores)
-        improved = dice > progress["best_dice"]
-        if improved:
-            progress["best_dice"], progress["best_step"] = dice, step
-        if not main:
-            return
-        _report(writer, bar, config.labels, step, dice, foreground, per_class, progress, improved)
-        if "overlay" in snapshot:
-            writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
-        # The checkpoint first: it also holds what the best weights hold, so that a run killed between
-        # the two writes resumes coherently (see _restore_best_weights).
-        if progress["nonfinite_in_a_row"] == 0:  # during a run of non-finite steps, keep the last good one
-            save_last()
-        if improved:
-            save_torch(model.state_dict(), best_path)
-            best_card = {**card, "best_metric": dice, "best_metric_foreground": foreground, "best_step": step}
-            save_json(best_card, model_card_path(best_path))
-
-    network.train()
-    try:
-        with StopSignals() as stop:
-            while progress["step"] < args.max_iter:
-                epoch, offset = divmod(progress["step"], steps_per_epoch)
-                batches = iter(epoch_batches(epoch))
-                for _ in range(offset):  # replay the part of the epoch a resumed run has already trained on
-                    next(batches)
-                for batch in batches:
-                    step = progress["step"] + 1
-                    loss, problem = _training_step(
-                        network,
-                        batch,
-                        loss_function,
-                        optimizer,
-                        scaler,
-                        autocast,
-                        stateful_buffers,
-                        distributed,
-                        device,
-                    )
-                    _count_nonfinite(progress, step, problem, bar if main else None)
-                    if writer is not None:
-                        writer.add_scalar("train/loss", loss, step)
-                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                        writer.add_scalar("train/nonfinite_steps", progress["nonfinite_steps"], step)
-                    scheduler.step()
-                    progress["step"] = step
-                    _describe(bar, step, args.max_iter, loss, progress)
-                    bar.update(1)
-                    if progress["nonfinite_in_a_row"] >= args.max_bad_steps:
-                        raise RunStopped(
-                            f"stopping: {progress['nonfinite_in_a_row']} steps in a row had a non-finite loss or "
-                            f"gradient (steps {progress['first_nonfinite']}-{step}); kept the last good checkpoint "
-                            f"({last_path if last_path.exists() else 'no checkpoint yet'}) and the best weights "
-                            f"({best_path if best_path.exists() else 'none yet'}); try a lower --lr or no --amp",
-                            1,
-                        )
-                    if step % args.eval_step == 0 or step == args.max_iter:
-                        validate(step)
-                        _describe(bar, step, args.max_iter, loss, progress, refresh=True)
-                    if distributed.any(stop.signum is not None, device):
-                        raise _stopped(stop.signum, step, progress, last_path, save_last if main else None)
-                    if progress["step"] >= args.max_iter:
-                        break
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    distributed.barrier()
-    if main:
-        print(
-            f"Training finished: best mean Dice {progress['best_dice']:.4f} at step {progress['best_step']}; "
-            f"weights in {best_path}"
-        )
-    return progress["best_dice"]
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=1,
+        num_workers=0 if gpu_transforms else args.num_workers,
+        pin_memory=device.type == "cuda" and not gpu_transforms,
+        worker_init_fn=data_worker_init,
+    )
+    return train_ds, val_loader
 
 
 def _training_step(

@@ -93,8 +93,18 @@ register_network(
 
 
 def _new_unet_head(model: UNet, out_channels: int) -> None:
-    # The top up-sampling block of MONAI's UNet ends in out_channels, residual unit included: rebuild it.
-    model.model[2] = model._get_up_layer(model.channels[0] * 2, out_channels, model.strides[0], True)
+    # The top up-sampling block of MONAI's UNet ends in out_channels, residual unit included: take it from
+    # a UNet of the same settings built for out_channels.
+    settings = ("channels", "strides", "kernel_size", "up_kernel_size", "num_res_units", "act", "norm", "dropout")
+    fresh = UNet(
+        spatial_dims=model.dimensions,
+        in_channels=model.in_channels,
+        out_channels=out_channels,
+        bias=model.bias,
+        adn_ordering=model.adn_ordering,
+        **{name: getattr(model, name) for name in settings},
+    )
+    model.model[2] = fresh.model[2]
     model.out_channels = out_channels
 
 

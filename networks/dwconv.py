@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 from torch import nn
 
 __all__ = [
@@ -34,10 +35,16 @@ __all__ = [
 ]
 
 ALGORITHMS = ("auto", "native", "fft")
+
+
+def _checked(algorithm: str, what: str = "depthwise convolution algorithm") -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{what} must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    return algorithm
+
+
 _skip_padding_taps = True
-_algorithm = os.environ.get("REPUXNET_DWCONV", "auto").lower()
-if _algorithm not in ALGORITHMS:
-    raise ValueError(f"REPUXNET_DWCONV must be one of {', '.join(ALGORITHMS)}, got {_algorithm!r}")
+_algorithm = _checked(os.environ.get("REPUXNET_DWCONV", "auto").lower(), "REPUXNET_DWCONV")
 
 # Smallest kernel edge for which the FFT path is used, per device type. CPU: measured (BENCHMARKS.md: the
 # FFT path is 3-27x faster from k=5 on, on par at k=3). CUDA: a conservative choice not yet measured here.
@@ -47,9 +54,7 @@ FFT_MIN_KERNEL = {"cpu": 5, "cuda": 11}
 def set_algorithm(algorithm: str) -> None:
     """Set the process-wide algorithm: ``auto`` (per device and shape), ``native`` or ``fft``."""
     global _algorithm
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"depthwise convolution algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    _algorithm = algorithm
+    _algorithm = _checked(algorithm)
 
 
 def get_algorithm() -> str:
@@ -80,24 +85,14 @@ def full_kernels() -> Iterator[None]:
         _skip_padding_taps = previous
 
 
-def choose_algorithm(x: torch.Tensor, kernel_size: tuple[int, int, int]) -> str:
-    """``native`` or ``fft`` for input ``x`` and a kernel of ``kernel_size`` under the current setting."""
-    if _algorithm != "auto":
-        return _algorithm
+def choose_algorithm(x: torch.Tensor, kernel_size: tuple[int, int, int], algorithm: str | None = None) -> str:
+    """``native`` or ``fft`` for input ``x`` and a kernel of ``kernel_size``: ``algorithm`` when it names
+    one, else (``auto``, or None for the process-wide setting) by device and kernel size."""
+    algorithm = _checked(algorithm or _algorithm)
+    if algorithm != "auto":
+        return algorithm
     threshold = FFT_MIN_KERNEL.get(x.device.type)
     return "fft" if threshold is not None and min(kernel_size) >= threshold else "native"
-
-
-def _fast_length(n: int) -> int:
-    """The smallest integer >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
 
 
 def _crop_to_reach(
@@ -127,7 +122,7 @@ def fft_depthwise_conv3d(
     spatial = x.shape[2:]
     out_shape = [n + 2 * p - k + 1 for n, p, k in zip(spatial, padding, kernel, strict=True)]
     # A linear (not circular) convolution needs transforms of at least n + k - 1 points.
-    lengths = [_fast_length(n + k - 1) for n, k in zip(spatial, kernel, strict=True)]
+    lengths = [next_fast_len(n + k - 1, real=True) for n, k in zip(spatial, kernel, strict=True)]
     # float32 at least: half-precision FFTs are restricted and inaccurate; float64 stays float64.
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=device_type, enabled=False):
@@ -174,13 +169,7 @@ def depthwise_conv3d(
     padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
     if _skip_padding_taps:
         weight, padding = _crop_to_reach(weight, padding, tuple(x.shape[2:]))
-    kernel = tuple(weight.shape[2:])
-    if algorithm is None or algorithm == "auto":
-        with use_algorithm(algorithm or _algorithm):
-            algorithm = choose_algorithm(x, kernel)
-    elif algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    if algorithm == "fft":
+    if choose_algorithm(x, tuple(weight.shape[2:]), algorithm) == "fft":
         return fft_depthwise_conv3d(x, weight, bias, padding)
     return F.conv3d(x, weight, bias, padding=padding, groups=x.shape[1])
 
@@ -215,9 +204,7 @@ class DepthwiseConv3d(nn.Conv3d):
             device=device,
             dtype=dtype,
         )
-        if algorithm is not None and algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-        self.algorithm = algorithm
+        self.algorithm = algorithm if algorithm is None else _checked(algorithm)
 
     def kernel(self) -> torch.Tensor:
         """The kernel the convolution applies."""

@@ -1,4 +1,4 @@
-"""Layers shared by the 3D UX-Net family, and argument helpers shared by the networks."""
+"""Layers shared by the 3D UX-Net family."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm", "StagedEncoder", "as_triple"]
-
-
-def as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    """One integer for all three axes, or three integers; ValueError naming ``name`` otherwise."""
-    triple = tuple(value) if isinstance(value, Sequence) else (value,) * 3
-    if len(triple) != 3:
-        raise ValueError(f"{name} must be one or three integers, got {value!r}")
-    return triple
+__all__ = ["LayerNorm", "StagedEncoder"]
 
 
 class LayerNorm(nn.Module):

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from optimizers.lr_scheduler import ConstantSchedule, WarmupCosineLR
+from optimizers.lr_scheduler import WarmupCosineLR
 
-__all__ = ["ConstantSchedule", "WarmupCosineLR", "build_optimizer", "build_scheduler", "OPTIMIZERS", "SCHEDULERS"]
+__all__ = ["WarmupCosineLR", "build_optimizer", "build_scheduler", "OPTIMIZERS", "SCHEDULERS"]
 
 #: Optimizer names (as the published ``--optim`` flag spells them) and their classes.
 OPTIMIZERS: dict[str, type[Optimizer]] = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
@@ -65,6 +65,10 @@ def build_optimizer(
     return optimizer_class(params, lr=lr, **kwargs)
 
 
+def _constant_factor(step: int) -> float:
+    return 1.0
+
+
 def build_scheduler(
     optimizer: Optimizer,
     name: str = "constant",
@@ -84,8 +88,8 @@ def build_scheduler(
         min_lr: final rate of ``warmup_cosine``.
     """
     name = _canonical(name, SCHEDULERS, "learning-rate schedule")
-    if name == "constant":
-        return ConstantSchedule(optimizer)
+    if name == "constant":  # the base rate at every step, a closed form as the warm-up + cosine one
+        return LambdaLR(optimizer, lr_lambda=_constant_factor)
     if max_iter is None:
         raise ValueError("the warmup_cosine schedule needs max_iter")
     return WarmupCosineLR(optimizer, max_iter, warmup_iter, warmup_start_factor, min_lr)

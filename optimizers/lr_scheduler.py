@@ -7,14 +7,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["ConstantSchedule", "WarmupCosineLR"]
-
-
-class ConstantSchedule(LRScheduler):
-    """Keeps every group at its initial learning rate (the published schedule)."""
-
-    def get_lr(self) -> list[float]:
-        return list(self.base_lrs)
+__all__ = ["WarmupCosineLR"]
 
 
 class WarmupCosineLR(LRScheduler):

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
 from torch import nn
-
-from networks.layers import as_triple
 
 __all__ = ["TransBTS"]
 
@@ -119,7 +118,10 @@ class TransBTS(nn.Module):
         base_channels: int = 16,
     ) -> None:
         super().__init__()
-        size = as_triple(img_size, "img_size")
+        try:
+            size = ensure_tuple_rep(img_size, 3)
+        except ValueError:
+            raise ValueError(f"img_size must be one or three multiples of 8, got {img_size!r}") from None
         if any(s % 8 for s in size):
             raise ValueError(f"img_size must be one or three multiples of 8, got {img_size!r}")
         if embedding_dim % num_heads or embedding_dim % 4:

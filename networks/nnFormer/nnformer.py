@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
+from monai.utils import ensure_tuple_rep
 from torch import nn
-
-from networks.layers import as_triple
 
 __all__ = ["nnFormer"]
 
@@ -361,7 +360,11 @@ class nnFormer(nn.Module):  # noqa: N801 (the paper's spelling)
         drop_path_rate: float = 0.2,
     ) -> None:
         super().__init__()
-        crop, patch = as_triple(crop_size, "crop_size"), as_triple(patch_size, "patch_size")
+        try:
+            crop, patch = ensure_tuple_rep(crop_size, 3), ensure_tuple_rep(patch_size, 3)
+        except ValueError:
+            given = f"{crop_size!r}, {patch_size!r}"
+            raise ValueError(f"crop_size and patch_size must be one or three integers, got {given}") from None
         stages = len(depths)
         if stages < 2 or len(num_heads) != stages or len(window_size) != stages:
             raise ValueError(
