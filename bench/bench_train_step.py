@@ -11,6 +11,7 @@ Training step: 2 crops of 96^3, DiceCE, AdamW, BFR on. Inference: sliding window
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -31,10 +32,15 @@ VARIANTS = {
 
 
 def measure(task: str, variant: str, device: torch.device, repeats: int, overlap: float) -> dict:
-    algorithm, amp_dtype = VARIANTS[variant]
-    dwconv.set_algorithm(algorithm)
-    if variant == "published":  # plain conv3d over the whole kernel, as the published block runs it
-        dwconv.full_kernels().__enter__()  # for the rest of this one-measurement process
+    algorithm = VARIANTS[variant][0]
+    # The published way: plain conv3d over the whole kernel, as the published block runs it.
+    kernels = dwconv.full_kernels() if variant == "published" else contextlib.nullcontext()
+    with dwconv.use_algorithm(algorithm), kernels:
+        return _measure(task, variant, device, repeats, overlap)
+
+
+def _measure(task: str, variant: str, device: torch.device, repeats: int, overlap: float) -> dict:
+    amp_dtype = VARIANTS[variant][1]
     torch.manual_seed(0)
     model = build_network("REPUXNET", 1, 5).to(device)
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)

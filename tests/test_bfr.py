@@ -289,4 +289,12 @@ def test_registry_builds_bfr_model_with_overrides():
     convs = bfr_convs(model)
     assert len(convs) == 4 and all(conv.alpha == 2.0 for conv in convs)
     torch.testing.assert_close(convs[0].prior, frequency_prior(5, 2.0))
-    copy.deepcopy(model)  # deep copies (EMA, best-model snapshots) keep working
+    # Deep copies (EMA, best-model snapshots) are independent models with the same outputs.
+    twin = copy.deepcopy(model).eval()
+    model.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+        bfr_convs(twin)[0].weight.add_(1.0)
+    assert not torch.equal(bfr_convs(twin)[0].weight, convs[0].weight)
+    torch.testing.assert_close(bfr_convs(twin)[0].prior, convs[0].prior)

@@ -28,49 +28,38 @@ def test_stitching_moves_to_the_cpu_only_when_the_output_would_not_fit():
     assert stitching_device(shape, classes, torch.device("cpu")) == torch.device("cpu")
 
 
-def test_training_and_inference_with_amp_and_forced_algorithm(tmp_path):
+def test_amp_and_forced_algorithm_take_effect_in_training_and_inference(tmp_path, monkeypatch):
+    """At kernel 3 on the CPU the automatic choice is the native convolution: --dwconv fft must switch every
+    depthwise convolution to the FFT path, and --amp must run them under bf16 autocast."""
     import main_train
+    import networks.dwconv
     import test_seg
     from phantom import write_dataset
 
+    fft_calls = []  # autocast state at each FFT convolution
+    real_fft = networks.dwconv.fft_depthwise_conv3d
+
+    def spy(*args, **kwargs):
+        fft_calls.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_fft(*args, **kwargs)
+
+    monkeypatch.setattr(networks.dwconv, "fft_depthwise_conv3d", spy)
     root = tmp_path / "data"
     write_dataset(root, num_train=1, num_val=1, num_test=1, seed=5)
-    tiny = flags(**TINY_RUN)
-    main_train.main(
-        [
-            "--root",
-            str(root),
-            "--output",
-            str(tmp_path / "run"),
-            "--max_iter",
-            "2",
-            "--eval_step",
-            "2",
-            "--amp",
-            "--dwconv",
-            "native",
-            *tiny,
-        ]
-    )
+    run = flags(root=root, output=tmp_path / "run", max_iter=2, eval_step=2, **TINY_RUN)
+    main_train.main(run + ["--overwrite"])
+    assert fft_calls == []  # auto: native at kernel 3 on the CPU
+    main_train.main(run + ["--overwrite", "--amp", "--dwconv", "fft"])
+    assert fft_calls and all(fft_calls)  # every one under bf16 autocast
     assert get_algorithm() == "auto"  # the run's choice does not leak into the process
     weights = tmp_path / "run" / "best_metric_model.pth"
     assert all(
         torch.isfinite(v).all() for v in torch.load(weights, weights_only=True).values() if v.is_floating_point()
     )
-    test_seg.main(
-        [
-            "--root",
-            str(root),
-            "--output",
-            str(tmp_path / "pred"),
-            "--trained_weights",
-            str(weights),
-            "--amp",
-            "bf16",
-            "--dwconv",
-            "fft",
-            "--num_workers",
-            "0",
-        ]
-    )
-    assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 1
+    fft_calls.clear()
+    predict = flags(root=root, trained_weights=weights, num_workers=0, device="cpu")
+    test_seg.main(predict + flags(output=tmp_path / "native", dwconv="native", amp="bf16"))
+    assert fft_calls == []
+    test_seg.main(predict + flags(output=tmp_path / "fft", dwconv="fft", amp="bf16"))
+    assert fft_calls and all(fft_calls)
+    assert len(list((tmp_path / "fft").glob("*_seg.nii.gz"))) == 1

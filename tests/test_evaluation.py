@@ -3,8 +3,13 @@
 import csv
 import json
 import math
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import TINY_RUN, flags
@@ -74,9 +79,22 @@ def test_folds_are_disjoint_covering_and_stable():
         assert not {c["image"] for c in train} & {c["image"] for c in val} and len(train) + len(val) == 23
     reversed_input = split_folds(list(reversed(cases)), 5, 0)[1]
     assert [c["image"] for c in reversed_input] == validation[0]  # input order does not matter
-    # pinned: the same split on every machine and Python run
-    expected = ["case_020.nii.gz", "case_000.nii.gz", "case_019.nii.gz", "case_009.nii.gz", "case_001.nii.gz"]
-    assert [Path(p).name for p in validation[0]] == expected
+    # The documented recipe: case names sorted, shuffled by Python's Mersenne Twister seeded 0, dealt
+    # round-robin; it does not depend on hashing, so another interpreter gives the same folds.
+    names = sorted(f"case_{i:03d}" for i in range(23))
+    random.Random(0).shuffle(names)
+    assert [[Path(p).name.removesuffix(".nii.gz") for p in v] for v in validation] == [names[k::5] for k in range(5)]
+    script = (
+        "import sys; sys.path.insert(0, '.'); from load_datasets_transforms import split_folds; "
+        "cases = [{'image': f'imagesTr/case_{i:03d}.nii.gz'} for i in range(23)]; "
+        "print([c['image'] for c in split_folds(cases, 5, 0)[1]])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONHASHSEED": "123"}
+    other = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=environment, capture_output=True, text=True, check=True
+    )
+    assert other.stdout.strip() == str(validation[0])
     with pytest.raises(DatasetError, match="--fold 5: must be in 0..4"):
         split_folds(cases, 5, 5)
 
@@ -133,6 +151,11 @@ def test_phantom_evaluation_writes_consistent_csv_and_json(phantom, tmp_path, ca
     with open(output / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 2 * 4 and {r["name"] for r in rows} == {"spleen", "kidney", "liver", "pancreas"}
+    for row in rows:  # the Dice of the written segmentation against the label, computed here
+        prediction = np.asarray(nib.load(output / f"{row['case']}_seg.nii.gz").dataobj) == int(row["class"])
+        label = np.asarray(nib.load(phantom / "labelsTs" / f"{row['case']}.nii.gz").dataobj) == int(row["class"])
+        overlap = 2 * (prediction & label).sum() / (prediction.sum() + label.sum())
+        assert float(row["dice"]) == pytest.approx(overlap, abs=1e-6)
     summary = json.loads((output / "summary.json").read_text())
     for name in ("spleen", "kidney", "liver", "pancreas"):
         values = [float(r["dice"]) for r in rows if r["name"] == name and r["dice"] != "nan"]
