@@ -1,0 +1,47 @@
+"""The benchmarks that a GPU session runs, exercised on the CPU at tiny sizes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
+    """bench/gpu_check.py --smoke: the convolution paths agree, and every timing row is there."""
+    result = tmp_path / "gpu_check.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--smoke", "--json", str(result)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "| part | shape | variant | seconds | vs published | peak MiB |" in completed.stdout
+    rows = json.loads(result.read_text())["rows"]
+    correctness = [row for row in rows if row[0] == "correctness"]
+    assert len(correctness) == 2 and all(float(row[3]) < 1e-4 for row in correctness)
+    sweep = [row for row in rows if row[0] == "depthwise fwd+bwd"]
+    assert [row[1].split("k=")[1] for row in sweep] == ["7", "7", "3", "5"]  # stage shapes, then the sweep
+    training = [row for row in rows if row[0] == "RepUX-Net training step"]
+    assert [row[2] for row in training] == [
+        "published (native, fp32)",
+        "ours (fp32)",
+        "ours (bf16 autocast)",
+        "ours (fp32), engine step with guard",
+    ]
+    inference = [row for row in rows if row[0] == "RepUX-Net inference"]
+    assert len(inference) == 3 and all(float(row[3]) > 0 for row in training + inference)
+    assert training[0][4] == inference[0][4] == "1.00x"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the command runs the whole check")
+def test_gpu_check_without_a_gpu_says_what_to_do():
+    completed = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert "no CUDA device: run it on a GPU machine, or pass --smoke" in completed.stderr
