@@ -56,6 +56,7 @@ __all__ = [
     "NormalizeChannelsd",
     "case_files",
     "case_name",
+    "cases_from_paths",
     "check_cases",
     "data_loader",
     "data_transforms",
@@ -204,6 +205,31 @@ def _from_list(root: Path, entries: list, test_labels: Path | None) -> list[dict
             case["label"] = str(test_labels / f"{case_name(image)}.nii.gz")
         cases.append(case)
     return cases
+
+
+def cases_from_paths(paths: Sequence[str | os.PathLike], config: DatasetConfig) -> list[dict]:
+    """The cases of NIfTI files and folders of them given by path (``test_seg.py --input``), without any
+    dataset layout: for several channels, ``<case>_0000``, ``<case>_0001``... files are grouped by case
+    (and any other file is a 4D image), as in the dataset folders."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = _nifti_files(path)
+            if not found:
+                raise DatasetError(f"--input {path}: no .nii.gz images in this folder")
+            files += found
+        elif path.is_file() and path.name.endswith(NIFTI_ENDINGS):
+            files.append(path)
+        else:
+            what = "not a NIfTI file (.nii.gz, .nii)" if path.exists() else "no such file or folder"
+            raise DatasetError(f"--input {path}: {what}")
+    grouped, problems = _group_channels(sorted(set(files)), None, config)
+    if problems:
+        raise DatasetError(_summarise(problems))
+    return [
+        {"image": str(image) if isinstance(image, Path) else [str(p) for p in image]}
+        for _, image in sorted(grouped.items())
+    ]
 
 
 def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str) -> list[dict]:

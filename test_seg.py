@@ -1,7 +1,9 @@
-"""Segment test images with trained weights; writes <case>_seg.nii.gz in each input's geometry.
+"""Segment images with trained weights; writes <case>_seg.nii.gz in each input's geometry.
 
-With a model card beside the weights (written by training), the card decides the network, its classes,
-the ROI and the preprocessing (spacing, intensity window); --dataset then only says where the files are.
+The images: --input (NIfTI files and folders, no dataset layout needed) or the test cases of a dataset
+(--root, --dataset). With a model card beside the weights (written by training), the card decides the
+network, its classes, the ROI and the preprocessing (channels, normalisation, spacing). Several
+--trained_weights make an ensemble (softmax averaged); --tta adds the 8 mirrorings.
 """
 
 from cli import add_common_arguments, parser_for, positive_int, run_or_exit, unit_interval
@@ -11,7 +13,34 @@ from engine import run_inference
 def main(argv=None) -> None:
     parser = parser_for(__doc__)
     add_common_arguments(parser, mode="test")
-    parser.add_argument("--trained_weights", required=True, help="weights to segment with (best_metric_model.pth, ...)")
+    parser.add_argument(
+        "--trained_weights",
+        required=True,
+        nargs="+",
+        help="weights to segment with (best_metric_model.pth, ...); several: an ensemble, their softmax averaged",
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        default=None,
+        help="NIfTI files and folders of them to segment, instead of --root's test cases (default: none)",
+    )
+    parser.add_argument(
+        "--labels", default=None, help="with --input and --evaluate: folder of <case>.nii.gz labels (default: none)"
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="test-time mirroring over the 3 spatial axes (8 passes, softmax averaged)"
+    )
+    parser.add_argument(
+        "--save_probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.npz: float16 class probabilities in the input's geometry",
+    )
+    parser.add_argument(
+        "--keep_largest",
+        default=None,
+        help="keep the largest connected component of these classes, e.g. 1,3, or all (default: none)",
+    )
     parser.add_argument("--sw_batch_size", type=positive_int, default=4, help="sliding-window batch")
     parser.add_argument("--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap")
     parser.add_argument(

@@ -1,18 +1,20 @@
-"""The inference pass of test_seg.py: sliding window, transforms inverted, labels in the input geometry."""
+"""The inference pass of test_seg.py: the files or test cases to segment, the model(s) from their cards,
+then per case the averaged softmax (ensemble, mirroring) in the input geometry, labels and probabilities."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, decollate_batch
-from monai.inferers import sliding_window_inference
-from monai.transforms import AsDiscreted, Compose, Invertd
+from monai.transforms import Invertd
+from torch import nn
 from tqdm import tqdm
 
 from engine.common import (
@@ -25,19 +27,26 @@ from engine.common import (
     load_trained,
     model_card_path,
     network_from_flags,
-    replace_atomically,
     roi_of,
     select_device,
-    stitching_device,
 )
 from engine.data import verify_cases
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
+from engine.predict import (
+    complete_background,
+    keep_largest,
+    labels_of,
+    mean_probabilities,
+    output_name,
+    write_probabilities,
+    write_segmentation,
+)
 from load_datasets_transforms import (
     MEDIAN,
     DatasetConfig,
     build_transforms,
-    case_files,
     case_name,
+    cases_from_paths,
     find_cases,
     load_dataset_config,
     resolve_root,
@@ -49,29 +58,6 @@ __all__ = ["run_inference"]
 
 #: The flags that describe a network's shape (a model card decides them when there is one).
 SHAPE_FLAGS = ("feat_size", "kernel_size", "hidden_size")
-
-
-def _output_name(image: str | list[str]) -> str:
-    """The name a case's outputs take: its image file's without ``.nii.gz`` or ``.nii``, or for one file
-    per channel the case name (without ``_0000``)."""
-    if not isinstance(image, str):
-        return case_name(image)
-    return Path(image).name.removesuffix(".gz").removesuffix(".nii")
-
-
-def _write_prediction(prediction: np.ndarray, image: str | list[str], output: Path) -> Path:
-    image_path = case_files({"image": image})[0]  # the geometry of every channel file (checked)
-    source = nib.load(image_path)
-    shape = tuple(source.shape[:3])
-    if prediction.shape != shape:
-        raise RuntimeError(f"{image_path}: prediction shape {prediction.shape} differs from the input's {shape}")
-    header = source.header.copy()
-    header.set_data_dtype(np.uint8)
-    nifti = nib.Nifti1Image(prediction.astype(np.uint8), source.affine, header)
-    nifti.header.set_slope_inter(1.0, 0.0)
-    path = output / f"{_output_name(image)}_seg.nii.gz"
-    replace_atomically(path, lambda tmp: nib.save(nifti, tmp))
-    return path
 
 
 def run_inference(args) -> list[Path]:
@@ -150,13 +136,13 @@ def _text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _model_to_run(args, config: DatasetConfig):
+def _model_to_run(args, config: DatasetConfig, weights: str):
     """The network, input channels, class count, ROI and dataset settings to segment with, and the weights:
     from the model
     card beside the weights or in a training checkpoint, else from the flags (published state dicts)."""
-    state, checkpoint_card = load_trained(args.trained_weights, "--trained_weights")
-    card_path = model_card_path(args.trained_weights)
-    card, source = checkpoint_card, f"{args.trained_weights} (a training checkpoint: its model weights and card)"
+    state, checkpoint_card = load_trained(weights, "--trained_weights")
+    card_path = model_card_path(weights)
+    card, source = checkpoint_card, f"{weights} (a training checkpoint: its model weights and card)"
     if card_path.is_file():
         try:
             card, source = json.loads(card_path.read_text()), str(card_path)
@@ -165,7 +151,7 @@ def _model_to_run(args, config: DatasetConfig):
     if card is None:
         if config.to_derive():
             raise UsageError(
-                f"--trained_weights {args.trained_weights}: no model card beside it, and {config.source} leaves "
+                f"--trained_weights {weights}: no model card beside it, and {config.source} leaves "
                 f"{', '.join(config.to_derive())} to the training data; segment with weights that have their card"
             )
         roi = roi_of(args.roi_size or 96)
@@ -207,66 +193,159 @@ def _dataset_of(args) -> str:
     return "flare"
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model of the ensemble: its weights file, network, channels, classes, ROI, preprocessing
+    (``config``) and state dict."""
+
+    weights: str
+    choice: NetworkChoice
+    in_channels: int
+    out_channels: int
+    roi: tuple[int, int, int]
+    config: DatasetConfig
+    state: dict
+
+    def build(self, device: torch.device) -> nn.Module:
+        model = self.choice.build(self.in_channels, self.out_channels)
+        load_into(model, self.state, self.weights, "--trained_weights", self.choice.name)
+        switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
+        return model.to(device).eval()
+
+
+def _models_to_run(args, config: DatasetConfig) -> list[LoadedModel]:
+    """Every ``--trained_weights`` with its card; an ensemble must agree on classes, input channels and
+    preprocessing (networks and ROIs may differ), else a UsageError names the two weights and what differs."""
+    models = [LoadedModel(weights, *_model_to_run(args, config, weights)) for weights in args.trained_weights]
+    for other in models[1:]:
+        differences = _disagreements(models[0], other)
+        if differences:
+            raise UsageError(
+                f"--trained_weights {models[0].weights} and {other.weights} cannot be ensembled: "
+                f"{'; '.join(differences)} (an ensemble needs one set of classes, input channels and preprocessing)"
+            )
+    return models
+
+
+def _disagreements(first: LoadedModel, other: LoadedModel) -> list[str]:
+    a, b = first.config, other.config
+    differences = []
+    if first.out_channels != other.out_channels or a.labels != b.labels:
+        differences.append(f"classes {', '.join(a.labels)} vs {', '.join(b.labels)}")
+    if first.in_channels != other.in_channels:
+        differences.append(f"{first.in_channels} vs {other.in_channels} input channels")
+    if a.spacing != b.spacing:
+        differences.append(f"spacing {_spacing_text(a.spacing)} vs {_spacing_text(b.spacing)}")
+    if a.normalization != b.normalization:
+        differences.append(f"normalization {a.describe_channels()} vs {b.describe_channels()}")
+    return differences
+
+
+def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
+    """The files of ``--input`` (labels from ``--labels``), or the test cases of the dataset under ``--root``."""
+    if args.input:
+        if args.root is not None:
+            raise UsageError("--input and --root: give the files to segment one way (--input, or --root's test cases)")
+        cases = cases_from_paths(args.input, config)
+        if args.labels:
+            for case in cases:
+                case["label"] = str(Path(args.labels) / f"{case_name(case['image'])}.nii.gz")
+        if args.evaluate and not args.labels:
+            raise UsageError("--evaluate with --input needs --labels FOLDER (a <case>.nii.gz label per input case)")
+        return cases
+    root = resolve_root(config, args.root)
+    cases = find_cases(config, root, "test")
+    if args.evaluate and not all("label" in case for case in cases):
+        raise UsageError(f"--evaluate needs labels: a labelsTs folder in {root} or a test list with labels")
+    return cases
+
+
 def _infer(args) -> list[Path]:
     device = select_device(args.device, args.gpu)
     autocast = autocast_for(args.amp, device)
     output = check_output_folder(args.output)
-    config = load_dataset_config(_dataset_of(args), args.datalist)
-    choice, in_channels, out_channels, roi, config, state = _model_to_run(args, config)
-    root = resolve_root(config, args.root)
-    cases = find_cases(config, root, "test")
+    models = _models_to_run(args, load_dataset_config(_dataset_of(args), args.datalist))
+    config, out_channels = models[0].config, models[0].out_channels
+    cases = _cases_to_segment(args, config)
     label_map = _label_map_of(args, out_channels, config)
-    if args.evaluate and not all("label" in case for case in cases):
-        raise UsageError(f"--evaluate needs labels: a labelsTs folder in {root} or a test list with labels")
-    verify_cases(cases, config.num_classes, args.num_workers, in_channels=in_channels)
-    model = choice.build(in_channels, out_channels)
-    load_into(model, state, args.trained_weights, "--trained_weights", choice.name)
-    switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
-    model.to(device).eval()
-
+    keep = _classes_to_keep(args.keep_largest, out_channels)
+    verify_cases(cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels)
+    networks = [(model.build(device), model.roi) for model in models]
     test_transforms = build_transforms(config, "test")
     images = [{"image": case["image"]} for case in cases]  # labels, if any, are read back for --evaluate
     dataset = CacheDataset(images, test_transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
     loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers)
-    post = Compose(
-        [
-            Invertd(keys="pred", transform=test_transforms, orig_keys="image", nearest_interp=False, to_tensor=True),
-            AsDiscreted(keys="pred", argmax=True),
-        ]
-    )
+    invert = Invertd(keys="pred", transform=test_transforms, orig_keys="image", nearest_interp=False, to_tensor=True)
     output.mkdir(parents=True, exist_ok=True)
-    written, rows = [], []
+    written, rows, started = [], [], time.perf_counter()
+    bar = tqdm(total=len(cases), desc="Inference", dynamic_ncols=True)
     with torch.no_grad():
-        for batch, case in zip(tqdm(loader, desc="Inference", dynamic_ncols=True), cases, strict=True):
-            output_device = stitching_device(batch["image"].shape[2:], out_channels, device)
-            with autocast:
-                logits = sliding_window_inference(
-                    batch["image"].to(device),
-                    roi,
-                    args.sw_batch_size,
-                    model,
-                    overlap=args.overlap,
-                    sw_device=device,
-                    device=output_device,
-                )
-            batch["pred"] = torch.softmax(logits.float(), dim=1).cpu()
-            item = post(decollate_batch(batch)[0])
-            prediction = item["pred"][0].numpy().astype(np.uint8)
-            written.append(_write_prediction(prediction, case["image"], output))
-            print(f"Wrote {written[-1]}")
+        for batch, case in zip(loader, cases, strict=True):
+            start = time.perf_counter()
+            probabilities = mean_probabilities(
+                batch["image"], networks, out_channels, args.sw_batch_size, args.overlap, args.tta, autocast, device
+            )
+            paths = _write_case(probabilities, batch, case, invert, keep, args.save_probabilities, models[0], output)
+            written.append(paths[0])
+            bar.update(1)
+            seconds = time.perf_counter() - start
+            bar.write(f"{output_name(case['image'])}: {seconds:.1f} s, wrote {', '.join(map(str, paths))}")
             if args.evaluate:
-                rows += _evaluate(written[-1], case, config, label_map, args.nsd_tolerance)
-    print(f"Wrote {len(written)} segmentations to {output}")
+                rows += _evaluate(paths[0], case, config, label_map, args.nsd_tolerance)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    passes = f"{len(models)} model{'s' * (len(models) > 1)}" + (", 8 mirrorings each" if args.tta else "")
+    print(
+        f"Wrote {len(written)} segmentations to {output} in {elapsed:.1f} s ({elapsed / len(written):.1f} s per "
+        f"case; {passes})"
+    )
     if args.evaluate:
-        names = {value: name for value, name in enumerate(config.labels) if value}  # background not scored
-        summary = write_reports(rows, names, output)
-        print(
-            f"Evaluation in the original geometry ({len(written)} cases; foreground classes, background not "
-            f"scored): {output / 'metrics.csv'}, "
-            f"{output / 'summary.json'}, {output / 'dice_per_class.png'}"
-        )
-        print(format_summary(summary))
+        _report_evaluation(rows, config, output, len(written))
     return written
+
+
+def _write_case(probabilities, batch, case, invert, keep, save_probabilities, model, output: Path) -> list[Path]:
+    """A case's probabilities (preprocessed space) brought into the input geometry, its labels (largest
+    components kept for ``keep``) written, and with ``save_probabilities`` the probabilities too."""
+    batch["pred"] = probabilities.cpu()
+    probabilities = complete_background(torch.as_tensor(invert(decollate_batch(batch)[0])["pred"]))
+    labels = keep_largest(labels_of(probabilities), keep) if keep else labels_of(probabilities)
+    paths = [write_segmentation(labels, case["image"], output)]
+    if save_probabilities:
+        paths.append(write_probabilities(probabilities, case["image"], _class_names(model), output))
+    return paths
+
+
+def _class_names(model: LoadedModel) -> list[str]:
+    """The model's class names (the card's; else those of the dataset when they count as many)."""
+    labels = model.config.labels
+    return list(labels) if len(labels) == model.out_channels else [f"class {i}" for i in range(model.out_channels)]
+
+
+def _classes_to_keep(keep_largest: str | None, out_channels: int) -> list[int]:
+    """``--keep_largest``: comma-separated class values, or ``all`` (every foreground class)."""
+    if not keep_largest:
+        return []
+    if keep_largest.strip().lower() == "all":
+        return list(range(1, out_channels))
+    try:
+        classes = sorted({int(value) for value in keep_largest.split(",") if value.strip()})
+    except ValueError:
+        raise UsageError(f"--keep_largest {keep_largest}: expected class values such as 1,3, or all") from None
+    outside = [c for c in classes if not 0 < c < out_channels]
+    if not classes or outside:
+        raise UsageError(f"--keep_largest {keep_largest}: classes are 1..{out_channels - 1} (0 is background)")
+    return classes
+
+
+def _report_evaluation(rows: list[dict], config: DatasetConfig, output: Path, count: int) -> None:
+    names = {value: name for value, name in enumerate(config.labels) if value}  # background not scored
+    summary = write_reports(rows, names, output)
+    print(
+        f"Evaluation in the original geometry ({count} cases; foreground classes, background not scored): "
+        f"{output / 'metrics.csv'}, {output / 'summary.json'}, {output / 'dice_per_class.png'}"
+    )
+    print(format_summary(summary))
 
 
 def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: float) -> list[dict]:
@@ -278,4 +357,4 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
         prediction = apply_label_map(prediction, label_map)
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
     results = evaluate_case(prediction, label, spacing, range(1, config.num_classes), tolerance)
-    return [{"case": _output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]
+    return [{"case": output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]

@@ -1,0 +1,143 @@
+"""One case's prediction: the softmax averaged over models and mirrorings, its label map and the files
+written in the input image's geometry."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+from torch import nn
+
+from engine.common import replace_atomically, stitching_device
+from load_datasets_transforms import case_files, case_name
+
+__all__ = [
+    "MIRRORINGS",
+    "complete_background",
+    "keep_largest",
+    "labels_of",
+    "mean_probabilities",
+    "output_name",
+    "write_probabilities",
+    "write_segmentation",
+]
+
+#: The spatial axes (of an ``N, C, D, H, W`` tensor) flipped by each test-time mirroring: none, each
+#: axis, each pair, all three (nnU-Net's default).
+MIRRORINGS: tuple[tuple[int, ...], ...] = tuple(
+    axes for count in range(4) for axes in itertools.combinations((2, 3, 4), count)
+)
+
+
+def mean_probabilities(
+    image: torch.Tensor,
+    models: Sequence[tuple[nn.Module, tuple[int, int, int]]],
+    num_classes: int,
+    sw_batch_size: int,
+    overlap: float,
+    mirror: bool,
+    autocast: torch.autocast,
+    device: torch.device,
+) -> torch.Tensor:
+    """The ``num_classes`` class probabilities of a preprocessed ``image`` (``1, C, D, H, W``): the softmax
+    of every model (each with its sliding-window ROI) and, with ``mirror``, of every mirroring of the input
+    (flipped back), averaged. Summed in place as they come: memory holds two outputs, whatever the number of
+    passes. The sum lives where :func:`engine.common.stitching_device` says (the CPU for large volumes)."""
+    total, passes = None, 0
+    output_device = stitching_device(image.shape[2:], num_classes, device)
+    for model, roi in models:
+        for axes in MIRRORINGS if mirror else ((),):
+            flipped = image.flip(axes) if axes else image
+            with autocast:
+                logits = sliding_window_inference(
+                    flipped.to(device),
+                    roi,
+                    sw_batch_size,
+                    model,
+                    overlap=overlap,
+                    sw_device=device,
+                    device=output_device,
+                )
+            probabilities = torch.softmax(logits.float(), dim=1)
+            if axes:
+                probabilities = probabilities.flip(axes)
+            total = probabilities if total is None else total.add_(probabilities.to(total.device))
+            passes += 1
+    return total.div_(passes)
+
+
+def labels_of(probabilities: torch.Tensor) -> np.ndarray:
+    """The label map (argmax) of probabilities ``K, X, Y, Z`` in the input geometry, as uint8."""
+    return probabilities.argmax(dim=0).numpy().astype(np.uint8)
+
+
+def complete_background(probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities ``K, X, Y, Z`` inverted into the input geometry lack mass where the foreground crop cut
+    the volume (zero there, and partial where resampling blends the crop's border with it): that mass is
+    background's, as outside the crop is background."""
+    probabilities[0] += (1 - probabilities.sum(dim=0)).clamp_min(0)
+    return probabilities
+
+
+def keep_largest(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """``labels`` with only the largest connected component (26-connectivity) of each of ``classes`` kept,
+    the rest of that class background: MONAI's KeepLargestConnectedComponent, which needs scikit-image on
+    the CPU; scipy.ndimage here."""
+    kept = labels.copy()
+    for value in classes:
+        components, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            kept[(components > 0) & (components != 1 + int(sizes.argmax()))] = 0
+    return kept
+
+
+def output_name(image: str | Sequence[str]) -> str:
+    """The name a case's outputs take: its image file's without ``.nii.gz`` or ``.nii``, or for one file
+    per channel the case name (without ``_0000``)."""
+    if not isinstance(image, str):
+        return case_name(image)
+    return Path(image).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def write_segmentation(labels: np.ndarray, image: str | Sequence[str], output: Path) -> Path:
+    """``<case>_seg.nii.gz``: uint8 labels with the input's shape and affine (of its first channel file,
+    which every channel file shares)."""
+    source = nib.load(case_files({"image": image})[0])
+    shape = tuple(source.shape[:3])
+    if labels.shape != shape:
+        raise RuntimeError(f"{case_files({'image': image})[0]}: prediction shape {labels.shape} differs from {shape}")
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    nifti = nib.Nifti1Image(labels, source.affine, header)
+    nifti.header.set_slope_inter(1.0, 0.0)
+    path = output / f"{output_name(image)}_seg.nii.gz"
+    replace_atomically(path, lambda tmp: nib.save(nifti, tmp))
+    return path
+
+
+def write_probabilities(
+    probabilities: torch.Tensor, image: str | Sequence[str], classes: Sequence[str], output: Path
+) -> Path:
+    """``<case>_probabilities.npz``: ``probabilities`` (float16, ``K, X, Y, Z``: channel k is class k, on
+    the input's voxel grid), ``affine`` (the input's) and ``classes`` (names, index = label value)."""
+    affine = nib.load(case_files({"image": image})[0]).affine
+    path = output / f"{output_name(image)}_probabilities.npz"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as file:
+            np.savez_compressed(
+                file,
+                probabilities=probabilities.numpy().astype(np.float16),
+                affine=affine,
+                classes=np.array(list(classes)),
+            )
+
+    replace_atomically(path, write)
+    return path
