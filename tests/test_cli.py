@@ -49,7 +49,17 @@ def option_help(main, capsys) -> dict[str, str]:
 
 
 #: Options without a default to show: the help switch, on/off switches and required flags.
-NO_DEFAULT = {"-h", "--overwrite", "--gpu_transforms", "--evaluate", "--root", "--output", "--trained_weights"}
+NO_DEFAULT = {
+    "-h",
+    "--overwrite",
+    "--gpu_transforms",
+    "--evaluate",
+    "--tta",
+    "--save_probabilities",
+    "--root",
+    "--output",
+    "--trained_weights",
+}
 
 
 @pytest.mark.parametrize("script", [main_train, main_finetune, test_seg])
