@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset_config import MEDIAN, DatasetConfig
-from load_datasets_transforms import CaseSummary, case_files, case_name
+from load_datasets_transforms import CaseSummary, along_ras, case_files, case_name
 
 __all__ = [
     "FINGERPRINT_FILE",
@@ -38,14 +38,6 @@ FOREGROUND_SAMPLES = 10_000
 WINDOW_PERCENTILES = (0.5, 99.5)
 
 
-def _ras_spacing(affine: np.ndarray) -> list[float]:
-    """Voxel spacing (mm) along the R, A and S axes."""
-    spacing = [0.0, 0.0, 0.0]
-    for axis, ras_axis in enumerate(nib.io_orientation(affine)[:, 0].astype(int)):
-        spacing[ras_axis] = float(np.linalg.norm(affine[:3, axis]))
-    return spacing
-
-
 def _channel_arrays(case: dict) -> list[np.ndarray]:
     """The image of a case as one 3D float32 array per channel."""
     files = case_files({"image": case["image"]})
@@ -63,9 +55,8 @@ def case_fingerprint(case: dict, seed: int) -> dict:
     foreground = np.flatnonzero(np.asanyarray(label_image.dataobj).reshape(label_image.shape[:3]) > 0)
     chosen = np.random.default_rng(seed).choice(foreground, min(FOREGROUND_SAMPLES, foreground.size), replace=False)
     chosen.sort()
-    first_image = nib.load(case_files({"image": case["image"]})[0])
     return {
-        "spacing": _ras_spacing(first_image.affine),
+        "spacing": list(along_ras(label_image.shape[:3], label_image.affine)[1]),  # the label has its image's geometry
         "foreground_voxels": int(foreground.size),
         "samples": [channel.reshape(-1)[chosen] for channel in _channel_arrays(case)],
     }

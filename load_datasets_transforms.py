@@ -48,6 +48,7 @@ from dataset_config import MEDIAN, PRESETS, SPLITS, ChannelNorm, DatasetConfig, 
 
 __all__ = [
     "MEDIAN",
+    "along_ras",
     "PRESETS",
     "AnyChannelForeground",
     "CaseSummary",
@@ -413,6 +414,14 @@ def _geometry_difference(affine: np.ndarray, reference: np.ndarray) -> str | Non
     return f"origin {_numbers(affine[:3, 3])} mm vs {_numbers(reference[:3, 3])}"
 
 
+def along_ras(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A volume's spatial shape and voxel spacing (mm) reordered along the R, A and S axes."""
+    ras_shape, ras_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, ras_axis in enumerate(nib.io_orientation(affine)[:, 0].astype(int)):  # the RAS axis of each array axis
+        ras_shape[ras_axis], ras_spacing[ras_axis] = shape[axis], float(np.linalg.norm(affine[:3, axis]))
+    return tuple(ras_shape), tuple(ras_spacing)
+
+
 def _numbers(values) -> str:
     return ",".join(f"{v:.4g}" for v in values)
 
@@ -437,15 +446,12 @@ def _check_case(case: dict, summaries: dict[str, dict | str], num_classes: int, 
     for path in images:
         if not summaries[path]["finite"]:
             raise DatasetError(f"{path}: NaN or infinite voxel values")
-    orientation = nib.io_orientation(affine)[:, 0].astype(int)  # the RAS axis along each array axis
-    ras_shape, ras_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
-    for axis, ras_axis in enumerate(orientation):
-        ras_shape[ras_axis], ras_spacing[ras_axis] = shape[axis], float(np.linalg.norm(affine[:3, axis]))
+    ras_shape, ras_spacing = along_ras(shape, affine)
     foreground = None
     label_path = case.get("label")
     if label_path is not None:
         foreground = _check_label(label_path, summaries[label_path], shape, affine, num_classes)
-    return CaseSummary(tuple(ras_shape), tuple(ras_spacing), channels, foreground)
+    return CaseSummary(ras_shape, ras_spacing, channels, foreground)
 
 
 def _check_label(path: str, label: dict | str, shape: tuple, affine: np.ndarray, num_classes: int) -> bool:
