@@ -82,6 +82,19 @@ def positive_int(value: str) -> int:
     return number
 
 
+def fold(value: str) -> int | str:
+    """``--fold``: a fold number (0, 1, ...) or ``all``."""
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a fold number (0, 1, ...) or all, got {value!r}")
+    return number
+
+
 def unit_interval(upper_open: bool = False) -> Callable[[str], float]:
     """Parser of a number in [0, 1] (or [0, 1) with ``upper_open``)."""
 
@@ -227,10 +240,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
     parser.add_argument("--sw_batch_size", type=positive_int, default=2, help="sliding-window batch in validation")
     parser.add_argument(
         "--fold",
-        type=int,
+        type=fold,
         default=None,
-        help="cross-validation: validate on fold K of the training cases (default: none; for datasets without a "
-        "validation list)",
+        help="cross-validation: validate on fold K of the training cases, or all: train on every training case "
+        "without validation, the final weights being the model (default: none; for datasets without a validation "
+        "list)",
     )
     parser.add_argument("--num_folds", type=int, default=5, help="folds for --fold")
     parser.add_argument(

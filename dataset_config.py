@@ -30,6 +30,7 @@ __all__ = [
     "DatasetConfig",
     "DatasetError",
     "card_preprocessing",
+    "counted",
     "load_dataset_config",
     "parse_lists",
     "read_json",
@@ -45,8 +46,15 @@ SPLITS = {
     "validation": ("imagesVal", "labelsVal"),
     "test": ("imagesTs", "labelsTs"),
 }
+#: Where the balanced crops centre background samples (see :class:`DatasetConfig`).
+BACKGROUND_CROPS = ("body", "published")
 #: The published window of abdominal CT (HU).
 ABDOMEN_WINDOW = (-125.0, 275.0)
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 case``, ``2 cases``: a count with its noun, for messages."""
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 class DatasetError(ValueError):
@@ -60,12 +68,16 @@ class ChannelNorm:
     Args:
         scheme: ``ct``: clip to ``window`` and scale it to [0, 1] (the published preprocessing, also used
             with FeTA's 0..1000 window); ``zscore``: subtract the mean and divide by the standard deviation
-            of the channel's non-zero voxels (nnU-Net's MRI default; zero voxels stay 0); ``none``.
+            (nnU-Net's default for every channel but CT); ``none``.
         window: ``(a_min, a_max)`` of ``ct``; None until derived from the training cases' foreground.
+        nonzero_mask: of ``zscore``: standardise over the region where any channel is non-zero (holes
+            filled; the voxels outside stay 0) rather than every voxel; None until derived (nnU-Net's rule,
+            see ``dataset_fingerprint``).
     """
 
     scheme: str
     window: tuple[float, float] | None = None
+    nonzero_mask: bool | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -75,13 +87,20 @@ class ChannelNorm:
                 raise ValueError(f"normalization {self.scheme!r}: only 'ct' takes a window")
             if not self.window[1] > self.window[0]:
                 raise ValueError(f"window {list(self.window)}: a_max must be greater than a_min")
+        if self.nonzero_mask is not None and self.scheme != "zscore":
+            raise ValueError(f"normalization {self.scheme!r}: only 'zscore' takes nonzero_mask")
 
     def to_json(self) -> dict:
-        return {"scheme": self.scheme, "window": list(self.window)} if self.scheme == "ct" else {"scheme": self.scheme}
+        if self.scheme == "ct":
+            return {"scheme": self.scheme, "window": list(self.window)}
+        if self.scheme == "zscore":
+            return {"scheme": self.scheme, "nonzero_mask": self.nonzero_mask}
+        return {"scheme": self.scheme}
 
     @classmethod
     def from_json(cls, value: object) -> ChannelNorm:
-        """``"zscore"``, ``{"scheme": "ct", "window": [a_min, a_max]}`` (window optional: derived)."""
+        """``"zscore"``, ``{"scheme": "zscore", "nonzero_mask": true}``, ``{"scheme": "ct", "window": [a_min,
+        a_max]}`` (window and nonzero_mask optional: derived)."""
         if isinstance(value, str):
             return cls(value)
         if not isinstance(value, dict) or not isinstance(value.get("scheme"), str):
@@ -91,9 +110,14 @@ class ChannelNorm:
             if not (isinstance(window, list) and len(window) == 2 and all(_is_number(v) for v in window)):
                 raise ValueError(f"window {window!r}: expected [a_min, a_max]")
             window = (float(window[0]), float(window[1]))
-        return cls(value["scheme"], window)
+        nonzero_mask = value.get("nonzero_mask")
+        if nonzero_mask is not None and not isinstance(nonzero_mask, bool):
+            raise ValueError(f"nonzero_mask {nonzero_mask!r}: expected true or false")
+        return cls(value["scheme"], window, nonzero_mask)
 
     def describe(self) -> str:
+        if self.scheme == "zscore" and self.nonzero_mask is not None:
+            return f"zscore ({'non-zero region' if self.nonzero_mask else 'all voxels'})"
         if self.scheme != "ct":
             return self.scheme
         return f"ct {self.window[0]:g}..{self.window[1]:g}" if self.window else "ct (window to derive)"
@@ -118,6 +142,11 @@ class DatasetConfig:
         file_ending: image file ending (nnU-Net's ``file_ending``).
         num_training: the training case count the dataset declares (``numTraining``), checked.
         source: where the description comes from, for messages (``--dataset path``).
+        ignore_label: nnU-Net's ``ignore`` label value (the highest): voxels left unannotated, out of the loss
+            and of every metric, never predicted (None: every voxel is annotated).
+        background_crops: where the balanced crops centre their background samples: ``body`` (any
+            background voxel of the foreground-cropped volume, whatever the normalisation) or ``published``
+            (background voxels whose normalised value is above 0: the body under the published CT window).
     """
 
     name: str
@@ -132,10 +161,18 @@ class DatasetConfig:
     file_ending: str = ".nii.gz"
     num_training: int | None = None
     source: str = ""
+    ignore_label: int | None = None
+    background_crops: str = "body"
 
     def __post_init__(self) -> None:
         if len(self.normalization) != len(self.channels):
             raise ValueError(f"{len(self.normalization)} normalisations for {len(self.channels)} channels")
+        if self.background_crops not in BACKGROUND_CROPS:
+            expected = ", ".join(BACKGROUND_CROPS)
+            raise ValueError(f"background_crops {self.background_crops!r}: expected one of {expected}")
+        if self.ignore_label is not None and self.ignore_label != len(self.labels):
+            classes = len(self.labels)
+            raise ValueError(f"ignore label {self.ignore_label}: must be the value after the classes ({classes})")
 
     @property
     def num_classes(self) -> int:
@@ -152,11 +189,12 @@ class DatasetConfig:
     def to_derive(self) -> list[str]:
         """The settings the training cases must give: ``spacing``, ``window of <channel>``."""
         derived = ["spacing"] if self.spacing == MEDIAN else []
-        return derived + [
-            f"window of {name}"
-            for name, norm in zip(self.channels, self.normalization, strict=True)
-            if norm.scheme == "ct" and norm.window is None
-        ]
+        for name, norm in zip(self.channels, self.normalization, strict=True):
+            if norm.scheme == "ct" and norm.window is None:
+                derived.append(f"window of {name}")
+            elif norm.scheme == "zscore" and norm.nonzero_mask is None:
+                derived.append(f"z-score mask of {name}")
+        return derived
 
     def preprocessing(self) -> dict:
         """The model card's preprocessing entries: ``channels``, ``normalization`` and ``spacing``."""
@@ -183,9 +221,13 @@ class DatasetConfig:
 def card_preprocessing(card: dict) -> dict:
     """The preprocessing entries of a model card (``channels``, ``normalization``, ``spacing``; see
     :meth:`DatasetConfig.preprocessing`). A card from before multi-channel support holds one CT channel's
-    ``intensity`` window instead, which this translates."""
+    ``intensity`` window instead, and one from before nnU-Net's z-score rule a ``zscore`` without its
+    ``nonzero_mask`` (it standardised the non-zero voxels): this translates both."""
     if "normalization" in card:
-        normalization = list(card["normalization"])
+        normalization = [
+            {"scheme": "zscore", "nonzero_mask": True} if entry in ("zscore", {"scheme": "zscore"}) else entry
+            for entry in card["normalization"]
+        ]
         channels = card.get("channels") or [f"channel {i}" for i in range(len(normalization))]
     else:
         window = [float(card["intensity"]["a_min"]), float(card["intensity"]["a_max"])]
@@ -225,10 +267,16 @@ FETA_LABELS = (
 
 #: The published dataset settings.
 PRESETS: dict[str, DatasetConfig] = {
-    "flare": DatasetConfig("flare", FLARE_LABELS, (1.0, 1.0, 1.2)),
-    "amos": DatasetConfig("amos", AMOS_LABELS, (1.5, 1.5, 2.0)),
+    "flare": DatasetConfig("flare", FLARE_LABELS, (1.0, 1.0, 1.2), background_crops="published"),
+    "amos": DatasetConfig("amos", AMOS_LABELS, (1.5, 1.5, 2.0), background_crops="published"),
     "feta": DatasetConfig(
-        "feta", FETA_LABELS, None, ("T2w",), (ChannelNorm("ct", (0.0, 1000.0)),), rotate_z=math.pi / 15
+        "feta",
+        FETA_LABELS,
+        None,
+        ("T2w",),
+        (ChannelNorm("ct", (0.0, 1000.0)),),
+        rotate_z=math.pi / 15,
+        background_crops="published",
     ),
 }
 
@@ -273,10 +321,20 @@ def _msd_labels(labels: object, where: str) -> tuple[str, ...]:
     return _labels_by_value(by_value, where)
 
 
-def _nnunet_labels(labels: object, where: str) -> tuple[str, ...]:
-    """nnU-Net v2 labels: ``{"background": 0, "liver": 1}``; region-based labels are refused."""
+def _nnunet_labels(labels: object, where: str) -> tuple[tuple[str, ...], int | None]:
+    """nnU-Net v2 labels: ``{"background": 0, "liver": 1}``, with an optional ``"ignore": N`` (the highest
+    value: unannotated voxels); region-based labels are refused. Returns the class names and the ignore
+    value (None without one)."""
     if not isinstance(labels, dict) or not labels:
         raise DatasetError(f'{where}: \'labels\' must be an object such as {{"background": 0, "liver": 1}}')
+    labels = dict(labels)
+    ignore = labels.pop("ignore", None)
+    if ignore is not None:
+        values = [v for v in labels.values() if isinstance(v, int)]
+        if not isinstance(ignore, int) or isinstance(ignore, bool) or (values and ignore <= max(values)):
+            raise DatasetError(
+                f"{where}: 'ignore' label {ignore!r}: must be an integer above every class value (as nnU-Net requires)"
+            )
     regions = [name for name, value in labels.items() if isinstance(value, list | tuple)]
     if regions:
         raise DatasetError(
@@ -288,7 +346,12 @@ def _nnunet_labels(labels: object, where: str) -> tuple[str, ...]:
     by_value = {value: str(name) for name, value in labels.items()}
     if len(by_value) != len(labels):
         raise DatasetError(f"{where}: two labels share one value")
-    return _labels_by_value(by_value, where)
+    names = _labels_by_value(by_value, where)
+    if ignore is not None and ignore != len(names):
+        raise DatasetError(
+            f"{where}: 'ignore' label {ignore}: must follow the classes 0..{len(names) - 1} directly (use {len(names)})"
+        )
+    return names, ignore
 
 
 def parse_lists(content: dict, where: str) -> dict[str, list]:
@@ -394,14 +457,13 @@ def _from_json(path: Path) -> DatasetConfig:
     if "labels" not in content:
         raise DatasetError(f"{where}: missing 'labels'")
     nnunet = "channel_names" in content
+    ignore_label = None
     if nnunet:
-        labels = _nnunet_labels(content["labels"], where)
+        labels, ignore_label = _nnunet_labels(content["labels"], where)
         channels = _channel_names(content, "channel_names", where)
         file_ending = content.get("file_ending", ".nii.gz")
         if file_ending not in (".nii.gz", ".nii"):
             raise DatasetError(f"{where}: file_ending {file_ending!r}: only NIfTI (.nii.gz, .nii) is read")
-        if "numTraining" in content and not (isinstance(content["numTraining"], int) and content["numTraining"] > 0):
-            raise DatasetError(f"{where}: 'numTraining' must be a positive integer")
         if "normalization" not in content:
             normalization = _nnunet_normalization(channels, where)
         else:
@@ -411,6 +473,11 @@ def _from_json(path: Path) -> DatasetConfig:
         channels = _channel_names(content, "channels", where) or _channel_names(content, "modality", where) or ("CT",)
         file_ending = ".nii.gz"
         normalization = _normalization(content, channels, where)
+    num_training = content.get("numTraining")
+    if num_training is not None and not (
+        isinstance(num_training, int) and not isinstance(num_training, bool) and num_training > 0
+    ):
+        raise DatasetError(f"{where}: 'numTraining' must be a positive integer")
     rotate_z = content.get("rotate_z", math.pi / 30)
     if not _is_number(rotate_z):
         raise DatasetError(f"{where}: 'rotate_z' must be a number (radians)")
@@ -425,8 +492,9 @@ def _from_json(path: Path) -> DatasetConfig:
         layout="nnunet" if nnunet else "folders",
         root=path.resolve().parent,
         file_ending=file_ending,
-        num_training=content.get("numTraining") if nnunet else None,
+        num_training=num_training,
         source=where,
+        ignore_label=ignore_label,
     )
 
 

@@ -16,7 +16,9 @@ import numbers
 import os
 import random
 import re
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +27,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
+    LoadImage,
     MapTransform,
-    NormalizeIntensity,
     Orientationd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -42,16 +43,28 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.utils import ensure_tuple_rep
+from scipy import ndimage
 from tqdm import tqdm
 
-from dataset_config import MEDIAN, PRESETS, SPLITS, ChannelNorm, DatasetConfig, DatasetError, load_dataset_config
+from dataset_config import (
+    MEDIAN,
+    PRESETS,
+    SPLITS,
+    ChannelNorm,
+    DatasetConfig,
+    DatasetError,
+    counted,
+    load_dataset_config,
+)
 
 __all__ = [
     "MEDIAN",
     "along_ras",
     "PRESETS",
     "AnyChannelForeground",
+    "BalancedCropd",
     "CaseSummary",
+    "CropCentres",
     "DatasetConfig",
     "DatasetError",
     "NormalizeChannelsd",
@@ -63,6 +76,8 @@ __all__ = [
     "data_transforms",
     "file_identity",
     "find_cases",
+    "label_for",
+    "LoadCased",
     "load_dataset_config",
     "read_through",
     "resolve_root",
@@ -116,10 +131,20 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
 
 
+def _is_4d(path: Path) -> bool:
+    """Whether a NIfTI file's header says 4D (several channels in one file); False when unreadable (the
+    read-through names it later)."""
+    try:
+        return len(nib.load(path).shape) == 4
+    except Exception:  # nibabel raises many types for corrupt files
+        return False
+
+
 def _group_channels(images: list[Path], labelled: set[str] | None, config: DatasetConfig) -> tuple[dict, list]:
     """Image files by case: a file named as a label, or ``<case>_NNNN`` of a labelled case, is the image of
-    that case; with several channels, ``<case>_0000``, ``<case>_0001``... are the channel files of one case
-    and any other file a 4D image. Returns ``{case: path or [channel paths]}`` and the problems found."""
+    that case; with several channels, ``<case>_0000``, ``<case>_0001``... 3D files of one folder are the
+    channel files of one case and any other file (a 4D one whatever its name) an image of its own. Returns
+    ``{case: path or [channel paths]}`` and the problems found."""
     channels: dict[str, dict[int, Path]] = {}
     singles: dict[str, Path] = {}
     problems = []
@@ -127,7 +152,9 @@ def _group_channels(images: list[Path], labelled: set[str] | None, config: Datas
         stem, match = _stem(path), CHANNEL_SUFFIX.match(_stem(path))
         if labelled is not None and stem in labelled:
             case = stem
-        elif match and (config.in_channels > 1 or (labelled is not None and match.group(1) in labelled)):
+        elif match and (
+            (config.in_channels > 1 and not _is_4d(path)) or (labelled is not None and match.group(1) in labelled)
+        ):
             case, index = match.group(1), int(match.group(2))
             if config.in_channels > 1:
                 if index >= config.in_channels:
@@ -135,7 +162,14 @@ def _group_channels(images: list[Path], labelled: set[str] | None, config: Datas
                         f"{path}: channel {index}, but the dataset has {config.in_channels} "
                         f"({', '.join(config.channels)})"
                     )
-                channels.setdefault(case, {})[index] = path
+                found = channels.setdefault(case, {})
+                elsewhere = next((other for other in found.values() if other.parent != path.parent), None)
+                if elsewhere is not None:
+                    problems.append(
+                        f"{path}: channel file of case {case!r} in another folder than {elsewhere}; the channel "
+                        "files of a case must lie side by side, and case names be unique across folders"
+                    )
+                found[index] = path
                 continue
         else:
             case = stem
@@ -160,7 +194,12 @@ def _group_channels(images: list[Path], labelled: set[str] | None, config: Datas
     return grouped, problems
 
 
-def _pair_folders(root: Path, image_dir: str, label_dir: str | None, config: DatasetConfig) -> list[dict]:
+def _pair_folders(
+    root: Path, image_dir: str, label_dir: str | None, config: DatasetConfig, labels_required: bool = True
+) -> list[dict]:
+    """The cases of ``root/image_dir`` paired with ``root/label_dir`` by case name; without
+    ``labels_required`` (test cases) an image without a label is a case without one, a label without an
+    image is left aside."""
     images_path = root / image_dir
     if not images_path.is_dir():
         raise DatasetError(f"{images_path}: missing folder (expected the published layout under --root)")
@@ -179,22 +218,37 @@ def _pair_folders(root: Path, image_dir: str, label_dir: str | None, config: Dat
     for case in sorted(grouped.keys() | labels.keys()):
         image = grouped.get(case)
         if image is None:
-            problems.append(f"{labels[case]}: no image for this label in {images_path}")
+            if labels_required:
+                problems.append(f"{labels[case]}: no image for this label in {images_path}")
             continue
         entry = {"image": str(image) if isinstance(image, Path) else [str(p) for p in image]}
-        if label_dir is not None:
-            if case not in labels:
-                problems.append(f"{case_files(entry)[0]}: no label for this image in {root / label_dir}")
-                continue
+        if case in labels:
             entry["label"] = str(labels[case])
+        elif label_dir is not None and labels_required:
+            problems.append(f"{case_files(entry)[0]}: no label for this image in {root / label_dir}")
+            continue
         cases.append(entry)
     if problems:
         raise DatasetError(_summarise(problems))
     return cases
 
 
-def _from_list(root: Path, entries: list, test_labels: Path | None) -> list[dict]:
-    """Cases of a JSON list; unlabelled test entries take their label from ``test_labels`` (labelsTs)."""
+def label_for(image: str | os.PathLike | Sequence, folder: Path, file_ending: str = ".nii.gz") -> Path | None:
+    """The label of an image in ``folder``: named as the image (its first channel file) is, else as its case
+    (without the ``_0000`` channel suffix); with ``file_ending``, else the other NIfTI ending. None when
+    neither exists."""
+    first = image if isinstance(image, str | os.PathLike) else image[0]
+    endings = [file_ending, *(e for e in NIFTI_ENDINGS if e != file_ending)]
+    for name in dict.fromkeys((_stem(first), case_name(first))):
+        for ending in endings:
+            if (folder / f"{name}{ending}").is_file():
+                return folder / f"{name}{ending}"
+    return None
+
+
+def _from_list(root: Path, entries: list, test_labels: Path | None, file_ending: str) -> list[dict]:
+    """Cases of a JSON list; unlabelled test entries take their label from ``test_labels`` (labelsTs) where
+    it holds one (see :func:`label_for`)."""
     cases = []
     for entry in entries:
         entry = {"image": entry} if isinstance(entry, str) else entry
@@ -203,7 +257,9 @@ def _from_list(root: Path, entries: list, test_labels: Path | None) -> list[dict
         if "label" in entry:
             case["label"] = str(root / entry["label"])
         elif test_labels is not None:
-            case["label"] = str(test_labels / f"{case_name(image)}.nii.gz")
+            label = label_for(case["image"], test_labels, file_ending)
+            if label is not None:
+                case["label"] = str(label)
         cases.append(case)
     return cases
 
@@ -238,8 +294,8 @@ def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str
 
     Lists from the dataset JSON or ``--datalist`` win; otherwise the published folders (imagesTr,
     labelsTr, ...) are read and images paired with labels by case name (never by position), channel files
-    grouped by case. Test cases carry labels only when ``labelsTs`` exists. A dataset without validation
-    cases raises a DatasetError that says to pass ``--fold``.
+    grouped by case. Test cases carry a label where ``labelsTs`` holds one (see :func:`label_for`). A
+    dataset without validation cases raises a DatasetError that says to pass ``--fold``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -251,17 +307,21 @@ def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str
         entries = config.lists[split]
         if not entries:
             raise DatasetError(f"the {split} list of {config.name} is empty")
-        return _from_list(root, entries, root / label_dir if label_dir else None)
-    if split == "validation" and (config.lists or config.layout == "nnunet" or not (root / image_dir).is_dir()):
+        cases = _from_list(root, entries, root / label_dir if label_dir else None, config.file_ending)
+        where = f"its {split} list"
+    elif split == "validation" and (config.lists or config.layout == "nnunet" or not (root / image_dir).is_dir()):
         raise DatasetError(
             f"{config.source or config.name}: the dataset has no validation cases; pass --fold 0 (of --num_folds 5) "
-            "to validate on a fifth of the training cases (--fold 1..4 for the other folds)"
+            "to validate on a fifth of the training cases (--fold 1..4 for the other folds), or --fold all to "
+            "train on every case without validation"
         )
-    cases = _pair_folders(root, image_dir, label_dir, config)
+    else:
+        cases = _pair_folders(root, image_dir, label_dir, config, labels_required=split != "test")
+        where = f"{root / image_dir} and {root / label_dir}"
     if split == "training" and config.num_training is not None and config.num_training != len(cases):
         raise DatasetError(
-            f"{config.source}: numTraining is {config.num_training}, but {root / image_dir} and {root / label_dir} "
-            f"hold {len(cases)} cases"
+            f"{config.source}: numTraining is {config.num_training}, but {where} hold{'s' * where.startswith('its')} "
+            f"{counted(len(cases), 'case')}"
         )
     return cases
 
@@ -303,10 +363,18 @@ def read_through(path: str, kind: str) -> dict:
     return summary
 
 
-def _read_all(files: dict[str, str], known: dict, workers: int, progress: bool) -> dict[str, dict | str]:
+#: Seconds between two calls of ``keep`` while files are read through: a long first read that is
+#: interrupted does not start over.
+KEEP_EVERY = 30.0
+
+
+def _read_all(
+    files: dict[str, str], known: dict, workers: int, progress: bool, keep: Callable[[], None] | None = None
+) -> dict[str, dict | str]:
     """``read_through`` of every file (path -> kind) that ``known`` does not hold in its current state, on
     ``workers`` threads (decompression releases the GIL); returns path -> summary or error message, and
-    records each new summary in ``known``."""
+    records each new summary in ``known``, calling ``keep`` every :data:`KEEP_EVERY` seconds meanwhile (to
+    save what ``known`` holds so far)."""
     results: dict[str, dict | str] = {}
     pending = {}
     for path, kind in files.items():
@@ -323,9 +391,13 @@ def _read_all(files: dict[str, str], known: dict, workers: int, progress: bool) 
             pending[path] = (kind, absolute, identity)
     if not pending:
         return results
+    kept = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(read_through, path, kind): path for path, (kind, _, _) in pending.items()}
         for future in tqdm(as_completed(futures), total=len(futures), desc="Reading cases", disable=not progress):
+            if keep is not None and time.monotonic() - kept >= KEEP_EVERY:
+                keep()
+                kept = time.monotonic()
             path = futures[future]
             try:
                 results[path] = future.result()
@@ -355,6 +427,8 @@ def check_cases(
     known: dict | None = None,
     progress: bool = False,
     in_channels: int = 1,
+    ignore_label: int | None = None,
+    keep: Callable[[], None] | None = None,
 ) -> list[CaseSummary]:
     """Check every case before any caching or training; raise one DatasetError naming each bad file.
 
@@ -362,9 +436,10 @@ def check_cases(
     progress bar when ``progress``): files exist and are readable NIfTI to their last voxel; an image has
     ``in_channels`` channels (a 4D file, channels last, or one 3D file per channel, all of one geometry);
     images hold no NaN or infinite voxels; a label has its image's shape and geometry (affine) and integer
-    values in ``[0, num_classes)``. ``known`` (absolute path -> ``{"kind", "identity", "version",
+    values in ``[0, num_classes)`` (or ``ignore_label``). ``known`` (absolute path -> ``{"kind", "identity", "version",
     "summary"}``, see :func:`file_identity`) remembers earlier read-throughs: a file it holds unchanged is
-    not read again, and the files read now are added to it. Returns a :class:`CaseSummary` per case.
+    not read again, and the files read now are added to it (``keep`` is called now and then meanwhile, to save
+    it). Returns a :class:`CaseSummary` per case.
     """
     problems, files = [], {}
     for case in cases:
@@ -376,13 +451,13 @@ def check_cases(
             files.update({path: "image" for path in case_files({"image": case["image"]})})
             if "label" in case:
                 files[case["label"]] = "label"
-    summaries = _read_all(files, {} if known is None else known, workers, progress)
+    summaries = _read_all(files, {} if known is None else known, workers, progress, keep)
     checked = []
     for case in cases:
         if not all(path in summaries for path in case_files(case)):
             continue  # a missing file, reported above
         try:
-            checked.append(_check_case(case, summaries, num_classes, in_channels))
+            checked.append(_check_case(case, summaries, num_classes, in_channels, ignore_label))
         except DatasetError as error:
             problems.append(str(error))
     if problems:
@@ -426,7 +501,9 @@ def _numbers(values) -> str:
     return ",".join(f"{v:.4g}" for v in values)
 
 
-def _check_case(case: dict, summaries: dict[str, dict | str], num_classes: int, in_channels: int) -> CaseSummary:
+def _check_case(
+    case: dict, summaries: dict[str, dict | str], num_classes: int, in_channels: int, ignore_label: int | None
+) -> CaseSummary:
     images = case_files({"image": case["image"]})
     shape, channels = _volume(summaries[images[0]], images[0])
     affine = np.array(summaries[images[0]]["affine"])
@@ -450,12 +527,14 @@ def _check_case(case: dict, summaries: dict[str, dict | str], num_classes: int, 
     foreground = None
     label_path = case.get("label")
     if label_path is not None:
-        foreground = _check_label(label_path, summaries[label_path], shape, affine, num_classes)
+        foreground = _check_label(label_path, summaries[label_path], shape, affine, num_classes, ignore_label)
     return CaseSummary(ras_shape, ras_spacing, channels, foreground)
 
 
-def _check_label(path: str, label: dict | str, shape: tuple, affine: np.ndarray, num_classes: int) -> bool:
-    """Check a label against its image; whether it has any foreground."""
+def _check_label(
+    path: str, label: dict | str, shape: tuple, affine: np.ndarray, num_classes: int, ignore_label: int | None
+) -> bool:
+    """Check a label against its image; whether it has any foreground (an annotated class above 0)."""
     label_shape, label_channels = _volume(label, path)
     if label_channels != 1 or label_shape != shape:
         raise DatasetError(f"{path}: label shape {tuple(label['shape'])} differs from image shape {shape}")
@@ -463,10 +542,14 @@ def _check_label(path: str, label: dict | str, shape: tuple, affine: np.ndarray,
     if difference:
         raise DatasetError(f"{path}: label geometry differs from its image's ({difference})")
     values = np.array(label["values"], dtype=np.float64)
+    values = values[values != ignore_label] if ignore_label is not None else values
     bad = values[~np.isfinite(values) | (values < 0) | (values >= num_classes) | (values != np.round(values))]
     if bad.size:
         shown = ", ".join(f"{v:g}" for v in bad[:5])
-        raise DatasetError(f"{path}: label values {shown} outside the {num_classes} classes 0..{num_classes - 1}")
+        ignored = f" (and the ignore label {ignore_label})" if ignore_label is not None else ""
+        raise DatasetError(
+            f"{path}: label values {shown} outside the {num_classes} classes 0..{num_classes - 1}{ignored}"
+        )
     return bool((values > 0).any())
 
 
@@ -513,19 +596,19 @@ def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
 class NormalizeChannelsd(MapTransform):
     """Normalise each channel of the images under ``keys`` by its own scheme (see
     :class:`dataset_config.ChannelNorm`): ``ct`` clips to the window and scales it to [0, 1], ``zscore``
-    standardises the channel's non-zero voxels (zero voxels stay 0), ``none`` leaves it."""
+    standardises the channel over every voxel or, with ``nonzero_mask``, over the region where any channel
+    is non-zero, holes filled (nnU-Net's ``create_nonzero_mask``; the voxels outside stay 0), ``none``
+    leaves it."""
 
     def __init__(self, keys: KeysCollection, normalization: Sequence[ChannelNorm]) -> None:
         super().__init__(keys)
         if any(norm.scheme == "ct" and norm.window is None for norm in normalization):
             raise ValueError("a ct channel needs its window (derive it from the dataset first)")
+        if any(norm.scheme == "zscore" and norm.nonzero_mask is None for norm in normalization):
+            raise ValueError("a zscore channel needs its nonzero_mask (derive it from the dataset first)")
         self.normalization = tuple(normalization)
         self.transforms = [
-            ScaleIntensityRange(*norm.window, b_min=0.0, b_max=1.0, clip=True)
-            if norm.scheme == "ct"
-            else NormalizeIntensity(nonzero=True)
-            if norm.scheme == "zscore"
-            else None
+            ScaleIntensityRange(*norm.window, b_min=0.0, b_max=1.0, clip=True) if norm.scheme == "ct" else None
             for norm in self.normalization
         ]
 
@@ -533,14 +616,111 @@ class NormalizeChannelsd(MapTransform):
         data = dict(data)
         for key in self.key_iterator(data):
             image = data[key]
-            if image.shape[0] != len(self.transforms):
-                raise ValueError(f"{key}: {image.shape[0]} channels, normalisation for {len(self.transforms)}")
-            channels = [
-                image[c : c + 1] if transform is None else transform(image[c : c + 1])
-                for c, transform in enumerate(self.transforms)
-            ]
+            if image.shape[0] != len(self.normalization):
+                raise ValueError(f"{key}: {image.shape[0]} channels, normalisation for {len(self.normalization)}")
+            masked = any(norm.nonzero_mask for norm in self.normalization)
+            region = nonzero_region(image) if masked else None
+            channels = []
+            for c, (norm, transform) in enumerate(zip(self.normalization, self.transforms, strict=True)):
+                channel = image[c : c + 1]
+                if transform is not None:
+                    channel = transform(channel)
+                elif norm.scheme == "zscore":
+                    channel = _zscore(channel, region if norm.nonzero_mask else None)
+                channels.append(channel)
             data[key] = torch.cat(channels) if len(channels) > 1 else channels[0]
         return data
+
+
+def nonzero_region(image: torch.Tensor) -> torch.Tensor:
+    """Where any channel of ``image`` (channels first) is non-zero, holes filled: nnU-Net's non-zero mask."""
+    nonzero = (torch.as_tensor(image) != 0).any(0).cpu().numpy()
+    return torch.as_tensor(ndimage.binary_fill_holes(nonzero), device=torch.as_tensor(image).device)
+
+
+def _zscore(channel: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """A channel (1 x spatial) standardised over ``region`` (the rest left as it is) or, without one, over
+    every voxel; a constant one only centred (nnU-Net's 1e-8 floor of the standard deviation)."""
+    channel = channel.float()
+    values = channel[0][region] if region is not None else channel
+    if values.numel() == 0:
+        return channel
+    mean, std = values.mean(), values.std(unbiased=False).clamp_min(1e-8)
+    if region is None:
+        return (channel - mean) / std
+    result = channel.clone()
+    result[0][region] = (values - mean) / std
+    return result
+
+
+class LoadCased(MapTransform):
+    """Load the files under ``keys``, channels first: a path, or a list of one 3D file per channel stacked
+    on the geometry of channel 0 (files whose affines differ by float noise are one image; the
+    read-through refuses a real difference before this runs).
+
+    Each thread has its own reader: MONAI's readers keep the names of the files they last read, and a
+    list of channel files read while another thread reads a label came out with one channel.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:  # the per-thread readers stay behind (worker processes, cache hashing)
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _load(self, path: str) -> MetaTensor:
+        if not hasattr(self._local, "loader"):
+            self._local.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+        return self._local.loader(path)
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            paths = data[key]
+            if isinstance(paths, str | os.PathLike):
+                data[key] = self._load(paths)
+                continue
+            channels = [self._load(path) for path in paths]
+            data[key] = MetaTensor(torch.cat([c.as_tensor() for c in channels]), meta=channels[0].meta)
+        return data
+
+
+@dataclass(frozen=True)
+class CropCentres:
+    """Where the balanced crops may centre (see :class:`DatasetConfig` ``background_crops``): foreground on
+    the annotated classes (not nnU-Net's ``ignore_label``); background on voxels labelled 0, anywhere in
+    the volume (``body``) or where a channel's normalised value is above 0 (``published``)."""
+
+    background_crops: str = "body"
+    ignore_label: int | None = None
+
+    def __call__(self, label: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        label = torch.as_tensor(label).reshape(-1)
+        annotated = label != self.ignore_label if self.ignore_label is not None else torch.ones_like(label, dtype=bool)
+        background = label == 0
+        if self.background_crops == "published" and image is not None:
+            background &= (torch.as_tensor(image) > 0).any(0).reshape(-1)
+        foreground = (label > 0) & annotated
+        return torch.nonzero(foreground).reshape(-1).cpu(), torch.nonzero(background).reshape(-1).cpu()
+
+
+class BalancedCropd(RandCropByPosNegLabeld):
+    """MONAI's crops balanced between foreground and background centres, the centres chosen by a
+    :class:`CropCentres` rule."""
+
+    def __init__(self, centres: CropCentres, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.centres = centres
+
+    def randomize(self, label=None, fg_indices=None, bg_indices=None, image=None) -> None:
+        if fg_indices is None and label is not None:
+            fg_indices, bg_indices = self.centres(label, image)
+        super().randomize(label, fg_indices, bg_indices, image)
 
 
 @dataclass(frozen=True)
@@ -583,8 +763,7 @@ def build_transforms(
     interpolation = ("bilinear", "nearest") if mode == "train" else ("bilinear",)
     # Reoriented before resampling, so that the spacing is along the RAS axes whatever the stored order.
     preprocessing = [
-        LoadImaged(keys=keys),
-        EnsureChannelFirstd(keys=keys),
+        LoadCased(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if config.spacing is not None:
@@ -606,7 +785,8 @@ def build_transforms(
         + to_device
         + [
             SpatialPadd(keys=keys, spatial_size=roi_size),  # crops need volumes at least as large as the ROI
-            RandCropByPosNegLabeld(
+            BalancedCropd(
+                CropCentres(config.background_crops, config.ignore_label),
                 keys=keys,
                 label_key="label",
                 spatial_size=roi_size,
@@ -614,7 +794,6 @@ def build_transforms(
                 neg=1,
                 num_samples=crop_sample,
                 image_key="image",
-                image_threshold=0,
             ),
             RandShiftIntensityd(keys=["image"], offsets=0.10, prob=0.50),
             RandAffined(
@@ -654,7 +833,10 @@ def split_folds(cases: Sequence[dict], num_folds: int, fold: int) -> tuple[list[
     if not 0 <= fold < num_folds:
         raise DatasetError(f"--fold {fold}: must be in 0..{num_folds - 1} for --num_folds {num_folds}")
     if len(cases) < num_folds:
-        raise DatasetError(f"--num_folds {num_folds}: only {len(cases)} training cases to split")
+        raise DatasetError(
+            f"--num_folds {num_folds}: only {counted(len(cases), 'training case')} to split; --fold all trains on "
+            "every case without validation"
+        )
     ordered = sorted(cases, key=lambda case: (case_name(case["image"]), case["image"]))
     random.Random(FOLD_SEED).shuffle(ordered)
     validation = ordered[fold::num_folds]

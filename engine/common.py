@@ -18,6 +18,7 @@ from networks import build_network, canonical_name, get_spec, overrides_from_fla
 
 __all__ = [
     "BEST_WEIGHTS",
+    "FINAL_WEIGHTS",
     "LAST_CHECKPOINT",
     "NetworkChoice",
     "RunStopped",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 BEST_WEIGHTS = "best_metric_model.pth"
+#: The weights of a run without validation (``--fold all``), written at its end.
+FINAL_WEIGHTS = "final_model.pth"
 LAST_CHECKPOINT = "checkpoint_last.pth"
 
 
@@ -109,9 +112,14 @@ def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
         )
     except ValueError as error:
         raise UsageError(f"--network {args.network}: {error}") from None
-    multiple = get_spec(name).input_multiple
-    if any(r % multiple for r in roi):
-        raise UsageError(f"--roi_size {','.join(map(str, roi))}: {name} needs multiples of {multiple}")
+    spec = get_spec(name)
+    if any(r % spec.input_multiple for r in roi):
+        raise UsageError(f"--roi_size {','.join(map(str, roi))}: {name} needs multiples of {spec.input_multiple}")
+    if min(roi) < spec.smallest_input:
+        raise UsageError(
+            f"--roi_size {','.join(map(str, roi))}: too small for {name}, whose deepest level would be a single "
+            f"voxel; use at least {spec.smallest_input} on every axis"
+        )
     return NetworkChoice(name, overrides)
 
 
@@ -142,13 +150,17 @@ def replace_atomically(path: Path, write: Callable[[str], object]) -> None:
 
 
 def check_output_folder(output: str | os.PathLike) -> Path:
-    """``--output`` as a folder path that can be created; a clear UsageError where a file stands in the way."""
+    """``--output`` as a folder path that can be created and written to; a clear UsageError where a file
+    stands in the way or the folder (or the nearest existing one above it) is not writable."""
     path = Path(output)
-    for candidate in (path, *path.parents):
+    for candidate in (path, *path.absolute().parents):
         if candidate.exists():
             if not candidate.is_dir():
                 what = "is a file" if candidate == path else f"lies under the file {candidate}"
                 raise UsageError(f"--output {path}: {what}, not a folder; choose a folder")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                where = "" if candidate == path else f" ({candidate}, where it would be created)"
+                raise UsageError(f"--output {path}: the folder{where} is not writable; choose another folder")
             break
     return path
 

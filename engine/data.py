@@ -16,7 +16,7 @@ from monai.data.utils import worker_init_fn as monai_worker_init
 from dataset_config import DatasetConfig, DatasetError
 from dataset_fingerprint import (
     FINGERPRINT_VERSION,
-    FOREGROUND_SAMPLES,
+    FOREGROUND_SAMPLES_TOTAL,
     compute_fingerprint,
     derive_settings,
     preprocessed_bytes,
@@ -26,6 +26,7 @@ from load_datasets_transforms import CaseSummary, case_files, check_cases, file_
 
 __all__ = [
     "available_memory",
+    "data_preparation_seconds",
     "cached_dataset",
     "data_worker_init",
     "derive_from_data",
@@ -57,7 +58,12 @@ def _load_record(path: Path) -> dict:
 
 
 def verify_cases(
-    cases: Sequence[dict], num_classes: int, workers: int, progress: bool = True, in_channels: int = 1
+    cases: Sequence[dict],
+    num_classes: int,
+    workers: int,
+    progress: bool = True,
+    in_channels: int = 1,
+    ignore_label: int | None = None,
 ) -> list[CaseSummary]:
     """Read every file of ``cases`` through before any work (see
     :func:`load_datasets_transforms.check_cases`); files already read in their current state (path, size,
@@ -65,9 +71,8 @@ def verify_cases(
     record = read_through_record()
     known = _load_record(record)
     before = {path: (entry.get("identity"), entry.get("version")) for path, entry in known.items()}
-    try:
-        return check_cases(cases, num_classes, workers, known, progress, in_channels)
-    finally:
+
+    def keep() -> None:
         added = {
             path: entry
             for path, entry in known.items()
@@ -79,27 +84,39 @@ def verify_cases(
             except OSError:  # a read-only home: the files are read again next time
                 pass
 
+    try:
+        return check_cases(cases, num_classes, workers, known, progress, in_channels, ignore_label, keep)
+    finally:
+        keep()
+
+
+def data_preparation_seconds(cases: Sequence[dict]) -> float:
+    """How long the other processes of a run may wait for rank 0 to read ``cases`` through and fingerprint
+    them: 10 minutes, and 5 s more per file (decompressing a clinical volume takes about a second)."""
+    return 600.0 + 5.0 * sum(len(case_files(case)) for case in cases)
+
 
 def _fingerprint_path(cases: Sequence[dict]) -> Path:
     """The remembered fingerprint of exactly these files in their current state."""
     files = sorted(file_identity(path) for case in cases for path in case_files(case))
-    key = json.dumps([FINGERPRINT_VERSION, FOREGROUND_SAMPLES, files])
+    key = json.dumps([FINGERPRINT_VERSION, FOREGROUND_SAMPLES_TOTAL, files])
     return user_cache() / "fingerprints" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
 def derive_from_data(
     config: DatasetConfig, cases: Sequence[dict], workers: int, main: bool = True
 ) -> tuple[DatasetConfig, dict | None]:
-    """``config`` with what it leaves to the data (spacing, CT windows) derived from the labelled training
-    ``cases`` (see :mod:`dataset_fingerprint`), and ``{"fingerprint": ..., "derived": ...}`` to record (None
-    when nothing was to derive). A fingerprint is computed once for a set of files (progress bar on
-    ``main``) and reused by later runs over the same files."""
+    """``config`` with what it leaves to the data (spacing, CT windows, z-score masks) derived from the
+    labelled training ``cases`` (see :mod:`dataset_fingerprint`), and ``{"fingerprint": ..., "derived":
+    ...}`` to record (None when nothing was to derive). A fingerprint is computed once for a set of
+    files (progress bar on ``main``) and reused by later runs over the same files."""
     if not config.to_derive():
         return config, None
     path = _fingerprint_path(cases)
     fingerprint = _load_record(path)
     if fingerprint.get("version") != FINGERPRINT_VERSION:
-        fingerprint = compute_fingerprint(cases, config.channels, workers, progress=main)
+        ct_channels = [norm.scheme == "ct" for norm in config.normalization]
+        fingerprint = compute_fingerprint(cases, config.channels, workers, main, ct_channels)
         try:
             save_json(fingerprint, path)
         except OSError:  # a read-only home: computed again next time
@@ -109,13 +126,25 @@ def derive_from_data(
     except ValueError as error:
         raise DatasetError(f"{config.source or config.name}: {error}") from None
     if main:
-        explained = [
-            f"{name} {','.join(f'{v:g}' for v in value)}"
-            + (" mm (the median)" if name == "spacing" else " (0.5 and 99.5 percentiles of the foreground)")
-            for name, value in derived.items()
-        ]
+        explained = [_explained(name, value, fingerprint) for name, value in derived.items()]
         print(f"Derived from the {fingerprint['cases']} training cases: {'; '.join(explained)}")
     return config, {"fingerprint": fingerprint, "derived": derived}
+
+
+def _explained(name: str, value, fingerprint: dict) -> str:
+    """A derived setting and the rule that gave it, for the run's log."""
+    if name.startswith("z-score mask"):
+        share = fingerprint["median_relative_size_after_crop"]
+        return f"{name}: {value} (cropping to the non-zero region keeps {share:.0%} of the median case)"
+    numbers = ",".join(f"{v:g}" for v in value)
+    if name == "spacing":
+        rule = (
+            "the median"
+            if value == [round(s, 4) for s in fingerprint["median_spacing"]]
+            else "nnU-Net's anisotropy rule"
+        )
+        return f"spacing {numbers} mm ({rule})"
+    return f"{name} {numbers} (0.5 and 99.5 percentiles of the foreground)"
 
 
 def available_memory() -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,12 +62,22 @@ class Distributed:
         dist.all_gather_object(gathered, obj)
         return gathered
 
-    def broadcast(self, obj: object) -> object:
-        """Rank 0's ``obj`` (on every rank)."""
+    def patient_group(self, seconds: float):
+        """A gloo group whose collectives wait up to ``seconds``, for a wait longer than the process group's
+        timeout (10 minutes with NCCL): rank 0 reading a large dataset through while the others wait.
+        Every rank calls it, before rank 0 starts that work; None without torchrun."""
+        if not self.enabled:
+            return None
+        return dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+
+    def broadcast(self, obj: object, group=None) -> object:
+        """Rank 0's ``obj`` (on every rank), through ``group`` (default: the process group)."""
         if not self.enabled:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
+        if group is not None:
+            dist.destroy_process_group(group)
         return box[0]
 
     def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:

@@ -66,14 +66,17 @@ def evaluate_case(
     spacing: Sequence[float],
     classes: Sequence[int],
     nsd_tolerance: float = 1.0,
+    ignore_label: int | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Dice, HD95 (mm) and NSD (tolerance in mm) of each class value in ``classes`` for one case."""
+    """Dice, HD95 (mm) and NSD (tolerance in mm) of each class value in ``classes`` for one case; voxels
+    labelled ``ignore_label`` (unannotated) count in no class, predicted or expected."""
     if prediction.shape != label.shape:
         raise ValueError(f"prediction shape {prediction.shape} differs from label shape {label.shape}")
     diagonal = float(np.linalg.norm(np.array(label.shape) * np.array(spacing, dtype=float)))
     results = {}
+    annotated = label != ignore_label if ignore_label is not None else True
     for value in classes:
-        predicted, expected = prediction == value, label == value
+        predicted, expected = (prediction == value) & annotated, label == value
         p, e = int(predicted.sum()), int(expected.sum())
         if p == 0 and e == 0:
             results[value] = {name: math.nan for name in METRICS}

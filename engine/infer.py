@@ -17,8 +17,10 @@ from monai.transforms import Invertd
 from torch import nn
 from tqdm import tqdm
 
+from dataset_config import counted
 from engine.common import (
     NetworkChoice,
+    RunStopped,
     UsageError,
     as_json,
     autocast_for,
@@ -30,7 +32,7 @@ from engine.common import (
     roi_of,
     select_device,
 )
-from engine.data import verify_cases
+from engine.data import data_worker_init, verify_cases
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
 from engine.predict import (
     complete_background,
@@ -45,9 +47,9 @@ from load_datasets_transforms import (
     MEDIAN,
     DatasetConfig,
     build_transforms,
-    case_name,
     cases_from_paths,
     find_cases,
+    label_for,
     load_dataset_config,
     resolve_root,
 )
@@ -108,7 +110,7 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
         print(f"note: {source} records no preprocessing; using that of {config.source or config.name}")
         card_config = config
     if classes and not args.label_map:  # with a label map, the dataset's labels describe the test labels
-        card_config = replace(card_config, labels=classes)
+        card_config = replace(card_config, labels=classes, ignore_label=card.get("ignore_label"))
     return choice, in_channels, out_channels, roi, card_config
 
 
@@ -242,21 +244,36 @@ def _disagreements(first: LoadedModel, other: LoadedModel) -> list[str]:
 
 
 def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
-    """The files of ``--input`` (labels from ``--labels``), or the test cases of the dataset under ``--root``."""
+    """The files of ``--input`` (labels from ``--labels``), or the test cases of the dataset under ``--root``.
+    Labels are kept for ``--evaluate`` only; a case without one is segmented, named, and not scored."""
     if args.input:
         if args.root is not None:
             raise UsageError("--input and --root: give the files to segment one way (--input, or --root's test cases)")
         cases = cases_from_paths(args.input, config)
-        if args.labels:
-            for case in cases:
-                case["label"] = str(Path(args.labels) / f"{case_name(case['image'])}.nii.gz")
         if args.evaluate and not args.labels:
             raise UsageError("--evaluate with --input needs --labels FOLDER (a <case>.nii.gz label per input case)")
-        return cases
-    root = resolve_root(config, args.root)
-    cases = find_cases(config, root, "test")
-    if args.evaluate and not all("label" in case for case in cases):
-        raise UsageError(f"--evaluate needs labels: a labelsTs folder in {root} or a test list with labels")
+        if args.labels and not Path(args.labels).is_dir():
+            raise UsageError(f"--labels {args.labels}: no such folder")
+        if args.labels:
+            for case in cases:
+                label = label_for(case["image"], Path(args.labels), config.file_ending)
+                if label is not None:
+                    case["label"] = str(label)
+        where = f"--labels {args.labels}"
+    else:
+        root = resolve_root(config, args.root)
+        cases = find_cases(config, root, "test")
+        where = f"a labelsTs folder in {root} or a test list with labels"
+    if not args.evaluate:
+        return [{"image": case["image"]} for case in cases]
+    unlabelled = [output_name(case["image"]) for case in cases if "label" not in case]
+    if len(unlabelled) == len(cases):
+        raise UsageError(f"--evaluate needs labels: {where}; none of the {counted(len(cases), 'case')} has one")
+    if unlabelled:
+        print(
+            f"note: --evaluate: {counted(len(unlabelled), 'case')} without a label (segmented, not scored): "
+            f"{', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''}"
+        )
     return cases
 
 
@@ -269,17 +286,41 @@ def _infer(args) -> list[Path]:
     cases = _cases_to_segment(args, config)
     label_map = _label_map_of(args, out_channels, config)
     keep = _classes_to_keep(args.keep_largest, out_channels)
-    verify_cases(cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels)
-    networks = [(model.build(device), model.roi) for model in models]
-    test_transforms = build_transforms(config, "test")
-    images = [{"image": case["image"]} for case in cases]  # labels, if any, are read back for --evaluate
-    dataset = CacheDataset(images, test_transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
-    loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers)
-    invert = Invertd(keys="pred", transform=test_transforms, orig_keys="image", nearest_interp=False, to_tensor=True)
-    output.mkdir(parents=True, exist_ok=True)
+    verify_cases(
+        cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
+    )
     written, rows, started = [], [], time.perf_counter()
-    bar = tqdm(total=len(cases), desc="Inference", dynamic_ncols=True)
-    with torch.no_grad():
+    try:
+        _segment_cases(args, models, cases, output, device, autocast, label_map, keep, written, rows)
+    except KeyboardInterrupt:
+        raise RunStopped(
+            f"stopped by SIGINT after {counted(len(written), 'case')} of {len(cases)}; every segmentation in "
+            f"{output} is complete (none half-written)",
+            130,
+        ) from None
+    elapsed = time.perf_counter() - started
+    passes = f"{counted(len(models), 'model')}" + (", 8 mirrorings each" if args.tta else "")
+    print(
+        f"Wrote {counted(len(written), 'segmentation')} to {output} in {elapsed:.1f} s ({elapsed / len(written):.1f} s "
+        f"per case; {passes})"
+    )
+    if args.evaluate:
+        _report_evaluation(rows, config, output, sum("label" in case for case in cases))
+    return written
+
+
+def _segment_cases(args, models, cases, output: Path, device, autocast, label_map, keep, written, rows) -> None:
+    """Segment ``cases`` with the ensemble of ``models``, appending each written segmentation to ``written``
+    and, with ``--evaluate``, each case's metric rows to ``rows`` (so that an interrupted run knows them)."""
+    config, out_channels = models[0].config, models[0].out_channels
+    networks = [(model.build(device), model.roi) for model in models]
+    transforms = build_transforms(config, "test")
+    images = [{"image": case["image"]} for case in cases]  # labels, if any, are read back for --evaluate
+    dataset = CacheDataset(images, transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
+    loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers, worker_init_fn=data_worker_init)
+    invert = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False, to_tensor=True)
+    output.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(cases), desc="Inference", dynamic_ncols=True) as bar, torch.no_grad():
         for batch, case in zip(loader, cases, strict=True):
             start = time.perf_counter()
             probabilities = mean_probabilities(
@@ -290,18 +331,8 @@ def _infer(args) -> list[Path]:
             bar.update(1)
             seconds = time.perf_counter() - start
             bar.write(f"{output_name(case['image'])}: {seconds:.1f} s, wrote {', '.join(map(str, paths))}")
-            if args.evaluate:
+            if args.evaluate and "label" in case:
                 rows += _evaluate(paths[0], case, config, label_map, args.nsd_tolerance)
-    bar.close()
-    elapsed = time.perf_counter() - started
-    passes = f"{len(models)} model{'s' * (len(models) > 1)}" + (", 8 mirrorings each" if args.tta else "")
-    print(
-        f"Wrote {len(written)} segmentations to {output} in {elapsed:.1f} s ({elapsed / len(written):.1f} s per "
-        f"case; {passes})"
-    )
-    if args.evaluate:
-        _report_evaluation(rows, config, output, len(written))
-    return written
 
 
 def _write_case(probabilities, batch, case, invert, keep, save_probabilities, model, output: Path) -> list[Path]:
@@ -310,9 +341,15 @@ def _write_case(probabilities, batch, case, invert, keep, save_probabilities, mo
     batch["pred"] = probabilities.cpu()
     probabilities = complete_background(torch.as_tensor(invert(decollate_batch(batch)[0])["pred"]))
     labels = keep_largest(labels_of(probabilities), keep) if keep else labels_of(probabilities)
-    paths = [write_segmentation(labels, case["image"], output)]
-    if save_probabilities:
-        paths.append(write_probabilities(probabilities, case["image"], _class_names(model), output))
+    paths = []
+    try:
+        paths.append(write_segmentation(labels, case["image"], output))
+        if save_probabilities:
+            paths.append(write_probabilities(probabilities, case["image"], _class_names(model), output))
+    except BaseException:  # Ctrl-C between the two files: neither stays, so no case is half-written
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
     return paths
 
 
@@ -342,7 +379,7 @@ def _report_evaluation(rows: list[dict], config: DatasetConfig, output: Path, co
     names = {value: name for value, name in enumerate(config.labels) if value}  # background not scored
     summary = write_reports(rows, names, output)
     print(
-        f"Evaluation in the original geometry ({count} cases; foreground classes, background not scored): "
+        f"Evaluation in the original geometry ({counted(count, 'case')}; foreground classes, background not scored): "
         f"{output / 'metrics.csv'}, {output / 'summary.json'}, {output / 'dice_per_class.png'}"
     )
     print(format_summary(summary))
@@ -356,5 +393,7 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
     if label_map is not None:
         prediction = apply_label_map(prediction, label_map)
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
-    results = evaluate_case(prediction, label, spacing, range(1, config.num_classes), tolerance)
+    results = evaluate_case(
+        prediction, label, spacing, range(1, config.num_classes), tolerance, ignore_label=config.ignore_label
+    )
     return [{"case": output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]

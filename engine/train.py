@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from monai.data import DataLoader, ThreadDataLoader
-from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -40,6 +39,7 @@ from engine.checkpoint import (
 )
 from engine.common import (
     BEST_WEIGHTS,
+    FINAL_WEIGHTS,
     LAST_CHECKPOINT,
     RunStopped,
     UsageError,
@@ -53,8 +53,16 @@ from engine.common import (
     save_json,
     save_torch,
 )
-from engine.data import cached_dataset, data_worker_init, derive_from_data, fit_cache_rate, verify_cases
+from engine.data import (
+    cached_dataset,
+    data_preparation_seconds,
+    data_worker_init,
+    derive_from_data,
+    fit_cache_rate,
+    verify_cases,
+)
 from engine.distributed import Distributed
+from engine.losses import segmentation_loss
 from engine.validation import foreground_dice, summarise_scores, validation_scores
 from load_datasets_transforms import (
     DatasetConfig,
@@ -164,6 +172,10 @@ def _input_channels_of(state: dict, model: nn.Module) -> int | None:
 
 
 def _split_cases(args, config: DatasetConfig, training: list[dict], root, main: bool) -> tuple[list, list]:
+    if args.fold == "all":
+        if main:
+            print(f"--fold all: training on all {len(training)} training cases, without validation")
+        return training, []
     if args.fold is None:
         return training, find_cases(config, root, "validation")  # none: the error says to pass --fold
     if "validation" in config.lists:
@@ -193,13 +205,14 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
     root = resolve_root(config, args.root)
     training = find_cases(config, root, "training")
     train_cases, val_cases = _split_cases(args, config, training, root, main)
+    waiting = distributed.patient_group(data_preparation_seconds(train_cases + val_cases))
     outcome: tuple | str | None = None
     if main:
         try:
             outcome = _checked_and_derived(args, config, training, train_cases, val_cases, distributed)
         except DatasetError as error:
             outcome = str(error)
-    outcome = distributed.broadcast(outcome)
+    outcome = distributed.broadcast(outcome, waiting)
     if isinstance(outcome, str):
         raise DatasetError(outcome)
     config, derivation, cache_rate = outcome
@@ -217,7 +230,9 @@ def _checked_and_derived(args, config, training, train_cases, val_cases, distrib
     """Check every case, warn of labels without foreground, derive what the dataset leaves to the
     data, fit the cache rate to the memory: ``(config, derivation, cache_rate)``."""
     cases = train_cases + val_cases
-    summaries = verify_cases(cases, config.num_classes, args.num_workers, in_channels=config.in_channels)
+    summaries = verify_cases(
+        cases, config.num_classes, args.num_workers, in_channels=config.in_channels, ignore_label=config.ignore_label
+    )
     for case, summary in zip(cases, summaries, strict=True):
         if summary.foreground is False:
             print(
@@ -269,6 +284,15 @@ class Run:
         return self.output / BEST_WEIGHTS
 
     @property
+    def final_path(self) -> Path:
+        return self.output / FINAL_WEIGHTS
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run has validation cases (not with ``--fold all``)."""
+        return self.args.fold != "all"
+
+    @property
     def last_path(self) -> Path:
         return self.output / LAST_CHECKPOINT
 
@@ -301,7 +325,9 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
         if writer is not None:
             writer.close()
     distributed.barrier()
-    if run.main:
+    if run.main and not run.validates:
+        print(f"Training finished (--fold all, no validation): final weights in {run.final_path}")
+    elif run.main:
         print(
             f"Training finished: best mean Dice {run.progress['best_dice']:.4f} at step "
             f"{run.progress['best_step']}; weights in {run.best_path}"
@@ -396,6 +422,9 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
     the checkpoint and, when the mean Dice improved, the best weights and their model card."""
     args, progress = run.args, run.progress
     run.distributed.broadcast_tensors(run.stateful_buffers)
+    if not run.validates:
+        _save_without_validation(run, step)
+        return
     snapshot = {} if run.main else None
     scores = validation_scores(
         run.model,
@@ -407,6 +436,7 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         args.amp,
         run.main,
         snapshot,
+        run.config.ignore_label,
     )
     scores = torch.cat(run.distributed.gather(scores))
     dice, per_class = summarise_scores(scores)
@@ -429,6 +459,18 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         save_json(best_card, model_card_path(run.best_path))
 
 
+def _save_without_validation(run: Run, step: int) -> None:
+    """A run without validation (``--fold all``): the checkpoint at every ``--eval_step``; at the end, the
+    final weights and their model card, which are the model."""
+    if not run.main or run.progress["nonfinite_in_a_row"]:
+        return
+    run.save_last()
+    if step == run.args.max_iter:
+        save_torch(run.model.state_dict(), run.final_path)
+        save_json({**run.card, "final_step": step}, model_card_path(run.final_path))
+        run.progress["best_step"] = step
+
+
 def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device) -> Run:
     """Everything a user can get wrong checked (flags, weights, checkpoint, dataset files), then the model,
     data, optimisation and progress of the run (restored when it resumes)."""
@@ -437,9 +479,10 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     roi = roi_of(args.roi_size)
     output = check_output_folder(args.output)
     resume = resolve_resume(args.resume, output, args.overwrite)
-    if resume is None and (output / BEST_WEIGHTS).exists() and not args.overwrite:
+    trained = next((name for name in (BEST_WEIGHTS, FINAL_WEIGHTS) if (output / name).exists()), None)
+    if resume is None and trained and not args.overwrite:
         raise UsageError(
-            f"--output {output}: already holds {BEST_WEIGHTS}; pass --resume auto to continue that run, "
+            f"--output {output}: already holds {trained}; pass --resume auto to continue that run, "
             "--overwrite to start over, or choose another folder"
         )
     checkpoint = load_checkpoint(resume) if resume else None
@@ -449,7 +492,7 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     set_determinism(seed=args.seed)
     model = _initial_model(args, choice, config, pretrained, finetune, main)
     data = _prepare_data(args, config, distributed)
-    card = _model_card(choice, data, roi)
+    card = _model_card(args, choice, data, roi)
     notes = check_resumed_run(checkpoint, card, args, resume) if checkpoint is not None else []
     gpu_transforms = args.gpu_transforms and device.type == "cuda"
     if args.gpu_transforms and not gpu_transforms and main:
@@ -477,7 +520,7 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     output.mkdir(parents=True, exist_ok=True)
     if main and data.derivation is not None:
         save_json(data.derivation, output / FINGERPRINT_FILE)
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_function = segmentation_loss(data.config.ignore_label)
     return Run(
         args=args,
         distributed=distributed,
@@ -511,8 +554,9 @@ def _optimisation(args, model: nn.Module, device: torch.device) -> tuple:
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
 
-def _model_card(choice, data: RunData, roi: tuple[int, int, int]) -> dict:
-    """The model card of a run: network, channels, classes, preprocessing (derived settings named), ROI."""
+def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
+    """The model card of a run: network, channels, classes (and the ignore label), preprocessing (derived
+    settings named), ROI, fold (None, a number, or ``all``)."""
     config = data.config
     return {
         "network": choice.name,
@@ -524,6 +568,8 @@ def _model_card(choice, data: RunData, roi: tuple[int, int, int]) -> dict:
         **config.preprocessing(),
         "derived": data.derivation["derived"] if data.derivation else {},
         "roi_size": list(roi),
+        "ignore_label": config.ignore_label,
+        "fold": args.fold,
     }
 
 

@@ -25,10 +25,12 @@ def validation_scores(
     amp: str | None = None,
     progress: bool = True,
     snapshot: dict | None = None,
+    ignore_label: int | None = None,
 ) -> torch.Tensor:
     """Per-case, per-class Dice (cases x classes, NaN where a class is absent from the label) of the
     argmax of sliding-window predictions, background included; ``0 x classes`` for a loader without
-    cases. Nothing is gathered across processes: the caller collects every process's cases once.
+    cases. Nothing is gathered across processes: the caller collects every process's cases once. Voxels
+    labelled ``ignore_label`` (nnU-Net's unannotated voxels) count in no class, predicted or expected.
 
     With ``snapshot``, its ``"overlay"`` receives the first case's middle axial slice: image, image with
     label, image with prediction (H x W x 3, uint8)."""
@@ -48,8 +50,10 @@ def validation_scores(
                 snapshot["overlay"] = overlay_slice(
                     image[0, 0].numpy(), label[0, 0].numpy(), argmax[0, 0].cpu().numpy()
                 )
-            prediction = one_hot(argmax, num_classes)
-            truth = one_hot(label.to(output_device).long(), num_classes)
+            label = label.to(output_device).long()
+            annotated = (label != ignore_label) if ignore_label is not None else torch.ones_like(label, dtype=bool)
+            prediction = one_hot(argmax, num_classes) * annotated
+            truth = one_hot(torch.where(annotated, label, 0), num_classes) * annotated
             scores.append(compute_dice(prediction, truth, include_background=True).float().cpu())
     model.train(was_training)
     return torch.cat(scores)

@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 UX_FLAGS = {"feat_size": "feat_size", "kernel_size": "ks", "hidden_size": "hidden_size"}
-register_network("REPUXNET", NetworkSpec(REPUXNET, "in_chans", "out_chans", flag_args=UX_FLAGS))
-register_network("3DUXNET", NetworkSpec(UXNET, "in_chans", "out_chans", flag_args=UX_FLAGS))
+# Their bottleneck is 1/16 of the input, instance-normalised: 16 would leave it a single voxel.
+register_network("REPUXNET", NetworkSpec(REPUXNET, "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS))
+register_network("3DUXNET", NetworkSpec(UXNET, "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS))
 # The published benchmark's configurations for 96^3 patches.
 register_network(
     "UNETR",
@@ -62,7 +63,8 @@ register_network(
 )
 # Its deepest map is 1/32 of the input.
 register_network(
-    "SwinUNETR", NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False), input_multiple=32)
+    "SwinUNETR",
+    NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False), input_multiple=32, min_input=64),
 )
 # The published benchmark's nnFormer: crop 96^3, embedding 192, depths 2,2,2,2, heads 6,12,24,48,
 # patch 2,4,4, windows 4,4,8,4 (the constructor's defaults); 149.27 M parameters at 5 classes.
@@ -88,6 +90,7 @@ register_network(
         ),
         head="output_block",
         input_multiple=32,
+        min_input=64,  # instance norm at 1/32 of the input
     ),
 )
 
@@ -119,6 +122,7 @@ register_network(
         UNet,
         defaults=dict(spatial_dims=3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
         input_multiple=16,
+        min_input=32,  # instance norm at 1/16 of the input
         new_head=_new_unet_head,
     ),
 )

@@ -33,6 +33,8 @@ class NetworkSpec:
         defaults: the published configuration: constructor arguments that overrides may replace.
         head: attribute path of the output head (replaced for fine-tuning on other classes).
         input_multiple: input spatial sizes must be multiples of this.
+        min_input: the smallest input edge the network trains on (None: ``input_multiple``); larger where
+            instance normalisation would see a single voxel at the deepest level.
         flag_args: command-line shape flags (``feat_size``, ``kernel_size``, ``hidden_size``, ``roi_size``)
             that apply to this network, and the constructor argument each one sets.
         new_head: ``new_head(model, out_channels)`` replaces the head where replacing the last Conv3d of
@@ -45,12 +47,17 @@ class NetworkSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     head: str = "out"
     input_multiple: int = 16
+    min_input: int | None = None
     flag_args: Mapping[str, str] = field(default_factory=dict)
     new_head: Callable[[nn.Module, int], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         object.__setattr__(self, "flag_args", MappingProxyType(dict(self.flag_args)))
+
+    @property
+    def smallest_input(self) -> int:
+        return self.min_input or self.input_multiple
 
     def arguments(self) -> list[str]:
         """Constructor arguments that an override may set (channel counts excluded)."""

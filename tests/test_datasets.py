@@ -13,12 +13,11 @@ import torch
 from conftest import TINY_RUN as TINY
 from conftest import exit_message, flags
 
-import dataset_fingerprint
 import main_finetune
 import main_train
 import test_seg
 from dataset_config import MEDIAN, ChannelNorm, DatasetError, load_dataset_config
-from dataset_fingerprint import compute_fingerprint, derive_settings
+from dataset_fingerprint import compute_fingerprint, derive_settings, preprocessed_bytes
 from engine.data import fit_cache_rate
 from load_datasets_transforms import CaseSummary, build_transforms, check_cases, find_cases
 from phantom import write_dataset
@@ -60,7 +59,7 @@ def test_decathlon_dataset_json_is_read_as_published(decathlon):
     assert config.channels == ("T1", "T2") and config.in_channels == 2
     assert config.normalization == (ChannelNorm("zscore"), ChannelNorm("zscore"))
     assert config.labels == ("background", "spleen", "kidney", "liver", "pancreas")
-    assert config.spacing == MEDIAN and config.to_derive() == ["spacing"]
+    assert config.spacing == MEDIAN and config.to_derive() == ["spacing", "z-score mask of T1", "z-score mask of T2"]
     assert config.root == decathlon.resolve()
     cases = find_cases(config, None, "training")  # --root defaults to the file's folder
     assert [Path(c["image"]).name for c in cases] == [f"phantom_00{i}.nii.gz" for i in range(4)]
@@ -79,7 +78,7 @@ def test_nnunet_dataset_json_groups_channel_files_by_case(nnunet):
     config = load_dataset_config(str(nnunet / "dataset.json"))
     assert config.layout == "nnunet" and config.channels == ("CT", "T2")
     assert config.normalization == (ChannelNorm("ct"), ChannelNorm("zscore"))  # CT window: to derive
-    assert config.to_derive() == ["spacing", "window of CT"]
+    assert config.to_derive() == ["spacing", "window of CT", "z-score mask of T2"]
     cases = find_cases(config, nnunet, "training")
     assert len(cases) == 4
     assert [Path(p).name for p in cases[1]["image"]] == ["phantom_001_0000.nii.gz", "phantom_001_0001.nii.gz"]
@@ -138,16 +137,28 @@ def test_own_json_keys_set_channels_normalisation_and_spacing(tmp_path):
         {
             "labels": {"0": "bg", "1": "lesion"},
             "channels": ["CT", "PET", "mask"],
-            "normalization": [{"scheme": "ct", "window": [-100, 200]}, "zscore", "none"],
+            "normalization": [
+                {"scheme": "ct", "window": [-100, 200]},
+                {"scheme": "zscore", "nonzero_mask": False},
+                "none",
+            ],
             "spacing": None,
         },
     )
     config = load_dataset_config(path)
     assert config.channels == ("CT", "PET", "mask") and config.spacing is None and not config.to_derive()
-    assert config.normalization == (ChannelNorm("ct", (-100.0, 200.0)), ChannelNorm("zscore"), ChannelNorm("none"))
+    assert config.normalization == (
+        ChannelNorm("ct", (-100.0, 200.0)),
+        ChannelNorm("zscore", nonzero_mask=False),
+        ChannelNorm("none"),
+    )
     assert config.preprocessing() == {
         "channels": ["CT", "PET", "mask"],
-        "normalization": [{"scheme": "ct", "window": [-100.0, 200.0]}, {"scheme": "zscore"}, {"scheme": "none"}],
+        "normalization": [
+            {"scheme": "ct", "window": [-100.0, 200.0]},
+            {"scheme": "zscore", "nonzero_mask": False},
+            {"scheme": "none"},
+        ],
         "spacing": None,
     }
 
@@ -201,8 +212,7 @@ def ras_spacing(path) -> list[float]:
     return spacing
 
 
-def test_fingerprint_is_the_median_spacing_and_foreground_percentiles(nnunet, monkeypatch):
-    monkeypatch.setattr(dataset_fingerprint, "FOREGROUND_SAMPLES", 10**9)  # every foreground voxel
+def test_fingerprint_is_the_median_spacing_and_foreground_percentiles(nnunet):
     config = load_dataset_config(str(nnunet / "dataset.json"))
     cases = find_cases(config, None, "training")
     fingerprint = compute_fingerprint(cases, config.channels, workers=2)
@@ -213,15 +223,13 @@ def test_fingerprint_is_the_median_spacing_and_foreground_percentiles(nnunet, mo
             for c in cases  # channel 0 (CT) only
         ]
     )
-    expected = np.percentile(foreground, (0.5, 99.5))
+    expected = np.percentile(foreground, (0.5, 99.5))  # every voxel: the samples move it by noise only
     ct = fingerprint["channels"][0]
-    assert [ct["percentile_00_5"], ct["percentile_99_5"]] == pytest.approx(expected)
+    assert [ct["percentile_00_5"], ct["percentile_99_5"]] == pytest.approx(expected, rel=0.02)
     derived_config, derived = derive_settings(config, fingerprint)
-    assert derived == {
-        "spacing": [round(s, 4) for s in fingerprint["median_spacing"]],
-        "window of CT": pytest.approx(list(expected)),
-    }
-    assert derived_config.normalization[0].window == pytest.approx(tuple(expected))
+    assert derived["spacing"] == [round(s, 4) for s in fingerprint["target_spacing"]]
+    assert derived["window of CT"] == [ct["percentile_00_5"], ct["percentile_99_5"]]
+    assert derived_config.normalization[0].window == tuple(derived["window of CT"])
     assert not derived_config.to_derive()
 
 
@@ -308,7 +316,8 @@ def test_no_validation_cases_and_no_fold(decathlon, tmp_path):
     message = exit_message(main_train.main, argv)
     assert message == (
         f"error: --dataset {decathlon / 'dataset.json'}: the dataset has no validation cases; pass --fold 0 "
-        "(of --num_folds 5) to validate on a fifth of the training cases (--fold 1..4 for the other folds)"
+        "(of --num_folds 5) to validate on a fifth of the training cases (--fold 1..4 for the other folds), or "
+        "--fold all to train on every case without validation"
     )
     assert not output.exists()
 
@@ -319,7 +328,7 @@ def test_no_validation_cases_and_no_fold(decathlon, tmp_path):
 def test_cache_rate_is_lowered_to_what_fits():
     case = CaseSummary(shape=(100, 100, 50), spacing=(2.0, 2.0, 2.0), channels=2, foreground=True)
     per_case = 200 * 200 * 100 * 3 * 4  # resampled to 1 mm: two channels and the label, float32
-    assert dataset_fingerprint.preprocessed_bytes(case, (1.0, 1.0, 1.0)) == per_case
+    assert preprocessed_bytes(case, (1.0, 1.0, 1.0)) == per_case
     assert fit_cache_rate(1.0, [case] * 10, (1.0, 1.0, 1.0), available=100 * per_case) == (1.0, None)
     rate, note = fit_cache_rate(1.0, [case] * 10, (1.0, 1.0, 1.0), available=4 * per_case)
     assert rate == 0.3  # 0.75 of the available memory holds 3 of the 10 cases
@@ -344,7 +353,9 @@ def test_decathlon_two_channel_task_trains_and_records_its_preprocessing(trained
     card = json.loads((trained_decathlon / "best_metric_model.pth.json").read_text())
     fingerprint = json.loads((trained_decathlon / "dataset_fingerprint.json").read_text())
     assert card["in_channels"] == 2 and card["channels"] == ["T1", "T2"]
-    assert card["normalization"] == [{"scheme": "zscore"}, {"scheme": "zscore"}]
+    masked = fingerprint["fingerprint"]["median_relative_size_after_crop"] < 0.75  # nnU-Net's rule
+    assert card["normalization"] == [{"scheme": "zscore", "nonzero_mask": masked}] * 2
+    assert card["derived"]["z-score mask of T1"] == ("non-zero region" if masked else "all voxels")
     assert card["spacing"] == card["derived"]["spacing"] == fingerprint["derived"]["spacing"]
     assert fingerprint["fingerprint"]["cases"] == 4  # all training cases, both folds
     state = torch.load(trained_decathlon / "best_metric_model.pth", weights_only=True)
@@ -368,7 +379,7 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
     printed = capsys.readouterr().out
     card = json.loads((output / "best_metric_model.pth.json").read_text())
     if layout == "nnunet":
-        assert card["channels"] == ["CT", "T2"] and card["normalization"][1] == {"scheme": "zscore"}
+        assert card["channels"] == ["CT", "T2"] and card["normalization"][1]["scheme"] == "zscore"
         assert card["normalization"][0]["window"] == card["derived"]["window of CT"]
         assert re.search(r"note: --cache_rate 1 would hold .* MiB .* 1.0 MiB is available: caching 0.0\d of", printed)
     (root / "dataset.json").unlink()  # nothing but the card can say how to preprocess
