@@ -6,8 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from dataset.description import DatasetError
 from engine import RunStopped, UsageError
-from load_datasets_transforms import DatasetError, roi_of
+from engine.common import roi_of
 from networks import available_networks
 
 __all__ = ["add_common_arguments", "add_training_arguments", "parser_for", "run_or_exit", "str2bool"]

@@ -18,8 +18,10 @@ import common
 from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
 
-from engine.data import cached_dataset
-from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
+from dataset.cases import find_cases
+from dataset.description import load_dataset_config
+from dataset.transforms import build_transforms
+from engine.loading import cached_dataset
 from phantom import write_dataset
 
 

@@ -22,8 +22,10 @@ import common
 import nibabel as nib
 import numpy as np
 
-from dataset_fingerprint import compute_fingerprint
-from load_datasets_transforms import check_cases, find_cases, load_dataset_config
+from dataset.cases import find_cases
+from dataset.checks import check_cases
+from dataset.description import load_dataset_config
+from dataset.fingerprint import compute_fingerprint
 from phantom import write_dataset
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataset_config import card_preprocessing
+from dataset.description import card_preprocessing
 from engine.common import BEST_WEIGHTS, LAST_CHECKPOINT, UsageError, as_json, save_torch
 from networks import BFRConv3d
 

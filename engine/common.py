@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from load_datasets_transforms import roi_of
+from atomic_files import replace_atomically
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
 
 __all__ = [
@@ -31,9 +32,7 @@ __all__ = [
     "load_weights",
     "model_card_path",
     "network_from_flags",
-    "replace_atomically",
     "roi_of",
-    "save_json",
     "save_torch",
     "select_device",
     "stitching_device",
@@ -103,6 +102,26 @@ class NetworkChoice:
             raise UsageError(f"--network {self.name}: {error}") from None
 
 
+def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
+    """A patch size from one edge or three: ``96``, ``"96"``, ``[96]``, ``"96,96,64"``, ``(96, 96, 64)``.
+
+    Raises ValueError for any other count or a value that is not a positive integer.
+    """
+    if isinstance(roi_size, str):
+        values: list = [part for part in roi_size.replace(" ", "").split(",") if part]
+    elif isinstance(roi_size, Sequence):
+        values = list(roi_size)
+    else:
+        values = [roi_size]
+    try:
+        edges = [int(v) for v in values if isinstance(v, str | numbers.Integral) and not isinstance(v, bool)]
+    except ValueError:  # a string that is not an integer
+        edges = []
+    if len(values) not in (1, 3) or len(edges) != len(values) or any(e < 1 for e in edges):
+        raise ValueError(f"ROI size {roi_size!r}: expected one or three positive integers, such as 96 or 96,96,64")
+    return ensure_tuple_rep(edges[0] if len(edges) == 1 else tuple(edges), 3)
+
+
 def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
     """The network the flags ask for; checks the ROI against the network's input multiple."""
     try:
@@ -123,32 +142,6 @@ def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
     return NetworkChoice(name, overrides)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def replace_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, flush it to disk, then rename it
-    over ``path``: a crash while writing leaves the previous file intact. The file gets the permissions of
-    any new file (the user's umask), not the private ones of a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the suffixes: writers such as nibabel pick the format from them.
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(handle)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def check_output_folder(output: str | os.PathLike) -> Path:
     """``--output`` as a folder path that can be created and written to; a clear UsageError where a file
     stands in the way or the folder (or the nearest existing one above it) is not writable."""
@@ -167,10 +160,6 @@ def check_output_folder(output: str | os.PathLike) -> Path:
 
 def save_torch(obj, path: Path) -> None:
     replace_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_json(data: dict, path: Path) -> None:
-    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def as_json(value):

@@ -22,7 +22,7 @@ import numpy as np
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 from PIL import Image, ImageDraw
 
-from engine.common import replace_atomically
+from atomic_files import replace_atomically
 
 __all__ = [
     "apply_label_map",

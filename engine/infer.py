@@ -17,7 +17,10 @@ from monai.transforms import Invertd
 from torch import nn
 from tqdm import tqdm
 
-from dataset_config import counted
+from dataset.cases import cases_from_paths, find_cases, label_for, resolve_root
+from dataset.checks import verify_cases
+from dataset.description import MEDIAN, DatasetConfig, counted, load_dataset_config
+from dataset.transforms import build_transforms
 from engine.common import (
     NetworkChoice,
     RunStopped,
@@ -32,8 +35,8 @@ from engine.common import (
     roi_of,
     select_device,
 )
-from engine.data import data_worker_init, verify_cases
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
+from engine.loading import data_worker_init
 from engine.predict import (
     complete_background,
     keep_largest,
@@ -42,16 +45,6 @@ from engine.predict import (
     output_name,
     write_probabilities,
     write_segmentation,
-)
-from load_datasets_transforms import (
-    MEDIAN,
-    DatasetConfig,
-    build_transforms,
-    cases_from_paths,
-    find_cases,
-    label_for,
-    load_dataset_config,
-    resolve_root,
 )
 from networks import canonical_name, switch_to_deploy
 from networks.dwconv import use_algorithm

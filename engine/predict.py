@@ -14,8 +14,9 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import nn
 
-from engine.common import replace_atomically, stitching_device
-from load_datasets_transforms import case_files, case_name
+from atomic_files import replace_atomically
+from dataset.cases import case_files, case_name
+from engine.common import stitching_device
 
 __all__ = [
     "MIRRORINGS",

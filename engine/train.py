@@ -28,7 +28,12 @@ from torch.utils.data import DistributedSampler, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset_fingerprint import FINGERPRINT_FILE
+from atomic_files import save_json
+from dataset.cases import case_files, find_cases, resolve_root, split_folds
+from dataset.checks import verify_cases
+from dataset.description import DatasetConfig, DatasetError, counted, load_dataset_config
+from dataset.fingerprint import FINGERPRINT_FILE, derive_from_data
+from dataset.transforms import build_transforms
 from engine.checkpoint import (
     check_resumed_run,
     load_checkpoint,
@@ -50,29 +55,12 @@ from engine.common import (
     model_card_path,
     network_from_flags,
     roi_of,
-    save_json,
     save_torch,
 )
-from engine.data import (
-    cached_dataset,
-    data_preparation_seconds,
-    data_worker_init,
-    derive_from_data,
-    fit_cache_rate,
-    verify_cases,
-)
 from engine.distributed import Distributed
+from engine.loading import cached_dataset, data_preparation_seconds, data_worker_init, fit_cache_rate
 from engine.losses import segmentation_loss
 from engine.validation import foreground_dice, summarise_scores, validation_scores
-from load_datasets_transforms import (
-    DatasetConfig,
-    DatasetError,
-    build_transforms,
-    find_cases,
-    load_dataset_config,
-    resolve_root,
-    split_folds,
-)
 from networks import replace_head
 from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
@@ -218,7 +206,7 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
     config, derivation, cache_rate = outcome
     if main:
         print(
-            f"Dataset {config.name}: {len(train_cases)} training and {len(val_cases)} validation cases, "
+            f"Dataset {config.name}: {len(train_cases)} training and {counted(len(val_cases), 'validation case')}, "
             f"{config.num_classes} classes ({', '.join(config.labels)}), {config.in_channels} input channel"
             f"{'s' * (config.in_channels > 1)} ({config.describe_channels()}), "
             f"spacing {','.join(f'{v:g}' for v in config.spacing) + ' mm' if config.spacing else 'native'}"
@@ -238,6 +226,11 @@ def _checked_and_derived(args, config, training, train_cases, val_cases, distrib
             print(
                 f"warning: {case['label']}: no foreground (only background); the balanced crops find no "
                 "foreground in this case"
+            )
+        for index in summary.constant_channels:
+            print(
+                f"warning: {case_files({'image': case['image']})[0]}: channel {index} ({config.channels[index]}) "
+                "has one value in every voxel (empty or constant): it carries nothing for this case"
             )
     config, derivation = derive_from_data(config, training, args.num_workers)
     cache_rate = args.cache_rate

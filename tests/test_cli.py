@@ -13,8 +13,8 @@ import engine.common
 import main_finetune
 import main_train
 import test_seg
-from engine.common import replace_atomically, save_torch
-from load_datasets_transforms import roi_of
+from atomic_files import replace_atomically
+from engine.common import roi_of, save_torch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,12 @@ from conftest import exit_message, flags
 import main_finetune
 import main_train
 import test_seg
-from dataset_config import MEDIAN, ChannelNorm, DatasetError, load_dataset_config
-from dataset_fingerprint import compute_fingerprint, derive_settings, preprocessed_bytes
-from engine.data import fit_cache_rate
-from load_datasets_transforms import CaseSummary, build_transforms, check_cases, find_cases
+from dataset.cases import find_cases
+from dataset.checks import CaseSummary, check_cases, user_cache
+from dataset.description import MEDIAN, ChannelNorm, DatasetError, load_dataset_config
+from dataset.fingerprint import compute_fingerprint, derive_settings
+from dataset.transforms import build_transforms
+from engine.loading import fit_cache_rate, preprocessed_bytes
 from phantom import write_dataset
 
 
@@ -369,11 +371,11 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
     """Train, then segment with nothing but --root and the weights: every setting comes from the model
     card (checked on the transforms inference builds), the segmentations land in each test image's
     geometry. The nnU-Net variant derives a CT window and lowers a cache rate that would not fit."""
-    import engine.data
     import engine.infer
+    import engine.loading
 
     root = copy_of(decathlon if layout == "decathlon" else nnunet, tmp_path)
-    monkeypatch.setattr(engine.data, "available_memory", lambda: 2**20 if layout == "nnunet" else None)
+    monkeypatch.setattr(engine.loading, "available_memory", lambda: 2**20 if layout == "nnunet" else None)
     output = tmp_path / "train"
     main_train.main(flags(root=root, dataset=root / "dataset.json", output=output, **TRAIN))
     printed = capsys.readouterr().out
@@ -383,7 +385,7 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
         assert card["normalization"][0]["window"] == card["derived"]["window of CT"]
         assert re.search(r"note: --cache_rate 1 would hold .* MiB .* 1.0 MiB is available: caching 0.0\d of", printed)
     (root / "dataset.json").unlink()  # nothing but the card can say how to preprocess
-    shutil.rmtree(Path(engine.data.user_cache()) / "fingerprints")
+    shutil.rmtree(Path(user_cache()) / "fingerprints")
     built = []
     real_build = engine.infer.build_transforms
     monkeypatch.setattr(
@@ -435,20 +437,20 @@ def test_check_cases_summarises_each_case(decathlon):
 
 
 def test_the_fingerprint_is_computed_once_per_set_of_files(nnunet, tmp_path, monkeypatch):
-    import engine.data
+    import dataset.fingerprint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     computed = []
-    real = engine.data.compute_fingerprint
-    monkeypatch.setattr(engine.data, "compute_fingerprint", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = dataset.fingerprint.compute_fingerprint
+    monkeypatch.setattr(dataset.fingerprint, "compute_fingerprint", lambda *a, **k: computed.append(1) or real(*a, **k))
     root = copy_of(nnunet, tmp_path)
     config = load_dataset_config(str(root / "dataset.json"))
     cases = find_cases(config, None, "training")
-    first, record = engine.data.derive_from_data(config, cases, workers=1, main=False)
-    again, _ = engine.data.derive_from_data(config, cases, workers=1, main=False)  # the next run
+    first, record = dataset.fingerprint.derive_from_data(config, cases, workers=1, main=False)
+    again, _ = dataset.fingerprint.derive_from_data(config, cases, workers=1, main=False)  # the next run
     assert computed == [1] and again == first and not first.to_derive()
     assert record["derived"]["window of CT"] == list(first.normalization[0].window)
     label = Path(cases[0]["label"])
     save_like(label, np.asarray(nib.load(label).dataobj))  # a rewritten file: another set of files
-    engine.data.derive_from_data(config, cases, workers=1, main=False)
+    dataset.fingerprint.derive_from_data(config, cases, workers=1, main=False)
     assert computed == [1, 1]

@@ -17,9 +17,10 @@ from conftest import TINY_RUN, flags
 import cv_summary
 import main_train
 import test_seg
+from dataset.cases import split_folds
+from dataset.description import DatasetError
 from engine.evaluate import apply_label_map, evaluate_case, parse_label_map, summarise
 from engine.validation import overlay_slice
-from load_datasets_transforms import DatasetError, split_folds
 from phantom import write_dataset
 
 TINY = flags(**TINY_RUN)
@@ -85,7 +86,7 @@ def test_folds_are_disjoint_covering_and_stable():
     random.Random(0).shuffle(names)
     assert [[Path(p).name.removesuffix(".nii.gz") for p in v] for v in validation] == [names[k::5] for k in range(5)]
     script = (
-        "import sys; sys.path.insert(0, '.'); from load_datasets_transforms import split_folds; "
+        "import sys; sys.path.insert(0, '.'); from dataset.cases import split_folds; "
         "cases = [{'image': f'imagesTr/case_{i:03d}.nii.gz'} for i in range(23)]; "
         "print([c['image'] for c in split_folds(cases, 5, 0)[1]])"
     )

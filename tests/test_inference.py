@@ -14,8 +14,9 @@ from monai.inferers import sliding_window_inference
 
 import main_train
 import test_seg
+from dataset.description import load_dataset_config
+from dataset.transforms import build_transforms
 from engine.predict import MIRRORINGS, keep_largest, mean_probabilities
-from load_datasets_transforms import build_transforms, load_dataset_config
 from networks import build_network
 from phantom import write_dataset
 

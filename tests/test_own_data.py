@@ -19,20 +19,14 @@ from scipy import ndimage
 
 import main_train
 import test_seg
-from dataset_config import ChannelNorm, DatasetError, load_dataset_config
-from dataset_fingerprint import FOREGROUND_SAMPLES_TOTAL, compute_fingerprint, derive_settings, target_spacing
-from engine.data import verify_cases
+from dataset.cases import cases_from_paths, find_cases
+from dataset.checks import verify_cases
+from dataset.description import ChannelNorm, DatasetError, load_dataset_config
+from dataset.fingerprint import FOREGROUND_SAMPLES_TOTAL, compute_fingerprint, derive_settings, target_spacing
+from dataset.transforms import CropCentres, LoadCased, NormalizeChannelsd, build_transforms
 from engine.evaluate import evaluate_case
 from engine.losses import AnnotatedDiceCELoss
 from engine.validation import validation_scores
-from load_datasets_transforms import (
-    CropCentres,
-    LoadCased,
-    NormalizeChannelsd,
-    build_transforms,
-    cases_from_paths,
-    find_cases,
-)
 from phantom import write_dataset
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -368,14 +362,15 @@ def test_roi_too_small_for_the_network_is_refused_at_the_flags(mri, tmp_path):
 
 
 def test_read_through_record_grows_while_reading(mri, tmp_path, monkeypatch):
-    import load_datasets_transforms
-    from engine.data import data_preparation_seconds, read_through_record
+    import dataset.checks
+    from dataset.checks import read_through_record
+    from engine.loading import data_preparation_seconds
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(load_datasets_transforms, "KEEP_EVERY", 0.0)  # keep after every file
+    monkeypatch.setattr(dataset.checks, "KEEP_EVERY", 0.0)  # keep after every file
     config = load_dataset_config(str(mri / "dataset.json"))
     cases = find_cases(config, None, "training")
-    real = load_datasets_transforms.read_through
+    real = dataset.checks.read_through
     calls = []
 
     def interrupted(path, kind):
@@ -384,9 +379,62 @@ def test_read_through_record_grows_while_reading(mri, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, kind)
 
-    monkeypatch.setattr(load_datasets_transforms, "read_through", interrupted)
+    monkeypatch.setattr(dataset.checks, "read_through", interrupted)
     with pytest.raises(KeyboardInterrupt):
         verify_cases(cases, 5, 1, progress=False, in_channels=2)
     kept = json.loads(read_through_record().read_text())
     assert len(kept) == 5  # the files read before Ctrl-C
     assert data_preparation_seconds(cases) == 600 + 5 * 12 > data_preparation_seconds(cases[:1])
+
+
+# ---- 11. Ctrl-C in test_seg.py, and the smaller ones ----
+
+
+def test_ctrl_c_in_test_seg_leaves_no_half_written_case(mri, tmp_path, monkeypatch, capsys):
+    import engine.infer
+
+    weights = tmp_path / "run"
+    main_train.main(flags(dataset=mri / "dataset.json", output=weights, max_iter=1, eval_step=1, fold="all", **TINY))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.infer, "write_probabilities", interrupted)
+    output = tmp_path / "seg"
+    argv = flags(root=mri, trained_weights=weights / "final_model.pth", output=output, **TINY) + [
+        "--save_probabilities"
+    ]
+    with pytest.raises(SystemExit) as stopped:
+        test_seg.main(argv)
+    assert stopped.value.code == 130
+    assert "stopped by SIGINT after 0 cases of 1; every segmentation in" in capsys.readouterr().err
+    assert not list(output.glob("*_seg.nii.gz"))  # its probabilities were never written: neither stays
+
+
+def test_constant_channels_warn_and_skipped_files_are_named(mri, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(mri, root)
+    second = sorted((root / "imagesTr").glob("*_0001.nii.gz"))[0]
+    image = nib.load(second)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine), second)
+    output = tmp_path / "run"
+    main_train.main(
+        flags(dataset=root / "dataset.json", output=output, max_iter=1, eval_step=1, fold=0, num_folds=2, **TINY)
+    )
+    printed = capsys.readouterr().out
+    first = str(second).replace("_0001.nii.gz", "_0000.nii.gz")
+    assert f"warning: {first}: channel 1 (T2) has one value in every voxel" in printed
+    assert "2 training and 2 validation cases" in printed
+    (root / "imagesTs" / "notes.txt").write_text("not an image")
+    config = load_dataset_config(str(root / "dataset.json"))
+    assert len(cases_from_paths([root / "imagesTs"], config)) == 1
+    assert "note: --input " in capsys.readouterr().out
+
+
+def test_decathlon_num_training_is_checked(tmp_path):
+    root = tmp_path / "msd"
+    description = write_dataset(root, num_train=3, num_test=1, seed=2, layout="decathlon")
+    write_json(root / "dataset.json", {**description, "numTraining": 4})
+    config = load_dataset_config(str(root / "dataset.json"))
+    with pytest.raises(DatasetError, match="numTraining is 4, but its training list holds 3 cases"):
+        find_cases(config, None, "training")

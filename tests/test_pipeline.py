@@ -16,7 +16,7 @@ from conftest import exit_message, flags
 import main_finetune
 import main_train
 import test_seg
-from load_datasets_transforms import DatasetError, load_dataset_config
+from dataset.description import DatasetError, load_dataset_config
 from networks import build_network
 from phantom import write_dataset
 
@@ -434,7 +434,9 @@ def test_bad_flags(phantom, tmp_path):
 
 
 def test_flare_datalist_pairs_listed_files(tmp_path):
-    from load_datasets_transforms import DatasetError, check_cases, find_cases, load_dataset_config
+    from dataset.cases import find_cases
+    from dataset.checks import check_cases
+    from dataset.description import DatasetError, load_dataset_config
 
     config = load_dataset_config("flare", str(DATALISTS / "dataset_FLARE.json"))
     cases = find_cases(config, tmp_path, "training")
@@ -472,7 +474,8 @@ def test_published_data_entry_points(phantom):
 
 
 def test_pairing_is_by_case_name_with_channel_suffix(phantom, tmp_path):
-    from load_datasets_transforms import DatasetError, case_name, find_cases, load_dataset_config
+    from dataset.cases import case_name, find_cases
+    from dataset.description import DatasetError, load_dataset_config
 
     assert case_name("imagesTs/train_036_0000.nii.gz") == "train_036"
     assert case_name("labelsTr/train_036.nii.gz") == "train_036"
@@ -570,21 +573,20 @@ def test_image_with_nonfinite_voxels_is_refused(phantom, tmp_path):
 
 
 def test_read_through_is_remembered_by_path_size_and_time(phantom, tmp_path, monkeypatch):
-    import load_datasets_transforms
-    from engine.data import read_through_record, verify_cases
+    import dataset.checks
+    from dataset.cases import find_cases
+    from dataset.checks import read_through_record, verify_cases
 
     root = copy_phantom(phantom, tmp_path)
-    cases = load_datasets_transforms.find_cases(load_datasets_transforms.load_dataset_config("flare"), root, "training")
+    cases = find_cases(load_dataset_config("flare"), root, "training")
     reads = []
-    real = load_datasets_transforms.read_through
+    real = dataset.checks.read_through
 
     def counting(path, kind):
         reads.append(path)
         return real(path, kind)
 
-    monkeypatch.setattr(
-        load_datasets_transforms, "read_through", lambda path, kind: reads.append(path) or real(path, kind)
-    )
+    monkeypatch.setattr(dataset.checks, "read_through", lambda path, kind: reads.append(path) or real(path, kind))
     verify_cases(cases, 5, workers=2, progress=False)
     assert sorted(reads) == sorted(str(p) for case in cases for p in case.values())
     assert str(Path(cases[0]["image"]).resolve()) in json.loads(read_through_record().read_text())

@@ -242,8 +242,10 @@ def test_cache_dir_entries_are_keyed_by_the_preprocessing(phantom, tmp_path):
 
 
 def test_cached_case_is_that_of_its_own_chain_and_files(phantom, tmp_path):
-    from engine.data import cached_dataset
-    from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
+    from dataset.cases import find_cases
+    from dataset.description import load_dataset_config
+    from dataset.transforms import build_transforms
+    from engine.loading import cached_dataset
 
     config = load_dataset_config("flare")
     case = find_cases(config, phantom, "validation")[0]
@@ -266,7 +268,7 @@ def test_cache_key_of_the_transforms_is_the_same_in_every_process(tmp_path):
     addresses), or a cache would never be reused across runs."""
     script = (
         "from monai.data import PersistentDataset; from monai.data.utils import pickle_hashing; "
-        "from load_datasets_transforms import build_transforms, load_dataset_config; "
+        "from dataset.transforms import build_transforms; from dataset.description import load_dataset_config; "
         "t, v = build_transforms(load_dataset_config('flare'), 'train', (32, 32, 32)); "
         "print(PersistentDataset([], t, cache_dir='x', hash_transform=pickle_hashing).transform_hash)"
     )
@@ -282,7 +284,9 @@ def test_cache_key_of_the_transforms_is_the_same_in_every_process(tmp_path):
 
 
 def test_device_transforms_chain_runs(phantom):
-    from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
+    from dataset.cases import find_cases
+    from dataset.description import load_dataset_config
+    from dataset.transforms import build_transforms
 
     config = load_dataset_config("flare")
     train_transforms, _ = build_transforms(config, "train", (32, 32, 32), 2, device=torch.device("cpu"))
@@ -330,8 +334,10 @@ def test_two_process_run_reports_the_dice_of_the_saved_weights(tmp_path):
 
     from monai.data import DataLoader, Dataset
 
+    from dataset.cases import find_cases
+    from dataset.description import load_dataset_config
+    from dataset.transforms import build_transforms
     from engine.validation import foreground_dice, summarise_scores, validation_scores
-    from load_datasets_transforms import build_transforms, find_cases, load_dataset_config
     from networks import build_network
 
     config = load_dataset_config("flare")

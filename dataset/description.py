@@ -10,7 +10,7 @@ Four ways to say it, each a :class:`DatasetConfig`:
 - an nnU-Net v2 raw ``dataset.json`` (``channel_names``, ``labels`` ``{"background": 0}``,
   ``file_ending``; one file per channel, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``...).
 
-What a dataset does not give is derived from its training cases (``dataset_fingerprint.py``): the
+What a dataset does not give is derived from its training cases (``dataset.fingerprint``): the
 target spacing (``"median"``) and the window of CT channels.
 """
 
@@ -72,7 +72,7 @@ class ChannelNorm:
         window: ``(a_min, a_max)`` of ``ct``; None until derived from the training cases' foreground.
         nonzero_mask: of ``zscore``: standardise over the region where any channel is non-zero (holes
             filled; the voxels outside stay 0) rather than every voxel; None until derived (nnU-Net's rule,
-            see ``dataset_fingerprint``).
+            see ``dataset.fingerprint``).
     """
 
     scheme: str

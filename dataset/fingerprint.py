@@ -19,17 +19,22 @@ fingerprint of a large dataset under a second of sampling and a few MB of memory
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from dataset_config import MEDIAN, DatasetConfig, DatasetError
-from load_datasets_transforms import CaseSummary, along_ras, case_files, case_name
+from atomic_files import save_json
+from dataset.cases import case_files, case_name
+from dataset.checks import along_ras, file_identity, load_record, user_cache
+from dataset.description import MEDIAN, DatasetConfig, DatasetError
 
 __all__ = [
     "ANISOTROPY_THRESHOLD",
@@ -39,8 +44,8 @@ __all__ = [
     "NONZERO_MASK_SHARE",
     "case_fingerprint",
     "compute_fingerprint",
+    "derive_from_data",
     "derive_settings",
-    "preprocessed_bytes",
     "target_spacing",
 ]
 
@@ -204,8 +209,8 @@ def derive_settings(config: DatasetConfig, fingerprint: dict) -> tuple[DatasetCo
             low, high = statistics["percentile_00_5"], statistics["percentile_99_5"]
             if not high > low:
                 raise ValueError(
-                    f"channel {name}: its foreground intensities span {low:g}..{high:g}, no window can be "
-                    "derived; give one in the dataset JSON (intensity or normalization)"
+                    f"channel {name}: its foreground intensities are all {low:g}, no window can be derived; give "
+                    "one in the dataset JSON (intensity or normalization)"
                 )
             norm = replace(norm, window=(low, high))
             derived[f"window of {name}"] = [low, high]
@@ -216,10 +221,52 @@ def derive_settings(config: DatasetConfig, fingerprint: dict) -> tuple[DatasetCo
     return replace(config, spacing=spacing, normalization=tuple(normalization)), derived
 
 
-def preprocessed_bytes(summary: CaseSummary, spacing: Sequence[float] | None) -> int:
-    """Memory (bytes) of a case once preprocessed: float32 channels and label resampled to ``spacing``
-    (None: the native grid), before the foreground crop (an upper bound)."""
-    shape = np.array(summary.shape, dtype=float)
-    if spacing is not None:
-        shape = np.round(shape * np.array(summary.spacing) / np.array(spacing))
-    return int(np.prod(shape)) * (summary.channels + 1) * 4
+def _fingerprint_path(cases: Sequence[dict]) -> Path:
+    """The remembered fingerprint of exactly these files in their current state."""
+    files = sorted(file_identity(path) for case in cases for path in case_files(case))
+    key = json.dumps([FINGERPRINT_VERSION, FOREGROUND_SAMPLES_TOTAL, files])
+    return user_cache() / "fingerprints" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def derive_from_data(
+    config: DatasetConfig, cases: Sequence[dict], workers: int, main: bool = True
+) -> tuple[DatasetConfig, dict | None]:
+    """``config`` with what it leaves to the data (spacing, CT windows, z-score masks) derived from the
+    labelled training ``cases`` (see the module docstring), and ``{"fingerprint": ..., "derived":
+    ...}`` to record (None when nothing was to derive). A fingerprint is computed once for a set of
+    files (progress bar on ``main``) and reused by later runs over the same files."""
+    if not config.to_derive():
+        return config, None
+    path = _fingerprint_path(cases)
+    fingerprint = load_record(path)
+    if fingerprint.get("version") != FINGERPRINT_VERSION:
+        ct_channels = [norm.scheme == "ct" for norm in config.normalization]
+        fingerprint = compute_fingerprint(cases, config.channels, workers, main, ct_channels)
+        try:
+            save_json(fingerprint, path)
+        except OSError:  # a read-only home: computed again next time
+            pass
+    try:
+        config, derived = derive_settings(config, fingerprint)
+    except ValueError as error:
+        raise DatasetError(f"{config.source or config.name}: {error}") from None
+    if main:
+        explained = [_explained(name, value, fingerprint) for name, value in derived.items()]
+        print(f"Derived from the {fingerprint['cases']} training cases: {'; '.join(explained)}")
+    return config, {"fingerprint": fingerprint, "derived": derived}
+
+
+def _explained(name: str, value, fingerprint: dict) -> str:
+    """A derived setting and the rule that gave it, for the run's log."""
+    if name.startswith("z-score mask"):
+        share = fingerprint["median_relative_size_after_crop"]
+        return f"{name}: {value} (cropping to the non-zero region keeps {share:.0%} of the median case)"
+    numbers = ",".join(f"{v:g}" for v in value)
+    if name == "spacing":
+        rule = (
+            "the median"
+            if value == [round(s, 4) for s in fingerprint["median_spacing"]]
+            else "nnU-Net's anisotropy rule"
+        )
+        return f"spacing {numbers} mm ({rule})"
+    return f"{name} {numbers} (0.5 and 99.5 percentiles of the foreground)"

@@ -1,0 +1,259 @@
+"""The MONAI transform chains of a dataset: loading (channels first), reorientation, resampling, the
+foreground crop, per-channel normalisation, then for training the balanced crops and augmentation."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    LoadImage,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandShiftIntensityd,
+    ScaleIntensityRange,
+    Spacingd,
+    SpatialPadd,
+)
+from scipy import ndimage
+
+from dataset.description import ChannelNorm, DatasetConfig
+
+__all__ = [
+    "AnyChannelForeground",
+    "BalancedCropd",
+    "CropCentres",
+    "LoadCased",
+    "NormalizeChannelsd",
+    "build_transforms",
+    "nonzero_region",
+]
+
+
+class NormalizeChannelsd(MapTransform):
+    """Normalise each channel of the images under ``keys`` by its own scheme (see
+    :class:`dataset.description.ChannelNorm`): ``ct`` clips to the window and scales it to [0, 1], ``zscore``
+    standardises the channel over every voxel or, with ``nonzero_mask``, over the region where any channel
+    is non-zero, holes filled (nnU-Net's ``create_nonzero_mask``; the voxels outside stay 0), ``none``
+    leaves it."""
+
+    def __init__(self, keys: KeysCollection, normalization: Sequence[ChannelNorm]) -> None:
+        super().__init__(keys)
+        if any(norm.scheme == "ct" and norm.window is None for norm in normalization):
+            raise ValueError("a ct channel needs its window (derive it from the dataset first)")
+        if any(norm.scheme == "zscore" and norm.nonzero_mask is None for norm in normalization):
+            raise ValueError("a zscore channel needs its nonzero_mask (derive it from the dataset first)")
+        self.normalization = tuple(normalization)
+        self.transforms = [
+            ScaleIntensityRange(*norm.window, b_min=0.0, b_max=1.0, clip=True) if norm.scheme == "ct" else None
+            for norm in self.normalization
+        ]
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = data[key]
+            if image.shape[0] != len(self.normalization):
+                raise ValueError(f"{key}: {image.shape[0]} channels, normalisation for {len(self.normalization)}")
+            masked = any(norm.nonzero_mask for norm in self.normalization)
+            region = nonzero_region(image) if masked else None
+            channels = []
+            for c, (norm, transform) in enumerate(zip(self.normalization, self.transforms, strict=True)):
+                channel = image[c : c + 1]
+                if transform is not None:
+                    channel = transform(channel)
+                elif norm.scheme == "zscore":
+                    channel = _zscore(channel, region if norm.nonzero_mask else None)
+                channels.append(channel)
+            data[key] = torch.cat(channels) if len(channels) > 1 else channels[0]
+        return data
+
+
+def nonzero_region(image: torch.Tensor) -> torch.Tensor:
+    """Where any channel of ``image`` (channels first) is non-zero, holes filled: nnU-Net's non-zero mask."""
+    nonzero = (torch.as_tensor(image) != 0).any(0).cpu().numpy()
+    return torch.as_tensor(ndimage.binary_fill_holes(nonzero), device=torch.as_tensor(image).device)
+
+
+def _zscore(channel: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """A channel (1 x spatial) standardised over ``region`` (the rest left as it is) or, without one, over
+    every voxel; a constant one only centred (nnU-Net's 1e-8 floor of the standard deviation)."""
+    channel = channel.float()
+    values = channel[0][region] if region is not None else channel
+    if values.numel() == 0:
+        return channel
+    mean, std = values.mean(), values.std(unbiased=False).clamp_min(1e-8)
+    if region is None:
+        return (channel - mean) / std
+    result = channel.clone()
+    result[0][region] = (values - mean) / std
+    return result
+
+
+class LoadCased(MapTransform):
+    """Load the files under ``keys``, channels first: a path, or a list of one 3D file per channel stacked
+    on the geometry of channel 0 (files whose affines differ by float noise are one image; the
+    read-through refuses a real difference before this runs).
+
+    Each thread has its own reader: MONAI's readers keep the names of the files they last read, and a
+    list of channel files read while another thread reads a label came out with one channel.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:  # the per-thread readers stay behind (worker processes, cache hashing)
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _load(self, path: str) -> MetaTensor:
+        if not hasattr(self._local, "loader"):
+            self._local.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+        return self._local.loader(path)
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            paths = data[key]
+            if isinstance(paths, str | os.PathLike):
+                data[key] = self._load(paths)
+                continue
+            channels = [self._load(path) for path in paths]
+            data[key] = MetaTensor(torch.cat([c.as_tensor() for c in channels]), meta=channels[0].meta)
+        return data
+
+
+@dataclass(frozen=True)
+class CropCentres:
+    """Where the balanced crops may centre (see :class:`DatasetConfig` ``background_crops``): foreground on
+    the annotated classes (not nnU-Net's ``ignore_label``); background on voxels labelled 0, anywhere in
+    the volume (``body``) or where a channel's normalised value is above 0 (``published``)."""
+
+    background_crops: str = "body"
+    ignore_label: int | None = None
+
+    def __call__(self, label: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        label = torch.as_tensor(label).reshape(-1)
+        annotated = label != self.ignore_label if self.ignore_label is not None else torch.ones_like(label, dtype=bool)
+        background = label == 0
+        if self.background_crops == "published" and image is not None:
+            background &= (torch.as_tensor(image) > 0).any(0).reshape(-1)
+        foreground = (label > 0) & annotated
+        return torch.nonzero(foreground).reshape(-1).cpu(), torch.nonzero(background).reshape(-1).cpu()
+
+
+class BalancedCropd(RandCropByPosNegLabeld):
+    """MONAI's crops balanced between foreground and background centres, the centres chosen by a
+    :class:`CropCentres` rule."""
+
+    def __init__(self, centres: CropCentres, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.centres = centres
+
+    def randomize(self, label=None, fg_indices=None, bg_indices=None, image=None) -> None:
+        if fg_indices is None and label is not None:
+            fg_indices, bg_indices = self.centres(label, image)
+        super().randomize(label, fg_indices, bg_indices, image)
+
+
+@dataclass(frozen=True)
+class AnyChannelForeground:
+    """``select_fn`` of the foreground crop, on raw intensities: a voxel is foreground where any channel
+    shows it, above the window's low end for a ``ct`` channel (the published crop of the windowed image),
+    non-zero for the others (MRI background)."""
+
+    normalization: tuple[ChannelNorm, ...]
+
+    def __call__(self, image) -> torch.Tensor:
+        image = torch.as_tensor(image)
+        return torch.stack(
+            [
+                image[c] > norm.window[0] if norm.scheme == "ct" else image[c] != 0
+                for c, norm in enumerate(self.normalization)
+            ]
+        )
+
+
+def build_transforms(
+    config: DatasetConfig,
+    mode: str,
+    roi_size: Sequence[int] = (96, 96, 96),
+    crop_sample: int = 2,
+    device: torch.device | None = None,
+):
+    """Transform chains built from a dataset configuration (with its derived settings filled in).
+
+    Preprocessing: load (channels first), reorient to RAS, resample to ``config.spacing``, crop to the
+    foreground (:class:`AnyChannelForeground`), normalise each channel (:class:`NormalizeChannelsd`).
+    ``mode="train"`` returns ``(train_transforms, val_transforms)``; ``mode="test"`` returns the test
+    chain (image only, invertible, for :class:`monai.transforms.Invertd`). With ``device``, the training
+    chain moves each cached case there before the random crops, intensity shift and affine, which then
+    run on that device (``--gpu_transforms``).
+    """
+    if config.to_derive():
+        raise ValueError(f"{config.name}: derive {', '.join(config.to_derive())} first (dataset.fingerprint)")
+    keys = ["image", "label"] if mode == "train" else ["image"]
+    interpolation = ("bilinear", "nearest") if mode == "train" else ("bilinear",)
+    # Reoriented before resampling, so that the spacing is along the RAS axes whatever the stored order.
+    preprocessing = [
+        LoadCased(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if config.spacing is not None:
+        preprocessing.append(Spacingd(keys=keys, pixdim=config.spacing, mode=interpolation))
+    preprocessing += [
+        CropForegroundd(
+            keys=keys, source_key="image", select_fn=AnyChannelForeground(config.normalization), allow_smaller=True
+        ),
+        NormalizeChannelsd(keys=["image"], normalization=config.normalization),
+    ]
+    if mode == "test":
+        return Compose(preprocessing + [EnsureTyped(keys=keys, dtype=np.float32, track_meta=True)])
+    if mode != "train":
+        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+    roi_size = tuple(roi_size)
+    to_device = [EnsureTyped(keys=keys, device=device, track_meta=False)] if device is not None else []
+    train = Compose(
+        preprocessing
+        + to_device
+        + [
+            SpatialPadd(keys=keys, spatial_size=roi_size),  # crops need volumes at least as large as the ROI
+            BalancedCropd(
+                CropCentres(config.background_crops, config.ignore_label),
+                keys=keys,
+                label_key="label",
+                spatial_size=roi_size,
+                pos=1,
+                neg=1,
+                num_samples=crop_sample,
+                image_key="image",
+            ),
+            RandShiftIntensityd(keys=["image"], offsets=0.10, prob=0.50),
+            RandAffined(
+                keys=keys,
+                mode=interpolation,
+                prob=1.0,
+                spatial_size=roi_size,
+                rotate_range=(0, 0, config.rotate_z),
+                scale_range=(0.1, 0.1, 0.1),
+            ),
+            EnsureTyped(keys=keys, track_meta=False),
+        ]
+    )
+    val = Compose(preprocessing + [EnsureTyped(keys=keys, track_meta=False)])
+    return train, val
