@@ -266,7 +266,7 @@ def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str
         )
     else:
         cases = _pair_folders(root, image_dir, label_dir, config, labels_required=split != "test")
-        where = f"{root / image_dir} and {root / label_dir}"
+        where = f"{root / image_dir}" + (f" and {root / label_dir}" if label_dir else "")
     if split == "training" and config.num_training is not None and config.num_training != len(cases):
         raise DatasetError(
             f"{config.source}: numTraining is {config.num_training}, but {where} hold{'s' * where.startswith('its')} "

@@ -275,6 +275,7 @@ def read_through_record() -> Path:
 
 
 def load_record(path: Path) -> dict:
+    """A remembered JSON object (a record, a fingerprint); empty when there is none yet or it is unreadable."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: read the files again
@@ -291,8 +292,10 @@ def verify_cases(
     ignore_label: int | None = None,
 ) -> list[CaseSummary]:
     """Read every file of ``cases`` through before any work (see
-    :func:`load_datasets_transforms.check_cases`); files already read in their current state (path, size,
-    modification time), in this run or an earlier one, are not read again. Returns the case summaries."""
+    :func:`check_cases`); files already read in their current state (path, size,
+    modification time), in this run or an earlier one, are not read again; the record of what was read is
+    saved as it grows (every :data:`KEEP_EVERY` seconds), so an interrupted first read does not start over.
+    Returns the case summaries."""
     record = read_through_record()
     known = load_record(record)
     before = {path: (entry.get("identity"), entry.get("version")) for path, entry in known.items()}

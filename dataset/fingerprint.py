@@ -34,7 +34,7 @@ from tqdm import tqdm
 from atomic_files import save_json
 from dataset.cases import case_files, case_name
 from dataset.checks import along_ras, file_identity, load_record, user_cache
-from dataset.description import MEDIAN, DatasetConfig, DatasetError
+from dataset.description import MEDIAN, DatasetConfig, DatasetError, counted
 
 __all__ = [
     "ANISOTROPY_THRESHOLD",
@@ -252,7 +252,7 @@ def derive_from_data(
         raise DatasetError(f"{config.source or config.name}: {error}") from None
     if main:
         explained = [_explained(name, value, fingerprint) for name, value in derived.items()]
-        print(f"Derived from the {fingerprint['cases']} training cases: {'; '.join(explained)}")
+        print(f"Derived from the {counted(fingerprint['cases'], 'training case')}: {'; '.join(explained)}")
     return config, {"fingerprint": fingerprint, "derived": derived}
 
 

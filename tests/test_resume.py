@@ -133,7 +133,7 @@ class NaNAfter:
 def test_nonfinite_losses_are_skipped_then_stop_the_run(phantom, tmp_path, monkeypatch, capsys):
     output = tmp_path / "nan"
     loss = NaNAfter(bad=range(3, 100))
-    monkeypatch.setattr(engine.train, "DiceCELoss", lambda **kwargs: loss)
+    monkeypatch.setattr(engine.train, "segmentation_loss", lambda ignore_label: loss)
     stopped = exit_of(train, phantom, output, max_iter=20, eval_step=2, max_bad_steps=3)
     assert stopped.code == 1
     message = capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(phantom, tmp_path, monke
 
 def test_a_single_nonfinite_loss_is_skipped_and_counted(phantom, tmp_path, monkeypatch, capsys):
     output = tmp_path / "one_nan"
-    monkeypatch.setattr(engine.train, "DiceCELoss", lambda **kwargs: NaNAfter(bad=[2]))
+    monkeypatch.setattr(engine.train, "segmentation_loss", lambda ignore_label: NaNAfter(bad=[2]))
     train(phantom, output, max_iter=4, eval_step=4)
     assert "warning: step 2: non-finite loss" in capsys.readouterr().out
     checkpoint = load_state(output / "checkpoint_last.pth")
@@ -158,7 +158,7 @@ def test_a_single_nonfinite_loss_is_skipped_and_counted(phantom, tmp_path, monke
 
 def test_a_skipped_step_leaves_batchnorm_statistics_untouched(phantom, tmp_path, monkeypatch):
     output = tmp_path / "first_nan"
-    monkeypatch.setattr(engine.train, "DiceCELoss", lambda **kwargs: NaNAfter(bad=[1]))
+    monkeypatch.setattr(engine.train, "segmentation_loss", lambda ignore_label: NaNAfter(bad=[1]))
     train(phantom, output, max_iter=1, eval_step=1)
     best = load_state(output / "best_metric_model.pth")  # saved after the only, skipped, step
     statistics = [k for k in best if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -291,7 +291,7 @@ def test_device_transforms_chain_runs(phantom):
     config = load_dataset_config("flare")
     train_transforms, _ = build_transforms(config, "train", (32, 32, 32), 2, device=torch.device("cpu"))
     names = [type(t).__name__ for t in train_transforms.transforms]
-    assert names.index("EnsureTyped") < names.index("RandCropByPosNegLabeld")
+    assert names.index("EnsureTyped") < names.index("BalancedCropd")
     crops = train_transforms(find_cases(config, phantom, "training")[0])
     assert len(crops) == 2 and crops[0]["image"].shape == (1, 32, 32, 32)
 
@@ -421,7 +421,7 @@ class NaNThenSignal(NaNAfter):
 def test_a_signal_during_nonfinite_steps_keeps_the_last_good_checkpoint(phantom, tmp_path, monkeypatch, capsys):
     output = tmp_path / "nan_then_term"
     loss = NaNThenSignal(first_bad=3, signal_at=5)
-    monkeypatch.setattr(engine.train, "DiceCELoss", lambda **kwargs: loss)
+    monkeypatch.setattr(engine.train, "segmentation_loss", lambda ignore_label: loss)
     stopped = exit_of(train, phantom, output, max_iter=20, eval_step=2, max_bad_steps=10)
     assert stopped.code == 128 + signal.SIGTERM
     message = capsys.readouterr().err
