@@ -438,3 +438,15 @@ def test_decathlon_num_training_is_checked(tmp_path):
     config = load_dataset_config(str(root / "dataset.json"))
     with pytest.raises(DatasetError, match="numTraining is 4, but its training list holds 3 cases"):
         find_cases(config, None, "training")
+
+
+def test_channel_files_keep_every_channel_when_cached_on_threads(mri):
+    """MONAI's LoadImaged shares its reader's file names between threads: a list of channel files read
+    while another thread read a label came out with one channel (CacheDataset, --num_workers 2)."""
+    from monai.data import CacheDataset
+
+    config = load_dataset_config(str(mri / "dataset.json"))
+    cases = find_cases(config, None, "training")
+    for _ in range(20):
+        cached = CacheDataset(cases, LoadCased(["image", "label"]), cache_rate=1, num_workers=2, progress=False)
+        assert [tuple(item["image"].shape[:1]) for item in cached] == [(2,)] * len(cases)
