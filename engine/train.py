@@ -461,7 +461,6 @@ def _save_without_validation(run: Run, step: int) -> None:
     if step == run.args.max_iter:
         save_torch(run.model.state_dict(), run.final_path)
         save_json({**run.card, "final_step": step}, model_card_path(run.final_path))
-        run.progress["best_step"] = step
 
 
 def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device) -> Run:
@@ -499,7 +498,8 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
             checkpoint, model, optimizer, scheduler, scaler, lr=args.lr, max_iter=args.max_iter
         )
         if main:
-            print(f"Resumed from {resume} at step {progress['step']} (best Dice {progress['best_dice']:.4f})")
+            best = f" (best Dice {progress['best_dice']:.4f})" if args.fold != "all" else ""
+            print(f"Resumed from {resume} at step {progress['step']}{best}")
             for note in notes:
                 print(note)
             _restore_best_weights(checkpoint, progress, output / BEST_WEIGHTS)

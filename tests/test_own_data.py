@@ -310,6 +310,10 @@ def test_fold_all_trains_on_every_case_and_segments(mri, tmp_path, capsys):
     assert card["fold"] == "all" and card["final_step"] == 2 and not (output / "best_metric_model.pth").exists()
     test_seg.main(flags(root=mri, trained_weights=output / "final_model.pth", output=tmp_path / "seg", **TINY))
     assert len(list((tmp_path / "seg").glob("*_seg.nii.gz"))) == 1
+    resumed = flags(dataset=mri / "dataset.json", output=output, max_iter=3, eval_step=1, fold="all", resume="auto")
+    main_train.main(resumed + flags(**TINY))
+    assert json.loads((output / "final_model.pth.json").read_text())["final_step"] == 3
+    assert not (output / "best_metric_model.pth").exists()
 
 
 def test_one_case_dataset_advises_fold_all(tmp_path):
