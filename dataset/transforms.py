@@ -149,11 +149,11 @@ class CropCentres:
 
     def __call__(self, label: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         label = torch.as_tensor(label).reshape(-1)
-        annotated = label != self.ignore_label if self.ignore_label is not None else torch.ones_like(label, dtype=bool)
-        background = label == 0
+        foreground, background = label > 0, label == 0
+        if self.ignore_label is not None:
+            foreground &= label != self.ignore_label
         if self.background_crops == "published" and image is not None:
             background &= (torch.as_tensor(image) > 0).any(0).reshape(-1)
-        foreground = (label > 0) & annotated
         return torch.nonzero(foreground).reshape(-1).cpu(), torch.nonzero(background).reshape(-1).cpu()
 
 

@@ -71,7 +71,8 @@ class Distributed:
         return dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
 
     def broadcast(self, obj: object, group=None) -> object:
-        """Rank 0's ``obj`` (on every rank), through ``group`` (default: the process group)."""
+        """Rank 0's ``obj`` (on every rank), through ``group`` (default: the process group); a group given
+        here (a :meth:`patient_group`, made for this one wait) is destroyed after it."""
         if not self.enabled:
             return obj
         box = [obj]

@@ -34,7 +34,7 @@ class AnnotatedDiceCELoss(nn.Module):
         dice = self.dice(probabilities, one_hot)
         if not annotated.any():  # a crop of unannotated voxels only: nothing to learn from its labels
             return dice * 0 + logits.sum() * 0
-        cross_entropy = F.cross_entropy(logits, torch.where(annotated, label, -100), ignore_index=-100)
+        cross_entropy = F.cross_entropy(logits, label, ignore_index=self.ignore_label)
         return dice + cross_entropy
 
 

@@ -162,7 +162,7 @@ def _input_channels_of(state: dict, model: nn.Module) -> int | None:
 def _split_cases(args, config: DatasetConfig, training: list[dict], root, main: bool) -> tuple[list, list]:
     if args.fold == "all":
         if main:
-            print(f"--fold all: training on all {len(training)} training cases, without validation")
+            print(f"--fold all: training on all {counted(len(training), 'training case')}, without validation")
         return training, []
     if args.fold is None:
         return training, find_cases(config, root, "validation")  # none: the error says to pass --fold
