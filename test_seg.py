@@ -3,7 +3,8 @@
 The images: --input (NIfTI files and folders, no dataset layout needed) or the test cases of a dataset
 (--root, --dataset). With a model card beside the weights (written by training), the card decides the
 network, its classes, the ROI and the preprocessing (channels, normalisation, spacing). Several
---trained_weights make an ensemble (softmax averaged); --tta adds the 8 mirrorings.
+--trained_weights make an ensemble (softmax averaged), exports (model.ts, model.onnx) among them; --tta
+adds the 8 mirrorings.
 """
 
 from cli import add_common_arguments, parser_for, positive_int, run_or_exit, unit_interval
@@ -17,7 +18,8 @@ def main(argv=None) -> None:
         "--trained_weights",
         required=True,
         nargs="+",
-        help="weights to segment with (best_metric_model.pth, ...); several: an ensemble, their softmax averaged",
+        help="weights to segment with (best_metric_model.pth, or export.py's model.ts or model.onnx with their card); "
+        "several: an ensemble, their softmax averaged",
     )
     parser.add_argument(
         "--input",

@@ -22,83 +22,28 @@ from monai.transforms import (
     RandAffined,
     RandCropByPosNegLabeld,
     RandShiftIntensityd,
-    ScaleIntensityRange,
     Spacingd,
     SpatialPadd,
 )
-from scipy import ndimage
 
-from dataset.description import ChannelNorm, DatasetConfig
+from dataset.description import DatasetConfig
+from dataset.portable import AnyChannelForeground, NormalizeChannelsd, nonzero_region
+
+#: The orientation every image is brought to before resampling, and the axis labels that name it.
+ORIENTATION = "RAS"
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 __all__ = [
+    "AXIS_LABELS",
     "AnyChannelForeground",
     "BalancedCropd",
     "CropCentres",
     "LoadCased",
     "NormalizeChannelsd",
+    "ORIENTATION",
     "build_transforms",
     "nonzero_region",
 ]
-
-
-class NormalizeChannelsd(MapTransform):
-    """Normalise each channel of the images under ``keys`` by its own scheme (see
-    :class:`dataset.description.ChannelNorm`): ``ct`` clips to the window and scales it to [0, 1], ``zscore``
-    standardises the channel over every voxel or, with ``nonzero_mask``, over the region where any channel
-    is non-zero, holes filled (nnU-Net's ``create_nonzero_mask``; the voxels outside stay 0), ``none``
-    leaves it."""
-
-    def __init__(self, keys: KeysCollection, normalization: Sequence[ChannelNorm]) -> None:
-        super().__init__(keys)
-        if any(norm.scheme == "ct" and norm.window is None for norm in normalization):
-            raise ValueError("a ct channel needs its window (derive it from the dataset first)")
-        if any(norm.scheme == "zscore" and norm.nonzero_mask is None for norm in normalization):
-            raise ValueError("a zscore channel needs its nonzero_mask (derive it from the dataset first)")
-        self.normalization = tuple(normalization)
-        self.transforms = [
-            ScaleIntensityRange(*norm.window, b_min=0.0, b_max=1.0, clip=True) if norm.scheme == "ct" else None
-            for norm in self.normalization
-        ]
-
-    def __call__(self, data: dict) -> dict:
-        data = dict(data)
-        for key in self.key_iterator(data):
-            image = data[key]
-            if image.shape[0] != len(self.normalization):
-                raise ValueError(f"{key}: {image.shape[0]} channels, normalisation for {len(self.normalization)}")
-            masked = any(norm.nonzero_mask for norm in self.normalization)
-            region = nonzero_region(image) if masked else None
-            channels = []
-            for c, (norm, transform) in enumerate(zip(self.normalization, self.transforms, strict=True)):
-                channel = image[c : c + 1]
-                if transform is not None:
-                    channel = transform(channel)
-                elif norm.scheme == "zscore":
-                    channel = _zscore(channel, region if norm.nonzero_mask else None)
-                channels.append(channel)
-            data[key] = torch.cat(channels) if len(channels) > 1 else channels[0]
-        return data
-
-
-def nonzero_region(image: torch.Tensor) -> torch.Tensor:
-    """Where any channel of ``image`` (channels first) is non-zero, holes filled: nnU-Net's non-zero mask."""
-    nonzero = (torch.as_tensor(image) != 0).any(0).cpu().numpy()
-    return torch.as_tensor(ndimage.binary_fill_holes(nonzero), device=torch.as_tensor(image).device)
-
-
-def _zscore(channel: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
-    """A channel (1 x spatial) standardised over ``region`` (the rest left as it is) or, without one, over
-    every voxel; a constant one only centred (nnU-Net's 1e-8 floor of the standard deviation)."""
-    channel = channel.float()
-    values = channel[0][region] if region is not None else channel
-    if values.numel() == 0:
-        return channel
-    mean, std = values.mean(), values.std(unbiased=False).clamp_min(1e-8)
-    if region is None:
-        return (channel - mean) / std
-    result = channel.clone()
-    result[0][region] = (values - mean) / std
-    return result
 
 
 class LoadCased(MapTransform):
@@ -171,24 +116,6 @@ class BalancedCropd(RandCropByPosNegLabeld):
         super().randomize(label, fg_indices, bg_indices, image)
 
 
-@dataclass(frozen=True)
-class AnyChannelForeground:
-    """``select_fn`` of the foreground crop, on raw intensities: a voxel is foreground where any channel
-    shows it, above the window's low end for a ``ct`` channel (the published crop of the windowed image),
-    non-zero for the others (MRI background)."""
-
-    normalization: tuple[ChannelNorm, ...]
-
-    def __call__(self, image) -> torch.Tensor:
-        image = torch.as_tensor(image)
-        return torch.stack(
-            [
-                image[c] > norm.window[0] if norm.scheme == "ct" else image[c] != 0
-                for c, norm in enumerate(self.normalization)
-            ]
-        )
-
-
 def build_transforms(
     config: DatasetConfig,
     mode: str,
@@ -212,7 +139,7 @@ def build_transforms(
     # Reoriented before resampling, so that the spacing is along the RAS axes whatever the stored order.
     preprocessing = [
         LoadCased(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Orientationd(keys=keys, axcodes=ORIENTATION, labels=AXIS_LABELS),
     ]
     if config.spacing is not None:
         preprocessing.append(Spacingd(keys=keys, pixdim=config.spacing, mode=interpolation))

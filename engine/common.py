@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +30,11 @@ __all__ = [
     "check_output_folder",
     "load_into",
     "load_trained",
+    "load_with_card",
     "load_weights",
     "model_card_path",
     "network_from_flags",
+    "parse_card",
     "roi_of",
     "save_torch",
     "select_device",
@@ -100,6 +103,31 @@ class NetworkChoice:
             return build_network(self.name, in_channels, out_channels, **self.overrides)
         except ValueError as error:
             raise UsageError(f"--network {self.name}: {error}") from None
+
+
+class CardModel(NamedTuple):
+    """What a model card says of its network: which one, its input channels, class count, ROI and class
+    names (empty for an old card without them)."""
+
+    choice: NetworkChoice
+    in_channels: int
+    out_channels: int
+    roi: tuple[int, int, int]
+    classes: tuple[str, ...]
+
+
+def parse_card(card: dict, source: str) -> CardModel:
+    """The network entries of a model card; a UsageError naming ``source`` where one is missing or wrong."""
+    try:
+        choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
+        in_channels, out_channels = int(card.get("in_channels", 1)), int(card["out_channels"])
+        roi = roi_of(card["roi_size"])
+        classes = tuple(str(name) for name in card.get("classes", ()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{source}: not a valid model card ({error})") from None
+    if classes and len(classes) != out_channels:
+        raise UsageError(f"{source}: not a valid model card ({len(classes)} classes for {out_channels} outputs)")
+    return CardModel(choice, in_channels, out_channels, roi, classes)
 
 
 def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
@@ -199,6 +227,19 @@ def load_trained(path: str | os.PathLike, flag: str) -> tuple[dict, dict | None]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UsageError(f"{flag} {path}: not a state_dict of tensors")
     return loaded, card
+
+
+def load_with_card(weights: str, flag: str) -> tuple[dict, dict | None, str]:
+    """The state dict of ``weights``, its model card (beside it, else inside a training checkpoint, else
+    None) and where the card was read."""
+    state, card = load_trained(weights, flag)
+    card_path, source = model_card_path(weights), f"{weights} (a training checkpoint: its model weights and card)"
+    if card_path.is_file():
+        try:
+            card, source = json.loads(card_path.read_text()), str(card_path)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{card_path}: not a valid model card ({error})") from None
+    return state, card, source
 
 
 def load_into(model: nn.Module, state: dict, path: str | os.PathLike, flag: str, network: str) -> None:

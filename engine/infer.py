@@ -4,7 +4,6 @@ then per case the averaged softmax (ensemble, mirroring) in the input geometry, 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,13 +28,14 @@ from engine.common import (
     autocast_for,
     check_output_folder,
     load_into,
-    load_trained,
-    model_card_path,
+    load_with_card,
     network_from_flags,
+    parse_card,
     roi_of,
     select_device,
 )
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
+from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
 from engine.loading import data_worker_init
 from engine.predict import (
     complete_background,
@@ -46,7 +46,7 @@ from engine.predict import (
     write_probabilities,
     write_segmentation,
 )
-from networks import canonical_name, switch_to_deploy
+from networks import switch_to_deploy
 from networks.dwconv import use_algorithm
 
 __all__ = ["run_inference"]
@@ -65,16 +65,11 @@ def run_inference(args) -> list[Path]:
 def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
     """The network, input channels, class count, ROI and dataset settings a model card decides; one line
     names the flags that say otherwise (the card wins)."""
+    choice, in_channels, out_channels, roi, classes = parse_card(card, source)
     try:
-        choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
-        in_channels, out_channels = int(card.get("in_channels", 1)), int(card["out_channels"])
-        roi = roi_of(card["roi_size"])
         card_config = config.with_preprocessing(card) if "spacing" in card else None
-        classes = tuple(str(name) for name in card.get("classes", ()))
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"{source}: not a valid model card ({error})") from None
-    if classes and len(classes) != out_channels:
-        raise UsageError(f"{source}: not a valid model card ({len(classes)} classes for {out_channels} outputs)")
     if card_config is not None and card_config.in_channels != in_channels:
         raise UsageError(
             f"{source}: not a valid model card ({card_config.in_channels} channels, in_channels {in_channels})"
@@ -132,17 +127,13 @@ def _text(value) -> str:
 
 
 def _model_to_run(args, config: DatasetConfig, weights: str):
-    """The network, input channels, class count, ROI and dataset settings to segment with, and the weights:
-    from the model
-    card beside the weights or in a training checkpoint, else from the flags (published state dicts)."""
-    state, checkpoint_card = load_trained(weights, "--trained_weights")
-    card_path = model_card_path(weights)
-    card, source = checkpoint_card, f"{weights} (a training checkpoint: its model weights and card)"
-    if card_path.is_file():
-        try:
-            card, source = json.loads(card_path.read_text()), str(card_path)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"{card_path}: not a valid model card ({error})") from None
+    """The network, input channels, class count, ROI and dataset settings to segment with, and the weights
+    (a state dict, or an exported network: ``model.ts``, ``model.onnx``): from the model card beside the
+    weights or in a training checkpoint, else from the flags (published state dicts)."""
+    if weights.endswith(EXPORT_SUFFIXES):
+        state, card, source = exported_network(weights, "--trained_weights")
+    else:
+        state, card, source = load_with_card(weights, "--trained_weights")
     if card is None:
         if config.to_derive():
             raise UsageError(
@@ -191,7 +182,7 @@ def _dataset_of(args) -> str:
 @dataclass(frozen=True)
 class LoadedModel:
     """One model of the ensemble: its weights file, network, channels, classes, ROI, preprocessing
-    (``config``) and state dict."""
+    (``config``) and state dict, or the exported network of a ``model.ts`` or ``model.onnx``."""
 
     weights: str
     choice: NetworkChoice
@@ -199,9 +190,11 @@ class LoadedModel:
     out_channels: int
     roi: tuple[int, int, int]
     config: DatasetConfig
-    state: dict
+    state: dict | ExportedNetwork
 
     def build(self, device: torch.device) -> nn.Module:
+        if isinstance(self.state, ExportedNetwork):
+            return self.state.build(device)
         model = self.choice.build(self.in_channels, self.out_channels)
         load_into(model, self.state, self.weights, "--trained_weights", self.choice.name)
         switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward

@@ -16,6 +16,7 @@ from torch import nn
 
 from atomic_files import replace_atomically
 from dataset.cases import case_files, case_name
+from dataset.portable import complete_background
 from engine.common import stitching_device
 
 __all__ = [
@@ -76,14 +77,6 @@ def mean_probabilities(
 def labels_of(probabilities: torch.Tensor) -> np.ndarray:
     """The label map (argmax) of probabilities ``K, X, Y, Z`` in the input geometry, as uint8."""
     return probabilities.argmax(dim=0).numpy().astype(np.uint8)
-
-
-def complete_background(probabilities: torch.Tensor) -> torch.Tensor:
-    """Probabilities ``K, X, Y, Z`` inverted into the input geometry lack mass where the foreground crop cut
-    the volume (zero there, and partial where resampling blends the crop's border with it): that mass is
-    background's, as outside the crop is background."""
-    probabilities[0] += (1 - probabilities.sum(dim=0)).clamp_min(0)
-    return probabilities
 
 
 def keep_largest(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:

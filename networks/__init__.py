@@ -59,20 +59,36 @@ register_network(
             dropout_rate=0.0,
         ),
         flag_args={"roi_size": "img_size"},  # its position embedding is fixed to one input size
+        any_size_export=False,
     ),
 )
-# Its deepest map is 1/32 of the input.
+# Its deepest map is 1/32 of the input. Its window padding and attention masks are computed from the input
+# shape in Python: a trace holds those of the ROI.
 register_network(
     "SwinUNETR",
-    NetworkSpec(SwinUNETR, defaults=dict(feature_size=48, use_checkpoint=False), input_multiple=32, min_input=64),
+    NetworkSpec(
+        SwinUNETR,
+        defaults=dict(feature_size=48, use_checkpoint=False),
+        input_multiple=32,
+        min_input=64,
+        any_size_export=False,
+    ),
 )
 # The published benchmark's nnFormer: crop 96^3, embedding 192, depths 2,2,2,2, heads 6,12,24,48,
 # patch 2,4,4, windows 4,4,8,4 (the constructor's defaults); 149.27 M parameters at 5 classes.
-register_network("nnFormer", NetworkSpec(nnFormer, input_multiple=32, flag_args={"roi_size": "crop_size"}))
+register_network(
+    "nnFormer",
+    NetworkSpec(nnFormer, input_multiple=32, flag_args={"roi_size": "crop_size"}, any_size_export=False),
+)
 # The published benchmark's TransBTS: image 96, patch 8, embedding 512, 8 heads, 4 layers, MLP 4096.
 register_network(
     "TransBTS",
-    NetworkSpec(TransBTS, input_multiple=8, flag_args={"roi_size": "img_size", "hidden_size": "embedding_dim"}),
+    NetworkSpec(
+        TransBTS,
+        input_multiple=8,
+        flag_args={"roi_size": "img_size", "hidden_size": "embedding_dim"},
+        any_size_export=False,
+    ),
 )
 # nnU-Net's default plan for 96^3 patches: 31.18 M parameters at 5 classes (the paper's table: 31.2 M).
 register_network(

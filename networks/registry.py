@@ -39,6 +39,9 @@ class NetworkSpec:
             that apply to this network, and the constructor argument each one sets.
         new_head: ``new_head(model, out_channels)`` replaces the head where replacing the last Conv3d of
             ``head`` is not enough (None: that generic replacement).
+        any_size_export: its TorchScript and ONNX exports take any spatial size that is a multiple of
+            ``input_multiple``; False: the ROI size only (a network built for one size, or one whose forward
+            computes shapes in Python, which a trace fixes), which is all sliding-window inference needs.
     """
 
     constructor: Callable[..., nn.Module]
@@ -50,6 +53,7 @@ class NetworkSpec:
     min_input: int | None = None
     flag_args: Mapping[str, str] = field(default_factory=dict)
     new_head: Callable[[nn.Module, int], None] | None = None
+    any_size_export: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))

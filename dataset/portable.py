@@ -1,0 +1,202 @@
+"""The image operations that must run identically inside and outside this repository.
+
+Per-channel normalisation, the foreground the crop keeps, the background mass restored after inversion,
+the cases of an image folder and the loop that segments them. This module imports MONAI, PyTorch, NumPy
+and SciPy only, never this repository: an exported MONAI bundle carries it, file for file, as
+``scripts/portable.py``, so that the bundle preprocesses exactly as training and ``test_seg.py`` do.
+
+A channel's normalisation is given as a mapping or an object with ``scheme`` (``ct``, ``zscore`` or
+``none``), ``window`` (``ct``: ``[a_min, a_max]``) and ``nonzero_mask`` (``zscore``: standardise over the
+non-zero region rather than every voxel); see ``dataset.description.ChannelNorm``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from monai.config import KeysCollection
+from monai.data import decollate_batch
+from monai.transforms import MapTransform, ScaleIntensityRange
+from scipy import ndimage
+
+__all__ = [
+    "AnyChannelForeground",
+    "NormalizeChannelsd",
+    "case_images",
+    "complete_background",
+    "nonzero_region",
+    "output_name",
+    "segment_all",
+]
+
+
+class Norm(NamedTuple):
+    """One channel's normalisation (see the module docstring)."""
+
+    scheme: str
+    window: tuple[float, float] | None = None
+    nonzero_mask: bool | None = None
+
+
+def _norm(entry: Any) -> Norm:
+    if isinstance(entry, Mapping):
+        window = entry.get("window")
+        return Norm(entry["scheme"], None if window is None else tuple(window), entry.get("nonzero_mask"))
+    return Norm(entry.scheme, entry.window, entry.nonzero_mask)
+
+
+class NormalizeChannelsd(MapTransform):
+    """Normalise each channel of the images under ``keys`` by its own scheme: ``ct`` clips to the window
+    and scales it to [0, 1], ``zscore`` standardises the channel over every voxel or, with
+    ``nonzero_mask``, over the region where any channel is non-zero, holes filled (nnU-Net's
+    ``create_nonzero_mask``; the voxels outside stay 0), ``none`` leaves it."""
+
+    def __init__(self, keys: KeysCollection, normalization: Sequence[Any]) -> None:
+        super().__init__(keys)
+        self.normalization = tuple(_norm(entry) for entry in normalization)
+        if any(norm.scheme == "ct" and norm.window is None for norm in self.normalization):
+            raise ValueError("a ct channel needs its window (derive it from the dataset first)")
+        if any(norm.scheme == "zscore" and norm.nonzero_mask is None for norm in self.normalization):
+            raise ValueError("a zscore channel needs its nonzero_mask (derive it from the dataset first)")
+        self.transforms = [
+            ScaleIntensityRange(*norm.window, b_min=0.0, b_max=1.0, clip=True) if norm.scheme == "ct" else None
+            for norm in self.normalization
+        ]
+
+    def __call__(self, data: Mapping) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = data[key]
+            if image.shape[0] != len(self.normalization):
+                raise ValueError(f"{key}: {image.shape[0]} channels, normalisation for {len(self.normalization)}")
+            masked = any(norm.nonzero_mask for norm in self.normalization)
+            region = nonzero_region(image) if masked else None
+            channels = []
+            for c, (norm, transform) in enumerate(zip(self.normalization, self.transforms, strict=True)):
+                channel = image[c : c + 1]
+                if transform is not None:
+                    channel = transform(channel)
+                elif norm.scheme == "zscore":
+                    channel = _zscore(channel, region if norm.nonzero_mask else None)
+                channels.append(channel)
+            data[key] = torch.cat(channels) if len(channels) > 1 else channels[0]
+        return data
+
+
+def nonzero_region(image: torch.Tensor) -> torch.Tensor:
+    """Where any channel of ``image`` (channels first) is non-zero, holes filled: nnU-Net's non-zero mask."""
+    nonzero = (torch.as_tensor(image) != 0).any(0).cpu().numpy()
+    return torch.as_tensor(ndimage.binary_fill_holes(nonzero), device=torch.as_tensor(image).device)
+
+
+def _zscore(channel: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """A channel (1 x spatial) standardised over ``region`` (the rest left as it is) or, without one, over
+    every voxel; a constant one only centred (nnU-Net's 1e-8 floor of the standard deviation)."""
+    channel = channel.float()
+    values = channel[0][region] if region is not None else channel
+    if values.numel() == 0:
+        return channel
+    mean, std = values.mean(), values.std(unbiased=False).clamp_min(1e-8)
+    if region is None:
+        return (channel - mean) / std
+    result = channel.clone()
+    result[0][region] = (values - mean) / std
+    return result
+
+
+class AnyChannelForeground:
+    """``select_fn`` of the foreground crop, on raw intensities: a voxel is foreground where any channel
+    shows it, above the window's low end for a ``ct`` channel (the published crop of the windowed image),
+    non-zero for the others (MRI background)."""
+
+    def __init__(self, normalization: Sequence[Any]) -> None:
+        self.normalization = tuple(_norm(entry) for entry in normalization)
+
+    def __repr__(self) -> str:
+        return f"AnyChannelForeground({list(self.normalization)})"
+
+    def __call__(self, image) -> torch.Tensor:
+        image = torch.as_tensor(image)
+        return torch.stack(
+            [
+                image[c] > norm.window[0] if norm.scheme == "ct" else image[c] != 0
+                for c, norm in enumerate(self.normalization)
+            ]
+        )
+
+
+def complete_background(probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities ``K, X, Y, Z`` inverted into the input geometry lack mass where the foreground crop cut
+    the volume (zero there, and partial where resampling blends the crop's border with it): that mass is
+    background's, as outside the crop is background. In place; returns ``probabilities``."""
+    probabilities[0] += (1 - probabilities.sum(dim=0)).clamp_min(0)
+    return probabilities
+
+
+#: A file of one channel of a case, nnU-Net's naming: ``<case>_0000.nii.gz`` is channel 0.
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+
+
+def case_images(folder: str | Path, in_channels: int) -> list[dict]:
+    """The cases of an image folder, as ``{"image": ...}`` items for MONAI's ``LoadImaged``: each NIfTI file
+    one case (3D, or 4D with ``in_channels`` channels); with several input channels, files named
+    ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... are one case, a file per channel in channel order.
+
+    Raises ValueError for a folder without NIfTI files, or a case whose channel files are not
+    ``_0000`` to ``_{in_channels - 1}``.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise ValueError(f"{folder}: no .nii or .nii.gz images")
+    if in_channels == 1:
+        return [{"image": str(path)} for path in files]
+    cases: dict[str, list[Path] | Path] = {}
+    for path in files:
+        match = CHANNEL_FILE.match(path.name)
+        if match is None:
+            cases[path.name] = path
+        else:
+            cases.setdefault(match["case"], []).append(path)
+    items = []
+    for case, paths in cases.items():
+        if isinstance(paths, Path):
+            items.append({"image": str(paths)})
+            continue
+        found = [CHANNEL_FILE.match(path.name)["channel"] for path in paths]
+        expected = [f"{c:04d}" for c in range(in_channels)]
+        if found != expected:
+            raise ValueError(
+                f"{folder}: case {case} has channel files {', '.join(found)}; expected {', '.join(expected)}"
+            )
+        items.append({"image": [str(path) for path in paths]})
+    return items
+
+
+def output_name(metadata: dict, saver: object = None) -> dict:
+    """MONAI ``SaveImage``'s ``output_name_formatter``: a case's output is named after its image file (its
+    first channel file), less ``.nii.gz`` and nnU-Net's ``_0000`` channel suffix, as ``test_seg.py``
+    names a case."""
+    name = Path(str(metadata.get("filename_or_obj", "case"))).name
+    match = CHANNEL_FILE.match(name)
+    stem = match["case"] if match and match["channel"] == "0000" else name.removesuffix(".gz").removesuffix(".nii")
+    return {"subject": stem, "idx": None}
+
+
+def segment_all(dataloader, network, inferer, postprocessing, device: torch.device | str) -> int:
+    """The inference loop of an exported bundle: each batch's ``image`` through ``inferer`` and ``network``
+    into ``pred``, then each case's ``postprocessing`` (which writes its file). What MONAI's
+    SupervisedEvaluator does, without its pytorch-ignite dependency. Returns the number of cases."""
+    network.eval()
+    count = 0
+    with torch.no_grad():
+        for batch in dataloader:
+            batch["pred"] = inferer(batch["image"].to(device), network)
+            for case in decollate_batch(batch):
+                postprocessing(case)
+                count += 1
+    return count

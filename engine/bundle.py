@@ -1,0 +1,259 @@
+"""A MONAI bundle of an exported model (the MONAI Model Zoo layout), runnable with MONAI alone:
+
+    python -m monai.bundle run --bundle_root B --config_file B/configs/inference.json \\
+        --dataset_dir IMAGES --output_dir OUT
+
+``configs/inference.json`` holds the model card's preprocessing (the chain ``test_seg.py`` builds with
+``dataset.transforms.build_transforms``), the sliding window and the inversion to each input's geometry;
+``scripts/portable.py`` is this repository's ``dataset/portable.py``, copied, for the operations MONAI does
+not have; ``models/model.ts`` is the TorchScript deploy form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import monai
+import nibabel
+import numpy as np
+import scipy
+import torch
+
+import dataset.portable
+from dataset.description import card_preprocessing
+from dataset.transforms import AXIS_LABELS, ORIENTATION
+
+__all__ = ["bundle_files", "inference_config"]
+
+#: The bundle's version of this layout (MONAI's metadata ``version``).
+BUNDLE_VERSION = "0.1.0"
+#: The metadata schema of the MONAI Model Zoo, which ``python -m monai.bundle verify_metadata`` checks against.
+METADATA_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
+
+
+#: The Model Zoo's logging configuration: MONAI's messages on the standard output.
+LOGGING = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
+    """``configs/inference.json`` of the model ``card`` describes."""
+    preprocessing = card_preprocessing(card)
+    transforms = [
+        {
+            "_target_": "LoadImaged",
+            "keys": "image",
+            "reader": "NibabelReader",
+            "image_only": True,
+            "ensure_channel_first": True,
+        },
+        {"_target_": "Orientationd", "keys": "image", "axcodes": ORIENTATION, "labels": [list(p) for p in AXIS_LABELS]},
+    ]
+    if preprocessing["spacing"] is not None:
+        transforms.append({"_target_": "Spacingd", "keys": "image", "pixdim": "@spacing", "mode": "bilinear"})
+    transforms += [
+        {
+            "_target_": "CropForegroundd",
+            "keys": "image",
+            "source_key": "image",
+            "select_fn": {"_target_": "scripts.portable.AnyChannelForeground", "normalization": "@normalization"},
+            "allow_smaller": True,
+        },
+        {"_target_": "scripts.portable.NormalizeChannelsd", "keys": "image", "normalization": "@normalization"},
+        {"_target_": "EnsureTyped", "keys": "image", "dtype": "$numpy.float32", "track_meta": True},
+    ]
+    postprocessing = [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        {
+            "_target_": "Invertd",
+            "keys": "pred",
+            "transform": "@preprocessing",
+            "orig_keys": "image",
+            "nearest_interp": False,
+            "to_tensor": True,
+        },
+        {
+            "_target_": "Lambdad",
+            "keys": "pred",
+            "func": {"_target_": "scripts.portable.complete_background", "_mode_": "callable"},
+        },
+        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        {
+            "_target_": "SaveImaged",
+            "keys": "pred",
+            "output_dir": "@output_dir",
+            "output_postfix": "seg",
+            "output_ext": ".nii.gz",
+            "output_dtype": "$numpy.uint8",
+            "resample": False,
+            "separate_folder": False,
+            "output_name_formatter": {"_target_": "scripts.portable.output_name", "_mode_": "callable"},
+            "print_log": True,
+        },
+    ]
+    return {
+        "imports": ["$import os", "$import numpy", "$import torch"],
+        "bundle_root": ".",
+        "dataset_dir": "$os.path.join(@bundle_root, 'images')",
+        "output_dir": "$os.path.join(@bundle_root, 'eval')",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "in_channels": int(card.get("in_channels", 1)),
+        "channels": preprocessing["channels"],
+        "normalization": preprocessing["normalization"],
+        "spacing": preprocessing["spacing"],
+        "roi_size": list(card["roi_size"]),
+        "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device)",
+        "network": "$@network_def.eval()",
+        "datalist": {
+            "_target_": "scripts.portable.case_images",
+            "folder": "@dataset_dir",
+            "in_channels": "@in_channels",
+        },
+        "preprocessing": {"_target_": "Compose", "transforms": transforms},
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": 0,
+        },
+        "inferer": {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": "@roi_size",
+            "sw_batch_size": sw_batch_size,
+            "overlap": overlap,
+        },
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
+        "run": [
+            {
+                "_target_": "scripts.portable.segment_all",
+                "dataloader": "@dataloader",
+                "network": "@network",
+                "inferer": "@inferer",
+                "postprocessing": "@postprocessing",
+                "device": "@device",
+            }
+        ],
+    }
+
+
+def _metadata(card: dict, source: str) -> dict:
+    preprocessing = card_preprocessing(card)
+    classes = list(card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))])
+    ct = all(entry.get("scheme") == "ct" for entry in preprocessing["normalization"] if isinstance(entry, dict))
+    return {
+        "schema": METADATA_SCHEMA,
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"exported from {Path(source).name} by the RepUX-Net repository's export.py"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"nibabel": nibabel.__version__, "scipy": scipy.__version__},
+        "name": f"{card['network']} {card.get('dataset', '')}".strip(),
+        "task": f"{card.get('dataset', 'volume')} segmentation",
+        "description": f"{card['network']} trained with the 3D RepUX-Net repository; {len(classes)} classes",
+        "authors": "whoever trained the weights (see docs/README.md)",
+        "copyright": "as the training data's licence allows",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield" if ct else "magnitude",
+                    "modality": "CT" if ct else "MR",
+                    "num_channels": int(card.get("in_channels", 1)),
+                    "spatial_shape": list(card["roi_size"]),
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": True,
+                    "channel_def": dict(enumerate(preprocessing["channels"])),
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": len(classes),
+                    "spatial_shape": list(card["roi_size"]),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": dict(enumerate(classes)),
+                }
+            },
+        },
+    }
+
+
+def _readme(card: dict, source: str, config: dict) -> str:
+    preprocessing = card_preprocessing(card)
+    classes = card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))]
+    spacing = preprocessing["spacing"]
+    return f"""# {card["network"]}: {card.get("dataset", "segmentation")}
+
+Exported from `{Path(source).name}` by the 3D RepUX-Net repository's `export.py`: the network's deploy form
+(TorchScript, every depthwise convolution a native `conv3d`), with the preprocessing it was trained with.
+
+## Run
+
+```bash
+python -m monai.bundle run --bundle_root BUNDLE --config_file BUNDLE/configs/inference.json \\
+    --dataset_dir IMAGES --output_dir OUT
+```
+
+needs MONAI, PyTorch, nibabel and SciPy only. Every `.nii`/`.nii.gz` in `IMAGES` is a case (with several
+input channels: a 4D file, or `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one file per channel);
+`OUT/<case>_seg.nii.gz` is its segmentation (uint8, in the input's geometry).
+
+## The model
+
+- input: {int(card.get("in_channels", 1))} channel(s): {", ".join(preprocessing["channels"])}
+- classes: {", ".join(f"{i} {name}" for i, name in enumerate(classes))}
+- preprocessing: reoriented to {ORIENTATION}, resampled to {spacing if spacing else "the native grid"}
+  {"mm " if spacing else ""}(bilinear), cropped to the foreground, each channel normalised:
+  {"; ".join(json.dumps(entry) for entry in preprocessing["normalization"])}
+- sliding window {"x".join(map(str, card["roi_size"]))}, batch {config["inferer"]["sw_batch_size"]}, overlap
+  {config["inferer"]["overlap"]}; softmax, inverted to the input's geometry, argmax
+
+`scripts/portable.py` holds the operations MONAI has no transform for (the per-channel normalisation,
+the foreground rule, the background mass outside the crop, the image folder's cases and the loop), the
+same file the training repository preprocesses with.
+"""
+
+
+def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int, overlap: float) -> dict[str, bytes]:
+    """The bundle's files (relative path -> content) for the model ``card`` describes, whose TorchScript
+    deploy form is ``torchscript``; ``source`` names the trained weights."""
+    config = inference_config(card, sw_batch_size, overlap)
+    return {
+        "configs/inference.json": (json.dumps(config, indent=2) + "\n").encode(),
+        "configs/metadata.json": (json.dumps(_metadata(card, source), indent=2) + "\n").encode(),
+        "models/model.ts": torchscript,
+        "scripts/__init__.py": b'"""The operations of this bundle that MONAI has no transform for."""\n',
+        "configs/logging.conf": LOGGING.encode(),
+        "scripts/portable.py": Path(dataset.portable.__file__).read_bytes(),
+        "docs/README.md": _readme(card, source, config).encode(),
+    }

@@ -1,0 +1,364 @@
+"""export.py's work, and test_seg.py's way back in: a trained model's deploy form as TorchScript
+(``model.ts``), ONNX (``model.onnx``) and a MONAI bundle, each checked against the training-form network
+before anything is written; and exported files loaded for inference, their model card checked against
+the one each file holds inside."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from atomic_files import replace_atomically
+from dataset.description import ChannelNorm, card_preprocessing
+from dataset.transforms import ORIENTATION
+from engine.bundle import bundle_files
+from engine.common import (
+    RunStopped,
+    UsageError,
+    as_json,
+    check_output_folder,
+    load_into,
+    load_with_card,
+    model_card_path,
+    parse_card,
+)
+from networks import get_spec
+from networks.deploy import deploy_form, repository_modules
+
+__all__ = [
+    "EXPORT_SUFFIXES",
+    "FORMATS",
+    "OPSET",
+    "TOLERANCE",
+    "exported_network",
+    "run_export",
+]
+
+FORMATS = ("torchscript", "onnx", "bundle")
+#: The ONNX operator set of ``model.onnx`` (the PyTorch exporter's own, which ONNX Runtime 1.17+ runs).
+OPSET = 18
+#: The largest relative difference (see :func:`_differences`) an export may have to the training form.
+TOLERANCE = 1e-4
+TORCHSCRIPT_FILE, ONNX_FILE, BUNDLE_FOLDER = "model.ts", "model.onnx", "bundle"
+EXPORT_SUFFIXES = (".ts", ".onnx")
+#: Where an exported file holds its model card: a TorchScript extra file, an ONNX metadata entry.
+EMBEDDED_CARD = "model_card.json"
+#: The card entries that decide inference: the card beside an export must agree with the one inside.
+INFERENCE_ENTRIES = (
+    "network",
+    "network_args",
+    "in_channels",
+    "out_channels",
+    "classes",
+    "roi_size",
+    "channels",
+    "normalization",
+    "spacing",
+    "ignore_label",
+    "orientation",
+)
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+ONNX_INSTALL = "pip install -r requirements-deploy.txt"
+
+
+def run_export(args) -> list[Path]:
+    """Export ``--trained_weights`` into ``--output`` in ``--formats``; returns the written paths."""
+    formats = list(dict.fromkeys(args.formats))
+    if "onnx" in formats:
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(
+                f"--formats onnx needs {', '.join(missing)} ({ONNX_INSTALL}); or leave onnx out of --formats"
+            )
+    output = check_output_folder(args.output)
+    state, card, source = _trained_with_card(args.trained_weights)
+    choice, in_channels, out_channels, roi, _ = parse_card(card, source)
+    for name in _outputs(formats):
+        if (output / name).exists() and not args.overwrite:
+            raise UsageError(f"--output {output}: {name} exists already; choose another folder or pass --overwrite")
+    model = choice.build(in_channels, out_channels)
+    load_into(model, state, args.trained_weights, "--trained_weights", choice.name)
+    model.eval()
+    deployed = deploy_form(model)
+    left = repository_modules(deployed)
+    if left:  # deploy_form's promise; a new layer type of this repository would need its own conversion
+        raise RuntimeError(f"the deploy form still holds this repository's layers: {', '.join(left[:5])}")
+    spec = get_spec(choice.name)
+    spatial = _spatial_text(spec.any_size_export, spec.input_multiple, roi)
+    print(
+        f"Exporting {choice.name} from {args.trained_weights} (model card {source}): deploy form with every "
+        f"depthwise convolution a native conv3d; spatial size {spatial}"
+    )
+    inputs = _check_inputs(in_channels, roi, spec.input_multiple, spec.any_size_export)
+    with torch.no_grad():
+        references = [model(x) for x in inputs]
+    card = {**card, "orientation": ORIENTATION}  # what every image is reoriented to before the network
+    embedded = {**card, "export": {"torch": torch.__version__}}
+    files: dict[str, bytes] = {}
+    if "torchscript" in formats or "bundle" in formats:
+        data = _torchscript(deployed, inputs[0], embedded)
+        check = _check(TORCHSCRIPT_FILE, _torchscript_runner(data), inputs, references)
+        if "torchscript" in formats:
+            files[TORCHSCRIPT_FILE] = data
+            files[f"{TORCHSCRIPT_FILE}.json"] = _card_file(card, "torchscript", args.trained_weights, spatial, check)
+        if "bundle" in formats:
+            bundle = bundle_files(card, data, str(args.trained_weights), args.sw_batch_size, args.overlap)
+            files.update({f"{BUNDLE_FOLDER}/{name}": content for name, content in bundle.items()})
+    if "onnx" in formats:
+        data = _onnx(deployed, inputs[0], embedded, spec.input_multiple, spec.any_size_export)
+        check = _check(ONNX_FILE, _onnx_runner(data), inputs, references)
+        files[ONNX_FILE] = data
+        files[f"{ONNX_FILE}.json"] = _card_file(card, "onnx", args.trained_weights, spatial, check)
+    if "bundle" in formats and (output / BUNDLE_FOLDER).exists():
+        shutil.rmtree(output / BUNDLE_FOLDER)  # --overwrite: no file of an older bundle stays beside the new one
+    written = []
+    for name, content in files.items():
+        path = output / name
+        replace_atomically(path, lambda tmp, content=content: Path(tmp).write_bytes(content))
+        written.append(path)
+    shown = [name for name in files if "/" not in name] + ([f"{BUNDLE_FOLDER}/"] if "bundle" in formats else [])
+    print(f"Wrote {', '.join(shown)} to {output}")
+    return written
+
+
+def _card_file(card: dict, fmt: str, weights: str, spatial: str, check: dict) -> bytes:
+    """The model card beside an export: the training card and what the export is, and how it was checked."""
+    export = {
+        "format": fmt,
+        **({"opset": OPSET} if fmt == "onnx" else {}),
+        "torch": torch.__version__,
+        "from": str(weights),
+        "input": f"image: batch, channel, x, y, z ({ORIENTATION}, preprocessed as this card says)",
+        "output": "logits: batch, class, x, y, z",
+        "spatial_size": spatial,
+        **check,
+    }
+    return (json.dumps({**card, "export": export}, indent=2) + "\n").encode()
+
+
+def _outputs(formats: list[str]) -> list[str]:
+    names = {"torchscript": [TORCHSCRIPT_FILE], "onnx": [ONNX_FILE], "bundle": [BUNDLE_FOLDER]}
+    return [name for fmt in formats for name in names[fmt]]
+
+
+def _spatial_text(any_size: bool, multiple: int, roi: tuple[int, int, int]) -> str:
+    return f"any multiple of {multiple}" if any_size else f"{'x'.join(map(str, roi))} only (the ROI)"
+
+
+def _trained_with_card(weights: str) -> tuple[dict, dict, str]:
+    """The state dict of ``weights`` and its model card (beside it, or inside a training checkpoint)."""
+    state, card, source = load_with_card(weights, "--trained_weights")
+    if not isinstance(card, dict):
+        raise UsageError(
+            f"--trained_weights {weights}: no model card beside it ({model_card_path(weights).name}); an export "
+            "needs the card that training writes (network, classes, channels, ROI, preprocessing)"
+        )
+    try:
+        for entry in card_preprocessing(card)["normalization"]:
+            ChannelNorm.from_json(entry)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{source}: not a valid model card ({error})") from None
+    return state, card, source
+
+
+def _check_inputs(in_channels: int, roi: tuple[int, int, int], multiple: int, any_size: bool) -> list[torch.Tensor]:
+    """Random inputs the exports are checked on: a batch of 2 at the ROI size (a batch of 1 would let the
+    exporter fix the batch axis) and, for any-size exports, one a multiple larger on the first axis."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, in_channels, *roi, generator=generator)]
+    if any_size:
+        inputs.append(torch.randn(1, in_channels, roi[0] + multiple, *roi[1:], generator=generator))
+    return inputs
+
+
+def _differences(output: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """The largest absolute difference, and it relative to the largest absolute reference value."""
+    difference = float((output.float() - reference.float()).abs().max())
+    return difference, difference / max(float(reference.abs().max()), torch.finfo(torch.float32).tiny)
+
+
+def _check(name: str, run: Callable, inputs: list[torch.Tensor], references: list[torch.Tensor]) -> dict:
+    """``name``'s outputs against the training-form network's on ``inputs``: one printed line, the largest
+    differences returned; a RunStopped naming ``name`` above :data:`TOLERANCE`."""
+    worst_abs = worst_rel = 0.0
+    shown = []
+    for x, reference in zip(inputs, references, strict=True):
+        output = run(x)
+        shape = "x".join(map(str, x.shape))
+        if tuple(output.shape) != tuple(reference.shape):
+            raise RunStopped(
+                f"{name}: output {tuple(output.shape)} on input {shape}, the training-form network's "
+                f"{tuple(reference.shape)}; nothing written",
+                1,
+            )
+        absolute, relative = _differences(output, reference)
+        worst_abs, worst_rel = max(worst_abs, absolute), max(worst_rel, relative)
+        shown.append(f"{absolute:.2g} ({relative:.2g} relative) on {shape}")
+        if not relative <= TOLERANCE:
+            raise RunStopped(
+                f"{name}: differs from the training-form network by {relative:.3g} relative ({absolute:.3g} absolute) "
+                f"on input {shape}, above {TOLERANCE:g}; nothing written",
+                1,
+            )
+    print(f"{name}: largest difference to the training-form network {', '.join(shown)}")
+    return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "checked_on": [list(x.shape) for x in inputs]}
+
+
+@contextlib.contextmanager
+def _torchscript_quietly() -> Iterator[None]:
+    """TorchScript without its deprecation warnings (PyTorch now points to torch.export; MONAI bundles still
+    load ``model.ts``) and without the trace's warnings that the forwards' Python shape checks become
+    constants (the check at a second input size, for any-size networks, shows nothing that matters was)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
+        yield
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, card: dict) -> bytes:
+    """``model`` traced on ``example`` and saved with ``card`` inside, as bytes."""
+    with _torchscript_quietly():
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={EMBEDDED_CARD: json.dumps(card)})
+    return buffer.getvalue()
+
+
+def _torchscript_runner(data: bytes) -> Callable:
+    with _torchscript_quietly():
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, card: dict, multiple: int, any_size: bool) -> bytes:
+    """``model`` exported by PyTorch's ``torch.export`` exporter: batch axis dynamic, spatial axes dynamic
+    at multiples of ``multiple`` (``any_size``) or fixed to the example's; ``card`` in the metadata."""
+    dim = torch.export.Dim
+    axes = {0: dim("batch", min=1, max=4096)}
+    if any_size:
+        axes |= {axis: multiple * dim(name, min=1, max=4096) for axis, name in zip((2, 3, 4), "xyz", strict=True)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=(axes,),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=OPSET,
+            verbose=False,
+        )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = EMBEDDED_CARD, json.dumps(card)
+    return proto.SerializeToString()
+
+
+def _onnx_session(data: bytes | str, device: torch.device | None = None):
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if (
+        device is not None
+        and device.type == "cuda"
+        and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    ):
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    return onnxruntime.InferenceSession(data, providers=providers)
+
+
+def _onnx_runner(data: bytes) -> Callable:
+    session = _onnx_session(data)
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+class OnnxNetwork:
+    """An ONNX model run by ONNX Runtime, called like a network: ``logits = network(image)``, tensors in and
+    out (on the input's device); ``eval()`` for the callers that expect a module."""
+
+    def __init__(self, path: str, device: torch.device) -> None:
+        self.session = _onnx_session(path, device)
+
+    def eval(self) -> OnnxNetwork:
+        return self
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(image.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {"image": array})[0]).to(image.device)
+
+
+@dataclass(frozen=True)
+class ExportedNetwork:
+    """An exported file (``model.ts``, ``model.onnx``) to segment with."""
+
+    path: str
+
+    def build(self, device: torch.device):
+        if self.path.endswith(".onnx"):
+            return OnnxNetwork(self.path, device)
+        with _torchscript_quietly():
+            return torch.jit.load(self.path, map_location=device).eval()
+
+
+def exported_network(path: str, flag: str) -> tuple[ExportedNetwork, dict, str]:
+    """An exported file, its model card (beside it: ``model.ts.json``) and the card's path; a UsageError
+    naming the file for one that cannot be read, and naming the card where it is missing or describes
+    another model than the one inside the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    if path.endswith(".onnx"):
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise UsageError(f"{flag} {path}: segmenting with an ONNX model needs ONNX Runtime ({ONNX_INSTALL})")
+        try:
+            inside = _onnx_session(path).get_modelmeta().custom_metadata_map.get(EMBEDDED_CARD)
+        except Exception as error:  # ONNX Runtime raises its own types for corrupt files
+            raise UsageError(f"{flag} {path}: not a readable ONNX model ({_first_line(error)})") from None
+    else:
+        extra = {EMBEDDED_CARD: ""}
+        try:
+            with _torchscript_quietly():
+                torch.jit.load(path, map_location="cpu", _extra_files=extra)
+        except Exception as error:  # torch raises many types for corrupt or foreign files
+            raise UsageError(f"{flag} {path}: not a readable TorchScript model ({_first_line(error)})") from None
+        inside = extra[EMBEDDED_CARD] or None
+    if not inside:
+        raise UsageError(f"{flag} {path}: holds no model card (not written by export.py); export it with export.py")
+    card_path = model_card_path(path)
+    if not card_path.is_file():
+        raise UsageError(f"{flag} {path}: no model card beside it ({card_path}); export.py writes it")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{card_path}: not a valid model card ({error})") from None
+    if not isinstance(card, dict):
+        raise UsageError(f"{card_path}: not a valid model card (not a JSON object)")
+    embedded = json.loads(inside)
+    differing = [key for key in INFERENCE_ENTRIES if as_json(card.get(key)) != as_json(embedded.get(key))]
+    if differing:
+        raise UsageError(
+            f"{card_path}: not the model card of {path} (its {', '.join(differing)} differ from the card inside it)"
+        )
+    return ExportedNetwork(path), card, str(card_path)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

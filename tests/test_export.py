@@ -1,0 +1,310 @@
+"""Exports that leave the repository: the deploy form, TorchScript, ONNX and the MONAI bundle, checked
+against the training-form network and against test_seg.py's segmentations."""
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from conftest import TINY, TINY_RUN, exit_message, flags
+from torch import nn
+
+import engine.export
+import export
+import main_train
+import test_seg
+from dataset.portable import case_images
+from networks import build_network, get_spec
+from networks.deploy import deploy_form, repository_modules
+from networks.dwconv import use_algorithm
+from phantom import write_dataset
+
+#: Inference flags of the tests (windows without overlap, to keep the passes short on a CPU).
+PREDICT = dict(num_workers=0, device="cpu", cache_rate=0, overlap=0, sw_batch_size=4)
+CT_CARD = dict(channels=["CT"], normalization=[{"scheme": "ct", "window": [-125.0, 275.0]}], spacing=[1.5, 1.5, 2.0])
+
+
+def relative_difference(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).abs().max() / reference.abs().max())
+
+
+def saved_with_card(
+    folder: Path, name: str, overrides: dict, roi: int, out_channels: int = 3
+) -> tuple[Path, nn.Module]:
+    """A network's weights and the model card training would write beside them; the weights' path and
+    the network."""
+    model = build_network(name, 1, out_channels, **overrides).eval()
+    weights = folder / "weights.pth"
+    torch.save(model.state_dict(), weights)
+    card = dict(
+        network=name,
+        network_args=overrides,
+        in_channels=1,
+        out_channels=out_channels,
+        classes=[f"class {i}" for i in range(out_channels)],
+        roi_size=[roi] * 3,
+        **CT_CARD,
+    )
+    Path(f"{weights}.json").write_text(json.dumps(card))
+    return weights, model
+
+
+UNETR_TINY = dict(img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("REPUXNET", TINY),  # 5^3 kernels: the training form convolves through FFT on the CPU
+        ("3DUXNET", TINY),
+        ("UNet", dict(channels=(4, 8, 8, 8, 8))),
+        ("UNETR", UNETR_TINY),  # built for one input size
+    ],
+)
+def test_torchscript_and_onnx_compute_the_training_form_network(name, overrides, tmp_path, capsys):
+    weights, model = saved_with_card(tmp_path, name, overrides, 32)
+    output = tmp_path / "export"
+    export.main(flags(trained_weights=weights, output=output) + ["--formats", "torchscript", "onnx"])
+    printed = capsys.readouterr().out
+    assert "model.ts: largest difference to the training-form network" in printed
+    assert "model.onnx: largest difference to the training-form network" in printed
+    assert sorted(p.name for p in output.iterdir()) == ["model.onnx", "model.onnx.json", "model.ts", "model.ts.json"]
+
+    spec = get_spec(name)
+    # Inputs of our own, unlike the export's check: another batch size and, where the export allows it,
+    # other spatial sizes (multiples of what the network needs).
+    shapes = [(3, 1, 32, 32, 32)] + ([(1, 1, 32 + spec.input_multiple, 32, 64)] if spec.any_size_export else [])
+    scripted = torch.jit.load(output / "model.ts")
+    session = onnxruntime.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in shapes:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            reference = model(x)
+            assert relative_difference(scripted(x), reference) < 1e-4
+        onnx_output = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+        assert relative_difference(onnx_output, reference) < 1e-4
+    input_shape = session.get_inputs()[0].shape
+    assert isinstance(input_shape[0], str) and input_shape[1] == 1  # dynamic batch, fixed channels
+    if spec.any_size_export:
+        assert all(f"{spec.input_multiple}*" in axis for axis in input_shape[2:])
+    else:
+        assert input_shape[2:] == [32, 32, 32]
+
+    card = json.loads((output / "model.onnx.json").read_text())
+    assert card["export"]["format"] == "onnx" and card["export"]["opset"] == engine.export.OPSET
+    assert 0 <= card["export"]["max_rel_diff"] < 1e-4 and card["classes"] == ["class 0", "class 1", "class 2"]
+    proto = onnx.load(output / "model.onnx")
+    assert {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}["ai.onnx"] == engine.export.OPSET
+    assert not {node.op_type for node in proto.graph.node} & {"DFT", "STFT"}  # no FFT in the deploy form
+    assert "fft" not in str(scripted.inlined_graph)
+
+
+def test_deploy_form_has_no_fft_and_no_prior_and_the_same_weights():
+    model = build_network("REPUXNET", 1, 3, **TINY).eval()
+    deployed = deploy_form(model)
+    assert repository_modules(model) and not repository_modules(deployed)  # the model itself is untouched
+    assert not [name for name, _ in deployed.named_buffers() if name.endswith("prior")]
+    depthwise = [m for m in deployed.modules() if type(m) is nn.Conv3d and m.groups > 1]
+    assert len(depthwise) == 4 and all(m.kernel_size == (5, 5, 5) for m in depthwise)  # one per block
+    assert deployed.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(deployed.state_dict()[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad(), use_algorithm("fft"):  # the training form through FFT, the deploy form without
+        reference = model(x)
+        original = torch.fft.rfftn
+        torch.fft.rfftn = None  # any FFT in the deploy form's forward would fail here
+        try:
+            output = deployed(x)
+        finally:
+            torch.fft.rfftn = original
+    assert relative_difference(output, reference) < 1e-5
+
+
+def test_the_bundles_script_imports_nothing_of_this_repository():
+    source = Path(__file__).resolve().parents[1] / "dataset" / "portable.py"
+    modules = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module.split(".")[0])
+    assert modules <= {"__future__", "re", "collections", "pathlib", "typing", "torch", "monai", "scipy", "numpy"}
+
+
+def test_case_images_groups_channel_files_and_names_a_missing_one(tmp_path):
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz", "four_d.nii.gz", "notes.txt"):
+        (tmp_path / name).touch()
+    cases = case_images(tmp_path, 2)
+    assert [
+        case["image"] if isinstance(case["image"], str) else [Path(p).name for p in case["image"]] for case in cases
+    ] == [
+        ["a_0000.nii.gz", "a_0001.nii.gz"],
+        ["b_0000.nii.gz", "b_0001.nii.gz"],
+        str(tmp_path / "four_d.nii.gz"),
+    ]
+    assert len(case_images(tmp_path, 1)) == 5  # one channel: every file is a case
+    (tmp_path / "b_0001.nii.gz").unlink()
+    with pytest.raises(ValueError, match="case b has channel files 0000; expected 0000, 0001"):
+        case_images(tmp_path, 2)
+
+
+# ---- a model trained a few steps, through every route ----
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    """A phantom CT task, a RepUX-Net trained on it for a few steps, and its exports."""
+    root = tmp_path_factory.mktemp("ct")
+    write_dataset(root, num_train=2, num_val=1, num_test=2, seed=8)
+    run = tmp_path_factory.mktemp("ct_run")
+    tiny = {**TINY_RUN, "kernel_size": 5}  # a kernel the CPU convolves through FFT in training and .pth inference
+    main_train.main(flags(root=root, output=run, max_iter=4, eval_step=4, lr=1e-2, **tiny))
+    weights = run / "best_metric_model.pth"
+    exported = tmp_path_factory.mktemp("ct_export")
+    export.main(flags(trained_weights=weights, output=exported))
+    return root, weights, exported
+
+
+def segment(weights: list, root: Path, output: Path, extra: tuple = ()) -> dict[str, nib.Nifti1Image]:
+    test_seg.main(flags(root=root, output=output, **PREDICT) + ["--trained_weights", *map(str, weights), *extra])
+    return {p.name: nib.load(p) for p in sorted(output.glob("*_seg.nii.gz"))}
+
+
+def run_bundle(bundle: Path, images: Path, output: Path, cwd: Path) -> None:
+    """``python -m monai.bundle run`` as a user runs it, in isolated mode (no PYTHONPATH, no working folder on
+    the path) from a folder outside the repository."""
+    command = [sys.executable, "-I", "-m", "monai.bundle", "run", "--bundle_root", str(bundle)]
+    command += ["--config_file", str(bundle / "configs" / "inference.json")]
+    command += ["--dataset_dir", str(images), "--output_dir", str(output), "--inferer#overlap", "0"]
+    completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def assert_same_segmentations(expected: dict, actual: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, image in expected.items():
+        assert np.array_equal(np.asarray(actual[name].dataobj), np.asarray(image.dataobj)), name
+        assert np.allclose(actual[name].affine, image.affine), name
+
+
+def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_and_the_bundle(ct, tmp_path):
+    root, weights, exported = ct
+    assert sorted(p.name for p in (exported / "bundle").rglob("*") if p.is_file()) == [
+        "README.md",
+        "__init__.py",
+        "inference.json",
+        "logging.conf",
+        "metadata.json",
+        "model.ts",
+        "portable.py",
+    ]
+    expected = segment([weights], root, tmp_path / "pth")
+    labels = np.concatenate([np.asarray(image.dataobj).ravel() for image in expected.values()])
+    assert len(expected) == 2 and len(np.unique(labels)) > 1  # a trained model, not a constant one
+    for name in ("model.ts", "model.onnx"):
+        assert_same_segmentations(expected, segment([exported / name], root, tmp_path / name))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=outside)
+    assert_same_segmentations(expected, {p.name: nib.load(p) for p in (tmp_path / "bundle").glob("*_seg.nii.gz")})
+
+
+def test_an_ensemble_may_mix_weights_and_exports(ct, tmp_path):
+    root, weights, exported = ct
+    expected = segment([weights], root, tmp_path / "pth")
+    mixed = segment([weights, exported / "model.ts", exported / "model.onnx"], root, tmp_path / "mixed")
+    assert_same_segmentations(expected, mixed)
+
+
+def test_a_corrupt_export_or_a_wrong_card_is_refused_by_name(ct, tmp_path):
+    root, _, exported = ct
+    for name, what in (("model.ts", "not a readable TorchScript model"), ("model.onnx", "not a readable ONNX model")):
+        broken = tmp_path / name
+        broken.write_bytes((exported / name).read_bytes()[:5000])
+        shutil.copy(exported / f"{name}.json", tmp_path / f"{name}.json")
+        message = exit_message(test_seg.main, flags(root=root, output=tmp_path / "out", trained_weights=broken))
+        assert f"--trained_weights {broken}: {what}" in message
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(exported / "model.ts", other / "model.ts")
+    card = json.loads((exported / "model.ts.json").read_text())
+    card["classes"] = ["background", "liver", "spleen", "kidney", "pancreas"]
+    (other / "model.ts.json").write_text(json.dumps(card))
+    message = exit_message(test_seg.main, flags(root=root, output=tmp_path / "out", trained_weights=other / "model.ts"))
+    assert f"{other / 'model.ts.json'}: not the model card of {other / 'model.ts'} (its classes differ" in message
+    (other / "model.ts.json").unlink()
+    message = exit_message(test_seg.main, flags(root=root, output=tmp_path / "out", trained_weights=other / "model.ts"))
+    assert "no model card beside it" in message and "model.ts.json" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_differs_is_not_written_and_is_named(ct, tmp_path, monkeypatch, capsys):
+    _, weights, _ = ct
+    exact = engine.export._onnx_runner
+    monkeypatch.setattr(engine.export, "_onnx_runner", lambda data: lambda x: exact(data)(x) * 1.01)
+    output = tmp_path / "export"
+    message = exit_message(export.main, flags(trained_weights=weights, output=output))
+    assert message == "1"  # stopped, not a usage error
+    stopped = capsys.readouterr().err
+    assert "model.onnx: differs from the training-form network by 0.01 relative" in stopped
+    assert "above 0.0001; nothing written" in stopped
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_export_needs_the_card_and_says_what_to_install(ct, tmp_path, monkeypatch):
+    _, weights, exported = ct
+    bare = tmp_path / "bare.pth"
+    shutil.copy(weights, bare)
+    message = exit_message(export.main, flags(trained_weights=bare, output=tmp_path / "out"))
+    assert f"--trained_weights {bare}: no model card beside it (bare.pth.json)" in message
+    message = exit_message(export.main, flags(trained_weights=weights, output=exported) + ["--formats", "torchscript"])
+    assert "model.ts exists already" in message and "--overwrite" in message
+    checkpoint = weights.parent / "checkpoint_last.pth"  # holds its card: no file beside it needed
+    export.main(flags(trained_weights=checkpoint, output=tmp_path / "from_checkpoint") + ["--formats", "torchscript"])
+    card = json.loads((tmp_path / "from_checkpoint" / "model.ts.json").read_text())
+    assert card["export"]["from"] == str(checkpoint) and card["classes"][1:] == [
+        "spleen",
+        "kidney",
+        "liver",
+        "pancreas",
+    ]
+
+    def without_onnxruntime(name, *args):
+        return None if name == "onnxruntime" else find_spec(name, *args)
+
+    find_spec = engine.export.importlib.util.find_spec
+    monkeypatch.setattr(engine.export.importlib.util, "find_spec", without_onnxruntime)
+    message = exit_message(export.main, flags(trained_weights=weights, output=tmp_path / "out"))
+    assert "--formats onnx needs onnxruntime (pip install -r requirements-deploy.txt)" in message
+    root = ct[0]
+    message = exit_message(
+        test_seg.main, flags(root=root, output=tmp_path / "seg", trained_weights=exported / "model.onnx")
+    )
+    assert "needs ONNX Runtime (pip install -r requirements-deploy.txt)" in message
+
+
+def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_path):
+    """Per-channel files (nnU-Net's layout), z-scored over the non-zero region: the bundle groups and
+    normalises them as the repository does."""
+    root = tmp_path / "mri"
+    write_dataset(root, num_train=2, num_test=2, seed=3, modality="mri", layout="nnunet")
+    run = tmp_path / "run"
+    training = flags(dataset=root / "dataset.json", output=run, max_iter=2, eval_step=2, lr=1e-2, fold=0, num_folds=2)
+    main_train.main(training + flags(**TINY_RUN))
+    weights = run / "best_metric_model.pth"
+    card = json.loads(Path(f"{weights}.json").read_text())
+    assert card["in_channels"] == 2 and {entry["scheme"] for entry in card["normalization"]} == {"zscore"}
+    exported = tmp_path / "export"
+    export.main(flags(trained_weights=weights, output=exported) + ["--formats", "bundle"])
+    expected = segment([weights], root, tmp_path / "pth")
+    assert len(expected) == 2
+    run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=tmp_path)
+    assert_same_segmentations(expected, {p.name: nib.load(p) for p in (tmp_path / "bundle").glob("*_seg.nii.gz")})
