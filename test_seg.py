@@ -9,6 +9,7 @@ adds the 8 mirrorings.
 
 from cli import add_common_arguments, parser_for, positive_int, run_or_exit, unit_interval
 from engine import run_inference
+from engine.export import ONNX_RUNTIMES
 
 
 def main(argv=None) -> None:
@@ -42,6 +43,13 @@ def main(argv=None) -> None:
         "--keep_largest",
         default=None,
         help="keep the largest connected component of these classes, e.g. 1,3, or all (default: none)",
+    )
+    parser.add_argument(
+        "--runtime",
+        default="onnxruntime",
+        choices=ONNX_RUNTIMES,
+        help="what runs a model.onnx: ONNX Runtime (CPU or CUDA), or OpenVINO (CPU; float32, or its bf16 default "
+        "with --amp: the fastest CPU route measured, see BENCHMARKS.md)",
     )
     parser.add_argument("--sw_batch_size", type=positive_int, default=4, help="sliding-window batch")
     parser.add_argument("--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap")

@@ -2,12 +2,14 @@
 
 Routes: ``published`` (the network as published: native conv3d over the whole 21^3 kernels, fp32),
 ``ours`` and ``ours_bf16`` (test_seg.py with a .pth: BFR folded, the fast depthwise convolution, fp32 or
-bf16 autocast), ``torchscript`` (export.py's model.ts) and ``onnxruntime`` (export.py's model.onnx run by
-ONNX Runtime); on request, ``openvino`` and ``openvino_default`` (OpenVINO running model.onnx in float32,
-or with its CPU default precision). Window: one 1x1x96^3 forward. Volume: sliding-window inference (roi
-96^3, sw_batch_size 4) over 1x1x192x192x128. Each route runs in its own process; peak memory is that
-process's peak resident set above what it held before building the network. The exports are made once, by
-export.py's own code, from a randomly initialised network with a model card.
+bf16 autocast), ``torchscript`` (export.py's model.ts), ``onnxruntime`` (export.py's model.onnx run by
+ONNX Runtime), ``openvino`` and ``openvino_default`` (test_seg.py's ``--runtime openvino``: OpenVINO running
+model.onnx in float32, or with ``--amp`` in its CPU default precision). Window: one 1x1x96^3 forward.
+Volume: sliding-window inference (roi 96^3, sw_batch_size 4) over 1x1x192x192x128. Each route runs in its
+own process; peak memory is that process's peak resident set above what it held before building the
+network. Relative difference: the largest absolute difference of the route's window output to the
+training-form network's (fp32), over the largest absolute value of the latter. The exports are made once,
+by export.py's own code, from a randomly initialised network with a model card.
 
     python bench/bench_deploy.py --overlap 0 --json bench/results/deploy_cpu.json
 """
@@ -29,10 +31,7 @@ import networks.dwconv as dwconv
 from engine.export import ExportedNetwork
 from networks import build_network, switch_to_deploy
 
-ROUTES = ("published", "ours", "ours_bf16", "torchscript", "onnxruntime")
-#: Routes measured only when asked for: OpenVINO (not a dependency of this repository) running model.onnx,
-#: with float32 inference (``openvino``) or its CPU default, bf16 where the CPU has it (``openvino_default``).
-OPTIONAL_ROUTES = ("openvino", "openvino_default")
+ROUTES = ("published", "ours", "ours_bf16", "torchscript", "onnxruntime", "openvino", "openvino_default")
 ROI = (96, 96, 96)
 
 
@@ -54,13 +53,19 @@ def make_exports(folder: Path) -> dict:
         "roi_size": list(ROI),
     }
     Path(f"{weights}.json").write_text(json.dumps(card))
+    with torch.no_grad():  # the training-form network's output on the timed window, to compare each route's to
+        torch.save(model.eval()(_window()), folder / "reference.pt")
     export.main(["--trained_weights", str(weights), "--output", str(folder), "--formats", "torchscript", "onnx"])
     return {name: (folder / name).stat().st_size / 2**20 for name in ("weights.pth", "model.ts", "model.onnx")}
 
 
+def _window() -> torch.Tensor:
+    return torch.randn(1, 1, *ROI, generator=torch.Generator().manual_seed(0))
+
+
 def measure(route: str, folder: Path, overlap: float, repeats: int) -> dict:
     torch.manual_seed(0)
-    window = torch.randn(1, 1, *ROI)
+    window = _window()
     volume = torch.randn(1, 1, 192, 192, 128)
     rss = common.current_rss_kib()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "ours_bf16")
@@ -74,26 +79,21 @@ def measure(route: str, folder: Path, overlap: float, repeats: int) -> dict:
             settings.enter_context(dwconv.full_kernels())
         else:
             switch_to_deploy(model)
-    elif route.startswith("openvino"):
-        model = _openvino(folder / "model.onnx", float32=route == "openvino")
     else:
-        model = ExportedNetwork(str(folder / ("model.ts" if route == "torchscript" else "model.onnx"))).build(
-            torch.device("cpu")
-        )
+        file = str(folder / ("model.ts" if route == "torchscript" else "model.onnx"))
+        runtime = "openvino" if route.startswith("openvino") else "onnxruntime"
+        model = ExportedNetwork(file, runtime, float32=route != "openvino_default").build(torch.device("cpu"))
     device = torch.device("cpu")
+    outputs = []
     with settings, torch.no_grad(), autocast:
-        window_seconds = common.time_call(lambda: model(window), device, warmup=1, repeats=repeats)
+        window_seconds = common.time_call(lambda: outputs.append(model(window)), device, warmup=1, repeats=repeats)
         volume_seconds = common.time_call(
             lambda: sliding_window_inference(volume, ROI, 4, model, overlap=overlap), device, warmup=0, repeats=1
         )
-    return {"window_s": window_seconds, "volume_s": volume_seconds, "peak_mib": common.peak_memory_mib(device, rss)}
-
-
-def _openvino(path: Path, float32: bool):
-    import openvino
-
-    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"} if float32 else {})
-    return lambda x: torch.from_numpy(compiled(x.numpy())[0])
+    peak = common.peak_memory_mib(device, rss)
+    reference = torch.load(folder / "reference.pt")
+    relative = float((outputs[-1].float() - reference).abs().max() / reference.abs().max())
+    return {"window_s": window_seconds, "volume_s": volume_seconds, "peak_mib": peak, "max_rel_diff": relative}
 
 
 def main() -> None:
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument(
         "--routes",
         default=",".join(ROUTES),
-        help=f"comma-separated (default: {', '.join(ROUTES)}; with openvino installed: {', '.join(OPTIONAL_ROUTES)})",
+        help=f"comma-separated (default: {', '.join(ROUTES)})",
     )
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     parser.add_argument("--repeats", type=int, default=2, help="timed windows per route (median)")
@@ -127,12 +127,14 @@ def main() -> None:
                     f"{measured['volume_s']:.1f}",
                     ratio,
                     f"{measured['peak_mib']:.0f}",
+                    f"{measured['max_rel_diff']:.1e}",
                 ]
             )
             print(f"done {rows[-1]}", flush=True)
     info = common.machine()
     print(f"\nRepUX-Net (full size) inference, {info['device']}, torch {info['torch']}; overlap {args.overlap}")
-    print(common.markdown_table(["route", "s per window", "s per volume", "speed-up vs published", "peak MiB"], rows))
+    header = ["route", "s per window", "s per volume", "speed-up vs published", "peak MiB", "relative difference"]
+    print(common.markdown_table(header, rows))
     print("file sizes (MiB): " + ", ".join(f"{name} {size:.1f}" for name, size in sizes.items()))
     common.write_json(args.json, {"machine": info, "overlap": args.overlap, "sizes_mib": sizes, "results": results})
 

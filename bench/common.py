@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -52,16 +51,24 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
 
 def peak_memory_mib(device: torch.device, rss_before_kib: int) -> float:
     """Peak memory of the measured work: CUDA's peak allocation, or the process's peak resident set size
-    above what it held before (each measurement runs in its own process, see :func:`run_isolated`)."""
+    above what it held before (each measurement runs in its own process, see :func:`run_isolated`).
+
+    The peak is the kernel's VmHWM, which a new process starts afresh, not ``getrusage``'s ``ru_maxrss``,
+    which Linux carries over from the parent across fork and exec (a parent that held a large model would
+    set every child's peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) / 1024
+    return (_status_kib("VmHWM") - rss_before_kib) / 1024
 
 
 def current_rss_kib() -> int:
+    return _status_kib("VmRSS")
+
+
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
 

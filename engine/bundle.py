@@ -224,9 +224,11 @@ python -m monai.bundle run --bundle_root BUNDLE --config_file BUNDLE/configs/inf
     --dataset_dir IMAGES --output_dir OUT
 ```
 
-needs MONAI, PyTorch, nibabel and SciPy only. Every `.nii`/`.nii.gz` in `IMAGES` is a case (with several
-input channels: a 4D file, or `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one file per channel);
-`OUT/<case>_seg.nii.gz` is its segmentation (uint8, in the input's geometry).
+needs PyTorch, MONAI with its command line (`pip install "monai[fire]"`), nibabel and SciPy only.
+Every `.nii`/`.nii.gz` in `IMAGES` is a case (with several input channels: a 4D file, or
+`<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one file per channel); `OUT/<case>_seg.nii.gz` is its
+segmentation (uint8, in the input's geometry). Any entry of the config can be set for one run, e.g.
+`--inferer#overlap 0.7`.
 
 ## The model
 

@@ -39,6 +39,7 @@ from networks.deploy import deploy_form, repository_modules
 __all__ = [
     "EXPORT_SUFFIXES",
     "FORMATS",
+    "ONNX_RUNTIMES",
     "OPSET",
     "TOLERANCE",
     "exported_network",
@@ -46,7 +47,9 @@ __all__ = [
 ]
 
 FORMATS = ("torchscript", "onnx", "bundle")
-#: The ONNX operator set of ``model.onnx`` (the PyTorch exporter's own, which ONNX Runtime 1.17+ runs).
+#: The runtimes that run a ``model.onnx`` in test_seg.py.
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+#: The ONNX operator set of ``model.onnx`` (its card states it too).
 OPSET = 18
 #: The largest relative difference (see :func:`_differences`) an export may have to the training form.
 TOLERANCE = 1e-4
@@ -292,45 +295,69 @@ def _onnx_runner(data: bytes) -> Callable:
 
 class OnnxNetwork:
     """An ONNX model run by ONNX Runtime, called like a network: ``logits = network(image)``, tensors in and
-    out (on the input's device); ``eval()`` for the callers that expect a module."""
+    out (on the input's device)."""
 
     def __init__(self, path: str, device: torch.device) -> None:
         self.session = _onnx_session(path, device)
-
-    def eval(self) -> OnnxNetwork:
-        return self
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            print(f"note: ONNX Runtime has no CUDA provider here (install onnxruntime-gpu); {path} runs on the CPU")
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(image.detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run(None, {"image": array})[0]).to(image.device)
 
 
+class OpenVinoNetwork:
+    """An ONNX model compiled by OpenVINO for the CPU, called like a network: ``logits = network(image)``.
+    ``float32``: OpenVINO computes in float32; else in its CPU default precision (bf16 where the processor
+    has it, as ``--amp`` asks)."""
+
+    def __init__(self, path: str, float32: bool) -> None:
+        import openvino
+
+        settings = {"INFERENCE_PRECISION_HINT": "f32"} if float32 else {}
+        self.compiled = openvino.Core().compile_model(path, "CPU", settings)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(image.detach().float().cpu().numpy())
+        return torch.from_numpy(self.compiled(array)[0]).to(image.device)
+
+
 @dataclass(frozen=True)
 class ExportedNetwork:
-    """An exported file (``model.ts``, ``model.onnx``) to segment with."""
+    """An exported file (``model.ts``, ``model.onnx``) to segment with; a ``model.onnx`` runs on
+    ``runtime`` (``onnxruntime`` or ``openvino``), with OpenVINO in float32 or its default precision."""
 
     path: str
+    runtime: str = "onnxruntime"
+    float32: bool = True
 
     def build(self, device: torch.device):
         if self.path.endswith(".onnx"):
+            if self.runtime == "openvino":
+                return OpenVinoNetwork(self.path, self.float32)
             return OnnxNetwork(self.path, device)
         with _torchscript_quietly():
             return torch.jit.load(self.path, map_location=device).eval()
 
 
-def exported_network(path: str, flag: str) -> tuple[ExportedNetwork, dict, str]:
-    """An exported file, its model card (beside it: ``model.ts.json``) and the card's path; a UsageError
-    naming the file for one that cannot be read, and naming the card where it is missing or describes
-    another model than the one inside the file."""
+def exported_network(
+    path: str, flag: str, runtime: str = "onnxruntime", float32: bool = True
+) -> tuple[ExportedNetwork, dict, str]:
+    """An exported file, its model card (beside it: ``model.ts.json``) and the card's path; a ``model.onnx``
+    runs on ``runtime`` (see :class:`ExportedNetwork`). A UsageError naming the file for one that cannot be
+    read (or a runtime that is not installed), and naming the card where it is missing or describes another
+    model than the one inside the file."""
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"{flag} {path}: no such file")
     if path.endswith(".onnx"):
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise UsageError(f"{flag} {path}: segmenting with an ONNX model needs ONNX Runtime ({ONNX_INSTALL})")
+        package, name = ("openvino", "OpenVINO") if runtime == "openvino" else ("onnxruntime", "ONNX Runtime")
+        if importlib.util.find_spec(package) is None:
+            raise UsageError(f"{flag} {path}: segmenting with an ONNX model on {name} needs {package} ({ONNX_INSTALL})")
         try:
-            inside = _onnx_session(path).get_modelmeta().custom_metadata_map.get(EMBEDDED_CARD)
-        except Exception as error:  # ONNX Runtime raises its own types for corrupt files
+            inside = _onnx_card(path, runtime)
+        except Exception as error:  # the runtimes raise their own types for corrupt files
             raise UsageError(f"{flag} {path}: not a readable ONNX model ({_first_line(error)})") from None
     else:
         extra = {EMBEDDED_CARD: ""}
@@ -351,13 +378,27 @@ def exported_network(path: str, flag: str) -> tuple[ExportedNetwork, dict, str]:
         raise UsageError(f"{card_path}: not a valid model card ({error})") from None
     if not isinstance(card, dict):
         raise UsageError(f"{card_path}: not a valid model card (not a JSON object)")
-    embedded = json.loads(inside)
+    try:
+        embedded = json.loads(inside)
+    except ValueError as error:
+        raise UsageError(f"{flag} {path}: the model card inside it is not JSON ({error})") from None
     differing = [key for key in INFERENCE_ENTRIES if as_json(card.get(key)) != as_json(embedded.get(key))]
     if differing:
         raise UsageError(
             f"{card_path}: not the model card of {path} (its {', '.join(differing)} differ from the card inside it)"
         )
-    return ExportedNetwork(path), card, str(card_path)
+    return ExportedNetwork(path, runtime, float32), card, str(card_path)
+
+
+def _onnx_card(path: str, runtime: str) -> str | None:
+    """The model card inside ``model.onnx``, read (and the file checked) by ``runtime``."""
+    if runtime == "openvino":
+        import openvino
+
+        model = openvino.Core().read_model(path)
+        key = ["framework", EMBEDDED_CARD]
+        return model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
+    return _onnx_session(path).get_modelmeta().custom_metadata_map.get(EMBEDDED_CARD)
 
 
 def _first_line(error: Exception) -> str:

@@ -131,7 +131,7 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
     (a state dict, or an exported network: ``model.ts``, ``model.onnx``): from the model card beside the
     weights or in a training checkpoint, else from the flags (published state dicts)."""
     if weights.endswith(EXPORT_SUFFIXES):
-        state, card, source = exported_network(weights, "--trained_weights")
+        state, card, source = exported_network(weights, "--trained_weights", args.runtime, float32=args.amp is None)
     else:
         state, card, source = load_with_card(weights, "--trained_weights")
     if card is None:
@@ -267,6 +267,8 @@ def _infer(args) -> list[Path]:
     device = select_device(args.device, args.gpu)
     autocast = autocast_for(args.amp, device)
     output = check_output_folder(args.output)
+    if args.runtime == "openvino" and device.type != "cpu" and any(w.endswith(".onnx") for w in args.trained_weights):
+        raise UsageError("--runtime openvino runs model.onnx on the CPU: add --device cpu, or use onnxruntime")
     models = _models_to_run(args, load_dataset_config(_dataset_of(args), args.datalist))
     config, out_channels = models[0].config, models[0].out_channels
     cases = _cases_to_segment(args, config)

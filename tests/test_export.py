@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import onnx
 import onnxruntime
+import openvino
 import pytest
 import torch
 from conftest import TINY, TINY_RUN, exit_message, flags
@@ -84,6 +85,7 @@ def test_torchscript_and_onnx_compute_the_training_form_network(name, overrides,
     shapes = [(3, 1, 32, 32, 32)] + ([(1, 1, 32 + spec.input_multiple, 32, 64)] if spec.any_size_export else [])
     scripted = torch.jit.load(output / "model.ts")
     session = onnxruntime.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    compiled = openvino.Core().compile_model(str(output / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     for shape in shapes:
         x = torch.randn(shape)
         with torch.no_grad():
@@ -91,6 +93,7 @@ def test_torchscript_and_onnx_compute_the_training_form_network(name, overrides,
             assert relative_difference(scripted(x), reference) < 1e-4
         onnx_output = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
         assert relative_difference(onnx_output, reference) < 1e-4
+        assert relative_difference(torch.from_numpy(compiled(x.numpy())[0]), reference) < 1e-4
     input_shape = session.get_inputs()[0].shape
     assert isinstance(input_shape[0], str) and input_shape[1] == 1  # dynamic batch, fixed channels
     if spec.any_size_export:
@@ -195,7 +198,7 @@ def assert_same_segmentations(expected: dict, actual: dict) -> None:
         assert np.allclose(actual[name].affine, image.affine), name
 
 
-def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_and_the_bundle(ct, tmp_path):
+def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_openvino_and_the_bundle(ct, tmp_path):
     root, weights, exported = ct
     assert sorted(p.name for p in (exported / "bundle").rglob("*") if p.is_file()) == [
         "README.md",
@@ -211,6 +214,13 @@ def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_and_t
     assert len(expected) == 2 and len(np.unique(labels)) > 1  # a trained model, not a constant one
     for name in ("model.ts", "model.onnx"):
         assert_same_segmentations(expected, segment([exported / name], root, tmp_path / name))
+    # OpenVINO's float32 differs from PyTorch's by up to 1e-4 relative: a voxel at a near tie between two
+    # classes may take the other one.
+    openvino = segment([exported / "model.onnx"], root, tmp_path / "openvino", ("--runtime", "openvino"))
+    assert sorted(openvino) == sorted(expected)
+    for name, image in expected.items():
+        differing = np.asarray(openvino[name].dataobj) != np.asarray(image.dataobj)
+        assert differing.mean() < 1e-4 and np.allclose(openvino[name].affine, image.affine), differing.sum()
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=outside)
@@ -278,7 +288,7 @@ def test_export_needs_the_card_and_says_what_to_install(ct, tmp_path, monkeypatc
     ]
 
     def without_onnxruntime(name, *args):
-        return None if name == "onnxruntime" else find_spec(name, *args)
+        return None if name in ("onnxruntime", "openvino") else find_spec(name, *args)
 
     find_spec = engine.export.importlib.util.find_spec
     monkeypatch.setattr(engine.export.importlib.util, "find_spec", without_onnxruntime)
@@ -288,7 +298,10 @@ def test_export_needs_the_card_and_says_what_to_install(ct, tmp_path, monkeypatc
     message = exit_message(
         test_seg.main, flags(root=root, output=tmp_path / "seg", trained_weights=exported / "model.onnx")
     )
-    assert "needs ONNX Runtime (pip install -r requirements-deploy.txt)" in message
+    assert "on ONNX Runtime needs onnxruntime (pip install -r requirements-deploy.txt)" in message
+    onnx_flags = flags(root=root, output=tmp_path / "seg", trained_weights=exported / "model.onnx", runtime="openvino")
+    message = exit_message(test_seg.main, onnx_flags)
+    assert "on OpenVINO needs openvino (pip install -r requirements-deploy.txt)" in message
 
 
 def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_path):
