@@ -212,6 +212,7 @@ def _readme(card: dict, source: str, config: dict) -> str:
     preprocessing = card_preprocessing(card)
     classes = card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))]
     spacing = preprocessing["spacing"]
+    grid = f"{'x'.join(f'{value:g}' for value in spacing)} mm" if spacing else "the native grid"
     return f"""# {card["network"]}: {card.get("dataset", "segmentation")}
 
 Exported from `{Path(source).name}` by the 3D RepUX-Net repository's `export.py`: the network's deploy form
@@ -234,8 +235,8 @@ segmentation (uint8, in the input's geometry). Any entry of the config can be se
 
 - input: {int(card.get("in_channels", 1))} channel(s): {", ".join(preprocessing["channels"])}
 - classes: {", ".join(f"{i} {name}" for i, name in enumerate(classes))}
-- preprocessing: reoriented to {ORIENTATION}, resampled to {spacing if spacing else "the native grid"}
-  {"mm " if spacing else ""}(bilinear), cropped to the foreground, each channel normalised:
+- preprocessing: reoriented to {ORIENTATION}, resampled to {grid} (bilinear), cropped to the foreground,
+  each channel normalised:
   {"; ".join(json.dumps(entry) for entry in preprocessing["normalization"])}
 - sliding window {"x".join(map(str, card["roi_size"]))}, batch {config["inferer"]["sw_batch_size"]}, overlap
   {config["inferer"]["overlap"]}; softmax, inverted to the input's geometry, argmax
