@@ -59,6 +59,10 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
 
+def _class_names(card: dict) -> list[str]:
+    return list(card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))])
+
+
 def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
     """``configs/inference.json`` of the model ``card`` describes."""
     preprocessing = card_preprocessing(card)
@@ -163,8 +167,8 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
 
 def _metadata(card: dict, source: str) -> dict:
     preprocessing = card_preprocessing(card)
-    classes = list(card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))])
-    ct = all(entry.get("scheme") == "ct" for entry in preprocessing["normalization"] if isinstance(entry, dict))
+    classes = _class_names(card)
+    ct = all(entry["scheme"] == "ct" for entry in preprocessing["normalization"])
     return {
         "schema": METADATA_SCHEMA,
         "version": BUNDLE_VERSION,
@@ -210,7 +214,7 @@ def _metadata(card: dict, source: str) -> dict:
 
 def _readme(card: dict, source: str, config: dict) -> str:
     preprocessing = card_preprocessing(card)
-    classes = card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))]
+    classes = _class_names(card)
     spacing = preprocessing["spacing"]
     grid = f"{'x'.join(f'{value:g}' for value in spacing)} mm" if spacing else "the native grid"
     return f"""# {card["network"]}: {card.get("dataset", "segmentation")}
@@ -248,8 +252,9 @@ same file the training repository preprocesses with.
 
 
 def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int, overlap: float) -> dict[str, bytes]:
-    """The bundle's files (relative path -> content) for the model ``card`` describes, whose TorchScript
-    deploy form is ``torchscript``; ``source`` names the trained weights."""
+    """The bundle's files (relative path -> content) for the model ``card`` describes (as export.py passes
+    it: each channel's normalisation in full), whose TorchScript deploy form is ``torchscript``; ``source``
+    names the trained weights."""
     config = inference_config(card, sw_batch_size, overlap)
     return {
         "configs/inference.json": (json.dumps(config, indent=2) + "\n").encode(),

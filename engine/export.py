@@ -42,7 +42,10 @@ __all__ = [
     "ONNX_RUNTIMES",
     "OPSET",
     "TOLERANCE",
+    "ArrayNetwork",
     "exported_network",
+    "onnx_runtime_network",
+    "openvino_network",
     "run_export",
 ]
 
@@ -120,7 +123,7 @@ def run_export(args) -> list[Path]:
             files.update({f"{BUNDLE_FOLDER}/{name}": content for name, content in bundle.items()})
     if "onnx" in formats:
         data = _onnx(deployed, inputs[0], embedded, spec.input_multiple, spec.any_size_export)
-        check = _check(ONNX_FILE, _onnx_runner(data), inputs, references)
+        check = _check(ONNX_FILE, onnx_runtime_network(data), inputs, references)
         files[ONNX_FILE] = data
         files[f"{ONNX_FILE}.json"] = _card_file(card, "onnx", args.trained_weights, spatial, check)
     if "bundle" in formats and (output / BUNDLE_FOLDER).exists():
@@ -160,7 +163,8 @@ def _spatial_text(any_size: bool, multiple: int, roi: tuple[int, int, int]) -> s
 
 
 def _trained_with_card(weights: str) -> tuple[dict, dict, str]:
-    """The state dict of ``weights`` and its model card (beside it, or inside a training checkpoint)."""
+    """The state dict of ``weights`` and its model card (beside it, or inside a training checkpoint), the
+    card's preprocessing entries in full form (each channel's scheme with its window or nonzero_mask)."""
     state, card, source = load_with_card(weights, "--trained_weights")
     if not isinstance(card, dict):
         raise UsageError(
@@ -168,11 +172,11 @@ def _trained_with_card(weights: str) -> tuple[dict, dict, str]:
             "needs the card that training writes (network, classes, channels, ROI, preprocessing)"
         )
     try:
-        for entry in card_preprocessing(card)["normalization"]:
-            ChannelNorm.from_json(entry)
+        preprocessing = card_preprocessing(card)
+        preprocessing["normalization"] = [ChannelNorm.from_json(e).to_json() for e in preprocessing["normalization"]]
     except (KeyError, TypeError, ValueError) as error:
         raise UsageError(f"{source}: not a valid model card ({error})") from None
-    return state, card, source
+    return state, {**card, **preprocessing}, source
 
 
 def _check_inputs(in_channels: int, roi: tuple[int, int, int], multiple: int, any_size: bool) -> list[torch.Tensor]:
@@ -288,39 +292,35 @@ def _onnx_session(data: bytes | str, device: torch.device | None = None):
     return onnxruntime.InferenceSession(data, providers=providers)
 
 
-def _onnx_runner(data: bytes) -> Callable:
-    session = _onnx_session(data)
-    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+class ArrayNetwork:
+    """A network that runs outside PyTorch (ONNX Runtime, OpenVINO), called like a module:
+    ``logits = network(image)``, float32 tensors in and out (on the input's device); ``run`` maps a NumPy
+    image to NumPy logits."""
 
-
-class OnnxNetwork:
-    """An ONNX model run by ONNX Runtime, called like a network: ``logits = network(image)``, tensors in and
-    out (on the input's device)."""
-
-    def __init__(self, path: str, device: torch.device) -> None:
-        self.session = _onnx_session(path, device)
-        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            print(f"note: ONNX Runtime has no CUDA provider here (install onnxruntime-gpu); {path} runs on the CPU")
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.run = run
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(image.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {"image": array})[0]).to(image.device)
+        return torch.from_numpy(self.run(array)).to(image.device)
 
 
-class OpenVinoNetwork:
-    """An ONNX model compiled by OpenVINO for the CPU, called like a network: ``logits = network(image)``.
-    ``float32``: OpenVINO computes in float32; else in its CPU default precision (bf16 where the processor
-    has it, as ``--amp`` asks)."""
+def onnx_runtime_network(model: bytes | str, device: torch.device | None = None) -> ArrayNetwork:
+    """An ONNX model (its bytes or path) on ONNX Runtime, on CUDA for a CUDA ``device`` where it can."""
+    session = _onnx_session(model, device)
+    if device is not None and device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        print(f"note: ONNX Runtime has no CUDA provider here (install onnxruntime-gpu); {model} runs on the CPU")
+    return ArrayNetwork(lambda array: session.run(None, {"image": array})[0])
 
-    def __init__(self, path: str, float32: bool) -> None:
-        import openvino
 
-        settings = {"INFERENCE_PRECISION_HINT": "f32"} if float32 else {}
-        self.compiled = openvino.Core().compile_model(path, "CPU", settings)
+def openvino_network(path: str, float32: bool) -> ArrayNetwork:
+    """An ONNX model compiled by OpenVINO for the CPU. ``float32``: OpenVINO computes in float32; else in its
+    CPU default precision (bf16 where the processor has it, as ``--amp`` asks)."""
+    import openvino
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(image.detach().float().cpu().numpy())
-        return torch.from_numpy(self.compiled(array)[0]).to(image.device)
+    settings = {"INFERENCE_PRECISION_HINT": "f32"} if float32 else {}
+    compiled = openvino.Core().compile_model(path, "CPU", settings)
+    return ArrayNetwork(lambda array: compiled(array)[0])
 
 
 @dataclass(frozen=True)
@@ -335,8 +335,8 @@ class ExportedNetwork:
     def build(self, device: torch.device):
         if self.path.endswith(".onnx"):
             if self.runtime == "openvino":
-                return OpenVinoNetwork(self.path, self.float32)
-            return OnnxNetwork(self.path, device)
+                return openvino_network(self.path, self.float32)
+            return onnx_runtime_network(self.path, device)
         with _torchscript_quietly():
             return torch.jit.load(self.path, map_location=device).eval()
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from networks.dwconv import DepthwiseConv3d
+from networks.layers import replace_layers
 
 __all__ = ["BFRConv3d", "frequency_prior", "switch_to_deploy"]
 
@@ -133,10 +134,4 @@ def switch_to_deploy(module: nn.Module) -> nn.Module:
     The network computes the same function afterwards and its state dict is unchanged. Returns
     ``module`` (converted in place; a bare ``BFRConv3d`` is returned converted).
     """
-    if isinstance(module, BFRConv3d):
-        return module.to_conv3d()
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, BFRConv3d):
-                setattr(parent, name, child.to_conv3d())
-    return module
+    return replace_layers(module, BFRConv3d, BFRConv3d.to_conv3d)

@@ -1,7 +1,7 @@
 """The deploy form of a trained network: what leaves the repository (TorchScript, ONNX).
 
-Every BFR kernel is folded into its effective kernel ``W * M`` (:func:`networks.bfr.switch_to_deploy`)
-and every depthwise convolution of this repository becomes a plain ``nn.Conv3d`` holding the same weights:
+Every depthwise convolution of this repository becomes a plain ``nn.Conv3d`` holding the same weights; a BFR
+layer's weights are its effective kernel ``W * M`` (what its state dict holds), so BFR is folded on the way:
 no FFT, no frequency prior, no module or setting of this repository left inside. The result computes the
 training-form network's function with PyTorch's native convolution.
 """
@@ -12,13 +12,14 @@ import copy
 
 from torch import nn
 
-from networks.bfr import BFRConv3d, switch_to_deploy
 from networks.dwconv import DepthwiseConv3d
+from networks.layers import replace_layers
 
 __all__ = ["deploy_form", "repository_modules"]
 
 
 def _native(conv: DepthwiseConv3d) -> nn.Conv3d:
+    """A plain ``nn.Conv3d`` with ``conv``'s shape and state dict (a BFR layer's: its effective kernel)."""
     plain = nn.Conv3d(
         conv.in_channels,
         conv.out_channels,
@@ -36,19 +37,11 @@ def _native(conv: DepthwiseConv3d) -> nn.Conv3d:
 def deploy_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in evaluation mode, BFR folded and every depthwise convolution a native
     ``nn.Conv3d`` (``model`` itself is left as it is). Its state dict equals ``model``'s."""
-    deployed = switch_to_deploy(copy.deepcopy(model))
-    if isinstance(deployed, DepthwiseConv3d):
-        deployed = _native(deployed)
-    for parent in list(deployed.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, DepthwiseConv3d):
-                setattr(parent, name, _native(child))
+    deployed = replace_layers(copy.deepcopy(model), DepthwiseConv3d, _native)
     return deployed.eval().requires_grad_(False)
 
 
 def repository_modules(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` that only this repository can run (BFR or FFT convolutions);
-    empty for a deploy form."""
-    return [
-        name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, BFRConv3d | DepthwiseConv3d)
-    ]
+    """Names of the modules of ``model`` that only this repository can run (its depthwise convolutions, BFR
+    ones included); empty for a deploy form."""
+    return [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, DepthwiseConv3d)]

@@ -1,14 +1,15 @@
-"""Layers shared by the 3D UX-Net family."""
+"""Layers shared by the 3D UX-Net family, and the swap of one layer type for another."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm", "StagedEncoder"]
+__all__ = ["LayerNorm", "StagedEncoder", "replace_layers"]
 
 
 class LayerNorm(nn.Module):
@@ -91,3 +92,18 @@ class StagedEncoder(nn.Module):
             x = stage(downsample(x))
             outs.append(getattr(self, f"norm{i}")(x))
         return tuple(outs)
+
+
+Layer = TypeVar("Layer", bound=nn.Module)
+
+
+def replace_layers(module: nn.Module, kind: type[Layer], convert: Callable[[Layer], nn.Module]) -> nn.Module:
+    """Replace every submodule of type ``kind`` inside ``module`` by ``convert(submodule)``, in place.
+    Returns ``module`` (a bare ``kind`` is returned converted)."""
+    if isinstance(module, kind):
+        return convert(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, convert(child))
+    return module

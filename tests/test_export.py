@@ -258,8 +258,8 @@ def test_a_corrupt_export_or_a_wrong_card_is_refused_by_name(ct, tmp_path):
 
 def test_an_export_that_differs_is_not_written_and_is_named(ct, tmp_path, monkeypatch, capsys):
     _, weights, _ = ct
-    exact = engine.export._onnx_runner
-    monkeypatch.setattr(engine.export, "_onnx_runner", lambda data: lambda x: exact(data)(x) * 1.01)
+    exact = engine.export.onnx_runtime_network
+    monkeypatch.setattr(engine.export, "onnx_runtime_network", lambda data: lambda x: exact(data)(x) * 1.01)
     output = tmp_path / "export"
     message = exit_message(export.main, flags(trained_weights=weights, output=output))
     assert message == "1"  # stopped, not a usage error
