@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from dataset.description import DatasetError
+from dataset.laterality import check_mirror_axes
 from engine import RunStopped, UsageError
 from engine.common import roi_of
 from networks import available_networks
@@ -49,6 +50,20 @@ def int_list(count: int):
         return numbers
 
     return parse
+
+
+def mirror_axes(value: str) -> tuple[int, ...]:
+    """``--mirror_axes`` / ``--tta_axes``: comma-separated spatial axes (0, 1, 2; after reorientation to RAS),
+    or ``none``."""
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        return check_mirror_axes((int(v) for v in value.replace(" ", "").split(",") if v), value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected spatial axes such as 0,1,2 (0 left-right, 1 posterior-anterior, 2 inferior-superior) or "
+            f"none, got {value!r}"
+        ) from None
 
 
 def roi_size(value: str) -> tuple[int, int, int]:
@@ -263,6 +278,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
         "--cache_dir",
         default=None,
         help="cache the deterministic part of each case on disk here, reused across runs (default: none)",
+    )
+    parser.add_argument(
+        "--mirror_axes",
+        type=mirror_axes,
+        default=None,
+        help="mirror each training crop along these spatial axes after reorientation to RAS (0 left-right, 1 "
+        "posterior-anterior, 2 inferior-superior), each with probability 1/2, left/right class pairs swapped on "
+        "left-right flips; or none (default: the dataset's: 0,1,2 for a dataset JSON, none for the presets, as "
+        "published)",
     )
     parser.add_argument(
         "--gpu_transforms",

@@ -7,6 +7,8 @@ dataset (``dataset.description``), finding and pairing its cases (``dataset.case
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dataset.cases import find_cases, resolve_root
 from dataset.checks import check_cases
 from dataset.description import load_dataset_config
@@ -39,5 +41,7 @@ def data_loader(args) -> tuple:
 def data_transforms(args):
     """The published entry point: ``(train_transforms, val_transforms)`` or the test transforms."""
     config = load_dataset_config(args.dataset, getattr(args, "datalist", None))
+    if getattr(args, "mirror_axes", None) is not None:
+        config = replace(config, mirror_axes=tuple(args.mirror_axes))
     roi = roi_of(getattr(args, "roi_size", 96))
     return build_transforms(config, args.mode, roi, getattr(args, "crop_sample", 2))

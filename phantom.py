@@ -5,7 +5,8 @@ and pancreas as jittered ellipsoids, Gaussian noise, anisotropic voxels and a ra
 in the affine (RAS, LPS, axes swapped, ...), stored as int16 NIfTI. CT cases carry plausible
 portal-venous HU values; MRI cases two channels (T1- and T2-like contrasts, zero outside the body, an
 arbitrary gain per case and channel, as MRI has no absolute unit). Labels follow FLARE 2021: 0
-background, 1 spleen, 2 kidney, 3 liver, 4 pancreas.
+background, 1 spleen, 2 kidney, 3 liver, 4 pancreas; with ``--lateral`` the kidneys are two labels by
+side, as AMOS labels them: 0 background, 1 spleen, 2 right kidney, 3 left kidney, 4 liver, 5 pancreas.
 
 Layouts (``--layout``):
 
@@ -34,9 +35,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["LABELS", "LAYOUTS", "MRI_CHANNELS", "make_case", "write_dataset"]
+__all__ = ["LABELS", "LATERAL_LABELS", "LAYOUTS", "MRI_CHANNELS", "make_case", "write_dataset"]
 
 LABELS = ("background", "spleen", "kidney", "liver", "pancreas")
+#: The labels of ``--lateral``: the kidneys by side, in AMOS's order (right kidney 2, left kidney 3).
+LATERAL_LABELS = ("background", "spleen", "right kidney", "left kidney", "liver", "pancreas")
+#: Each organ's label value in ``--lateral`` datasets (the FLARE values otherwise, see ORGANS).
+LATERAL_VALUES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 4, "pancreas": 5}
 
 # HU of each tissue (portal-venous phase) and the FLARE label it carries.
 AIR_HU, FAT_HU, SOFT_TISSUE_HU = -1000.0, -90.0, 40.0
@@ -79,7 +84,7 @@ def _orientation_matrix(code: str, spacing: Sequence[float]) -> np.ndarray:
 
 
 def make_case(
-    rng: np.random.Generator, orientation: str | None = None, modality: str = "ct"
+    rng: np.random.Generator, orientation: str | None = None, modality: str = "ct", lateral: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make one phantom case.
 
@@ -87,6 +92,7 @@ def make_case(
         rng: random generator (sizes, positions, spacing, orientation and noise come from it).
         orientation: axis code of the stored array (random from ``ORIENTATIONS`` when None).
         modality: ``ct`` (one channel, HU) or ``mri`` (the channels of :data:`MRI_CHANNELS`, last axis).
+        lateral: label the kidneys by side (:data:`LATERAL_LABELS`) instead of FLARE's one kidney label.
 
     Returns:
         ``(image, label, affine)``: int16 image (CT: HU; MRI: 4D, channels last), uint8 label of the
@@ -140,7 +146,7 @@ def make_case(
         inside = (u / r[0]) ** 2 + (v / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1.0
         for channel, (_, _, _, organs) in zip(channels, tissues, strict=True):
             channel[inside] = organs[name] + rng.normal(0, 4)
-        label[inside] = value
+        label[inside] = LATERAL_VALUES[name] if lateral else value
 
     if modality == "ct":
         image = channels[0] + rng.normal(0, 12.0, size=shape).astype(np.float32)
@@ -170,6 +176,7 @@ def write_dataset(
     seed: int = 0,
     modality: str = "ct",
     layout: str = "published",
+    lateral: bool = False,
 ) -> dict:
     """Write a phantom dataset under ``output`` in ``layout`` (see the module docstring) and return its
     dataset.json.
@@ -177,6 +184,7 @@ def write_dataset(
     Cases are named ``phantom_NNN``; ``num_val`` validation cases are written in the ``published`` layout
     only. In the published layout, a CT dataset.json carries the FLARE settings (labels, 1.0 x 1.0 x 1.2 mm
     spacing, -125..275 HU window); every other one leaves spacing and normalisation to be derived.
+    ``lateral``: the kidneys labelled by side (:data:`LATERAL_LABELS`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -198,7 +206,7 @@ def write_dataset(
             split, ("imagesTs", "labelsTs")
         )
         for _ in range(count):
-            image, label, affine = make_case(rng, modality=modality)
+            image, label, affine = make_case(rng, modality=modality, lateral=lateral)
             name = f"phantom_{case:03d}"
             (root / image_dir).mkdir(parents=True, exist_ok=True)
             (root / label_dir).mkdir(parents=True, exist_ok=True)
@@ -211,12 +219,14 @@ def write_dataset(
             _save(label, affine, root / label_dir / f"{name}.nii.gz")
             lists[split].append({"image": f"./{image_dir}/{name}.nii.gz", "label": f"./{label_dir}/{name}.nii.gz"})
             case += 1
-    description = _description(layout, modality, channels, lists)
+    description = _description(layout, modality, channels, lists, LATERAL_LABELS if lateral else LABELS)
     (root / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
     return description
 
 
-def _description(layout: str, modality: str, channels: list[str], lists: dict[str, list]) -> dict:
+def _description(
+    layout: str, modality: str, channels: list[str], lists: dict[str, list], labels: Sequence[str]
+) -> dict:
     """The dataset.json of a phantom dataset in ``layout``."""
     name = f"{'FLARE-like' if modality == 'ct' else 'Two-channel MRI'} phantom"
     numbered = {str(i): channel for i, channel in enumerate(channels)}
@@ -224,7 +234,7 @@ def _description(layout: str, modality: str, channels: list[str], lists: dict[st
         return {
             "name": name,
             "channel_names": numbered,
-            "labels": {label: value for value, label in enumerate(LABELS)},
+            "labels": {label: value for value, label in enumerate(labels)},
             "numTraining": len(lists["training"]),
             "file_ending": ".nii.gz",
         }
@@ -233,7 +243,7 @@ def _description(layout: str, modality: str, channels: list[str], lists: dict[st
         "description": f"Synthetic abdominal {modality.upper()} phantoms (phantom.py)",
         "tensorImageSize": "3D" if len(channels) == 1 else "4D",
         "modality": numbered,
-        "labels": {str(i): label for i, label in enumerate(LABELS)},
+        "labels": {str(i): label for i, label in enumerate(labels)},
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
     }
@@ -257,10 +267,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--modality", default="ct", choices=["ct", "mri"], help="ct, or two-channel mri (default ct)")
     parser.add_argument("--layout", default="published", choices=LAYOUTS, help="dataset layout (default published)")
+    parser.add_argument(
+        "--lateral", action="store_true", help="label the kidneys by side: right kidney 2, left kidney 3 (as AMOS)"
+    )
     args = parser.parse_args(argv)
     try:
         description = write_dataset(
-            args.output, args.num_train, args.num_val, args.num_test, args.seed, args.modality, args.layout
+            args.output,
+            args.num_train,
+            args.num_val,
+            args.num_test,
+            args.seed,
+            args.modality,
+            args.layout,
+            args.lateral,
         )
     except ValueError as error:
         parser.error(str(error))

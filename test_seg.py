@@ -4,10 +4,10 @@ The images: --input (NIfTI files and folders, no dataset layout needed) or the t
 (--root, --dataset). With a model card beside the weights (written by training), the card decides the
 network, its classes, the ROI and the preprocessing (channels, normalisation, spacing). Several
 --trained_weights make an ensemble (softmax averaged), exports (model.ts, model.onnx) among them; --tta
-adds the 8 mirrorings.
+adds the mirrorings each model was trained with (left/right class pairs swapped back).
 """
 
-from cli import add_common_arguments, parser_for, positive_int, run_or_exit, unit_interval
+from cli import add_common_arguments, mirror_axes, parser_for, positive_int, run_or_exit, unit_interval
 from engine import run_inference
 from engine.export import ONNX_RUNTIMES
 
@@ -32,7 +32,19 @@ def main(argv=None) -> None:
         "--labels", default=None, help="with --input and --evaluate: folder of <case>.nii.gz labels (default: none)"
     )
     parser.add_argument(
-        "--tta", action="store_true", help="test-time mirroring over the 3 spatial axes (8 passes, softmax averaged)"
+        "--tta",
+        action="store_true",
+        help="test-time mirroring along the axes each model was mirrored along in training (its model card's; "
+        "every combination a pass, softmax averaged, left/right class pairs swapped back); none for a model "
+        "trained without mirroring",
+    )
+    parser.add_argument(
+        "--tta_axes",
+        type=mirror_axes,
+        default=None,
+        help="test-time mirroring along these spatial axes for every model, whatever it was trained with (0 "
+        "left-right, 1 posterior-anterior, 2 inferior-superior; implies --tta), or none (default: the model "
+        "cards')",
     )
     parser.add_argument(
         "--save_probabilities",

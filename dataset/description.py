@@ -4,7 +4,8 @@ Four ways to say it, each a :class:`DatasetConfig`:
 
 - a preset: ``flare``, ``amos``, ``feta`` (the published settings);
 - this repository's JSON: Medical Segmentation Decathlon keys plus the optional ``spacing``,
-  ``intensity``, ``normalization``, ``channels`` and ``rotate_z``;
+  ``intensity``, ``normalization``, ``channels``, ``rotate_z``, ``mirror_axes`` and ``lateral_pairs``
+  (which any of the JSON forms may give);
 - a Medical Segmentation Decathlon ``dataset.json`` (``modality``, ``labels`` ``{"0": "background"}``,
   ``training`` / ``test`` lists; multi-channel images are 4D with the channels last);
 - an nnU-Net v2 raw ``dataset.json`` (``channel_names``, ``labels`` ``{"background": 0}``,
@@ -20,6 +21,8 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from dataset.laterality import check_lateral_pairs, check_mirror_axes, find_lateral_pairs
 
 __all__ = [
     "MEDIAN",
@@ -147,6 +150,11 @@ class DatasetConfig:
         background_crops: where the balanced crops centre their background samples: ``body`` (any
             background voxel of the foreground-cropped volume, whatever the normalisation) or ``published``
             (background voxels whose normalised value is above 0: the body under the published CT window).
+        mirror_axes: spatial axes (after reorientation to RAS; 0 is left-right) each training crop is
+            flipped along, each with probability 1/2 (``dataset.laterality``): none in the published
+            chains, all three for a dataset JSON (nnU-Net's default).
+        lateral_pairs: the class values that swap under a left-right flip, ``((2, 3), ...)``; None: found
+            from the class names (:attr:`pairs`).
     """
 
     name: str
@@ -163,6 +171,8 @@ class DatasetConfig:
     source: str = ""
     ignore_label: int | None = None
     background_crops: str = "body"
+    mirror_axes: tuple[int, ...] = ()
+    lateral_pairs: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.normalization) != len(self.channels):
@@ -177,6 +187,11 @@ class DatasetConfig:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """The left/right pairs of class values: given, else found from the class names."""
+        return self.lateral_pairs if self.lateral_pairs is not None else find_lateral_pairs(self.labels)
 
     @property
     def in_channels(self) -> int:
@@ -481,6 +496,13 @@ def _from_json(path: Path) -> DatasetConfig:
     rotate_z = content.get("rotate_z", math.pi / 30)
     if not _is_number(rotate_z):
         raise DatasetError(f"{where}: 'rotate_z' must be a number (radians)")
+    try:
+        pairs = content.get("lateral_pairs")
+        pairs = None if pairs is None else check_lateral_pairs(pairs, len(labels), where)
+        axes = content.get("mirror_axes", [0, 1, 2])
+        axes = check_mirror_axes(axes if isinstance(axes, list) else [axes], where)
+    except ValueError as error:
+        raise DatasetError(str(error)) from None
     return DatasetConfig(
         name=str(content.get("name", path.stem)),
         labels=labels,
@@ -495,6 +517,8 @@ def _from_json(path: Path) -> DatasetConfig:
         num_training=num_training,
         source=where,
         ignore_label=ignore_label,
+        mirror_axes=axes,
+        lateral_pairs=pairs,
     )
 
 

@@ -21,12 +21,14 @@ from monai.transforms import (
     Orientationd,
     RandAffined,
     RandCropByPosNegLabeld,
+    Randomizable,
     RandShiftIntensityd,
     Spacingd,
     SpatialPadd,
 )
 
 from dataset.description import DatasetConfig
+from dataset.laterality import LEFT_RIGHT_AXIS, swap_lateral_labels
 from dataset.portable import AnyChannelForeground, NormalizeChannelsd, nonzero_region
 
 #: The orientation every image is brought to before resampling, and the axis labels that name it.
@@ -41,6 +43,7 @@ __all__ = [
     "LoadCased",
     "NormalizeChannelsd",
     "ORIENTATION",
+    "RandMirrord",
     "build_transforms",
     "nonzero_region",
 ]
@@ -116,6 +119,49 @@ class BalancedCropd(RandCropByPosNegLabeld):
         super().randomize(label, fg_indices, bg_indices, image)
 
 
+class RandMirrord(Randomizable, MapTransform):
+    """Flip the (channels-first) arrays under ``keys`` along each of the spatial ``axes`` with probability
+    ``prob``, drawn per axis and per call (per crop); where the left-right axis is flipped, the labels of
+    each of ``lateral_pairs`` are exchanged in ``label_key``, so that a class keeps naming its side.
+
+    Args:
+        keys: the image and label keys, flipped together.
+        axes: spatial axes after reorientation to RAS (0 left-right, 1 posterior-anterior, 2 inferior-superior).
+        lateral_pairs: class values that a left-right flip exchanges (``dataset.laterality``).
+        label_key: the key of the label map.
+        prob: the probability of a flip along each axis.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        axes: Sequence[int],
+        lateral_pairs: Sequence[tuple[int, int]] = (),
+        label_key: str = "label",
+        prob: float = 0.5,
+    ) -> None:
+        super().__init__(keys)
+        if not all(0 <= a <= 2 for a in axes):
+            raise ValueError(f"axes {list(axes)}: expected spatial axes 0, 1, 2")
+        self.axes, self.lateral_pairs = tuple(axes), tuple(lateral_pairs)
+        self.label_key, self.prob = label_key, prob
+        self.flipped: tuple[int, ...] = ()
+
+    def randomize(self, data=None) -> None:
+        self.flipped = tuple(a for a in self.axes if self.R.random() < self.prob)
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        data = dict(data)
+        if not self.flipped:
+            return data
+        for key in self.key_iterator(data):
+            data[key] = torch.flip(data[key], [a + 1 for a in self.flipped])
+        if LEFT_RIGHT_AXIS in self.flipped and self.label_key in data:
+            data[self.label_key] = swap_lateral_labels(data[self.label_key], self.lateral_pairs)
+        return data
+
+
 def build_transforms(
     config: DatasetConfig,
     mode: str,
@@ -128,9 +174,11 @@ def build_transforms(
     Preprocessing: load (channels first), reorient to RAS, resample to ``config.spacing``, crop to the
     foreground (:class:`AnyChannelForeground`), normalise each channel (:class:`NormalizeChannelsd`).
     ``mode="train"`` returns ``(train_transforms, val_transforms)``; ``mode="test"`` returns the test
-    chain (image only, invertible, for :class:`monai.transforms.Invertd`). With ``device``, the training
-    chain moves each cached case there before the random crops, intensity shift and affine, which then
-    run on that device (``--gpu_transforms``).
+    chain (image only, invertible, for :class:`monai.transforms.Invertd`). Training crops are mirrored
+    along ``config.mirror_axes`` (:class:`RandMirrord`, the lateral pairs swapped on left-right flips) after
+    the affine; the published chains mirror nothing. With ``device``, the training chain moves each cached
+    case there before the random crops, intensity shift, affine and mirroring, which then run on that device
+    (``--gpu_transforms``).
     """
     if config.to_derive():
         raise ValueError(f"{config.name}: derive {', '.join(config.to_derive())} first (dataset.fingerprint)")
@@ -155,6 +203,7 @@ def build_transforms(
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
     roi_size = tuple(roi_size)
     to_device = [EnsureTyped(keys=keys, device=device, track_meta=False)] if device is not None else []
+    mirror = [RandMirrord(keys, config.mirror_axes, config.pairs)] if config.mirror_axes else []
     train = Compose(
         preprocessing
         + to_device
@@ -179,6 +228,7 @@ def build_transforms(
                 rotate_range=(0, 0, config.rotate_z),
                 scale_range=(0.1, 0.1, 0.1),
             ),
+            *mirror,
             EnsureTyped(keys=keys, track_meta=False),
         ]
     )

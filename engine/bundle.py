@@ -22,6 +22,7 @@ import torch
 
 import dataset.portable
 from dataset.description import card_preprocessing
+from dataset.laterality import check_lateral_pairs, describe_axes, describe_pairs
 from dataset.transforms import AXIS_LABELS, ORIENTATION
 
 __all__ = ["bundle_files", "inference_config"]
@@ -244,11 +245,26 @@ segmentation (uint8, in the input's geometry). Any entry of the config can be se
   {"; ".join(json.dumps(entry) for entry in preprocessing["normalization"])}
 - sliding window {"x".join(map(str, card["roi_size"]))}, batch {config["inferer"]["sw_batch_size"]}, overlap
   {config["inferer"]["overlap"]}; softmax, inverted to the input's geometry, argmax
+- {_mirroring_note(card, classes)}
 
 `scripts/portable.py` holds the operations MONAI has no transform for (the per-channel normalisation,
 the foreground rule, the background mass outside the crop, the image folder's cases and the loop), the
 same file the training repository preprocesses with.
 """
+
+
+def _mirroring_note(card: dict, classes: list[str]) -> str:
+    """What the bundle's README says of test-time mirroring: it runs one pass, unmirrored."""
+    axes = card.get("mirror_axes")
+    if not axes:
+        trained = "trained without mirroring" if axes == [] else "trained without recorded mirroring"
+        return f"one pass, unmirrored: the model was {trained}, and mirrored passes would put left on right"
+    pairs = describe_pairs(classes, check_lateral_pairs(card.get("lateral_pairs", []), len(classes), "card"))
+    return (
+        f"one pass, unmirrored: this bundle does not mirror at test time. The model was trained mirrored along "
+        f"the RAS axes {describe_axes(axes)}; the repository's `test_seg.py --tta` averages those mirrorings, "
+        f"swapping back the left/right pairs ({pairs}) on left-right flips"
+    )
 
 
 def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int, overlap: float) -> dict[str, bytes]:

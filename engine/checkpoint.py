@@ -27,8 +27,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
-#: Model card entries a resumed run must share with its checkpoint (the model and its preprocessing; the
-#: channels' names may change, not their count or normalisation).
+#: Model card entries a resumed run must share with its checkpoint (the model, its preprocessing and its
+#: mirroring; the channels' names may change, not their count or normalisation).
 CARD_KEPT_ON_RESUME = (
     "network",
     "network_args",
@@ -37,6 +37,8 @@ CARD_KEPT_ON_RESUME = (
     "roi_size",
     "spacing",
     "normalization",
+    "mirror_axes",
+    "lateral_pairs",
 )
 
 #: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
@@ -154,7 +156,9 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
     """Check a resumed run against its checkpoint: a UsageError naming every model card entry
     (:data:`CARD_KEPT_ON_RESUME`) and every flag whose change is refused; otherwise the notes (one line each)
     of the flag changes that are applied."""
-    saved_card = {"in_channels": 1, **checkpoint["card"], **card_preprocessing(checkpoint["card"])}
+    # A checkpoint from before mirroring was recorded mirrored nothing, so its pairs swapped nothing either.
+    before_mirroring = {"mirror_axes": [], "lateral_pairs": card["lateral_pairs"]}
+    saved_card = {"in_channels": 1, **before_mirroring, **checkpoint["card"], **card_preprocessing(checkpoint["card"])}
     saved_card = {k: as_json(saved_card.get(k)) for k in CARD_KEPT_ON_RESUME}
     current_card = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
     differing = [

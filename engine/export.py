@@ -73,6 +73,8 @@ INFERENCE_ENTRIES = (
     "spacing",
     "ignore_label",
     "orientation",
+    "mirror_axes",
+    "lateral_pairs",
 )
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_INSTALL = "pip install -r requirements-deploy.txt"

@@ -1,5 +1,6 @@
 """The inference pass of test_seg.py: the files or test cases to segment, the model(s) from their cards,
-then per case the averaged softmax (ensemble, mirroring) in the input geometry, labels and probabilities."""
+then per case the averaged softmax (ensemble, mirroring along the axes each model was trained to mirror)
+in the input geometry, labels and probabilities."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from tqdm import tqdm
 from dataset.cases import cases_from_paths, find_cases, label_for, resolve_root
 from dataset.checks import verify_cases
 from dataset.description import MEDIAN, DatasetConfig, counted, load_dataset_config
+from dataset.laterality import (
+    check_lateral_pairs,
+    check_mirror_axes,
+    describe_axes,
+    describe_pairs,
+    find_lateral_pairs,
+)
 from dataset.transforms import build_transforms
 from engine.common import (
     NetworkChoice,
@@ -38,6 +46,7 @@ from engine.evaluate import apply_label_map, evaluate_case, format_summary, pars
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
 from engine.loading import data_worker_init
 from engine.predict import (
+    ModelPasses,
     complete_background,
     keep_largest,
     labels_of,
@@ -127,9 +136,10 @@ def _text(value) -> str:
 
 
 def _model_to_run(args, config: DatasetConfig, weights: str):
-    """The network, input channels, class count, ROI and dataset settings to segment with, and the weights
-    (a state dict, or an exported network: ``model.ts``, ``model.onnx``): from the model card beside the
-    weights or in a training checkpoint, else from the flags (published state dicts)."""
+    """The network, input channels, class count, ROI and dataset settings to segment with, the weights (a
+    state dict, or an exported network: ``model.ts``, ``model.onnx``) and their :class:`TrainedMirroring`:
+    from the model card beside the weights or in a training checkpoint, else from the flags (published
+    state dicts)."""
     if weights.endswith(EXPORT_SUFFIXES):
         state, card, source = exported_network(weights, "--trained_weights", args.runtime, float32=args.amp is None)
     else:
@@ -141,7 +151,8 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
                 f"{', '.join(config.to_derive())} to the training data; segment with weights that have their card"
             )
         roi = roi_of(args.roi_size or 96)
-        return network_from_flags(args, roi), config.in_channels, config.num_classes, roi, config, state
+        mirroring = TrainedMirroring(None, config.pairs, f"{weights} has no model card")
+        return network_from_flags(args, roi), config.in_channels, config.num_classes, roi, config, state, mirroring
     choice, in_channels, out_channels, roi, config = _model_from_card(card, source, args, config)
     print(
         f"Model card {source}: {choice.name} {choice.overrides}, {out_channels} classes, ROI {_text(roi)}, "
@@ -149,7 +160,34 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
         f"({config.describe_channels()}), "
         f"spacing {_spacing_text(config.spacing)}"
     )
-    return choice, in_channels, out_channels, roi, config, state
+    return choice, in_channels, out_channels, roi, config, state, _trained_mirroring(card, source, config)
+
+
+@dataclass(frozen=True)
+class TrainedMirroring:
+    """What a model card says of mirroring: the axes mirrored in training (None: not recorded), the
+    left/right class pairs, and who says it (for the notes)."""
+
+    axes: tuple[int, ...] | None
+    lateral_pairs: tuple[tuple[int, int], ...]
+    source: str
+
+
+def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> TrainedMirroring:
+    """The card's mirror axes and lateral pairs (pairs it does not record: found from its class names)."""
+    num_classes = int(card["out_channels"])
+    try:
+        axes = card.get("mirror_axes")
+        axes = None if axes is None else check_mirror_axes(axes, source)
+        pairs = card.get("lateral_pairs")
+        if pairs is not None:
+            pairs = check_lateral_pairs(pairs, num_classes, source)
+    except ValueError as error:
+        raise UsageError(f"{source}: not a valid model card ({error})") from None
+    if pairs is None:
+        classes = card.get("classes")
+        pairs = find_lateral_pairs(classes) if classes else config.pairs if config.num_classes == num_classes else ()
+    return TrainedMirroring(axes, pairs, f"the model card {source}")
 
 
 def _label_map_of(args, out_channels: int, config: DatasetConfig) -> dict[int, int] | None:
@@ -182,7 +220,8 @@ def _dataset_of(args) -> str:
 @dataclass(frozen=True)
 class LoadedModel:
     """One model of the ensemble: its weights file, network, channels, classes, ROI, preprocessing
-    (``config``) and state dict, or the exported network of a ``model.ts`` or ``model.onnx``."""
+    (``config``) and state dict, or the exported network of a ``model.ts`` or ``model.onnx``, and what its
+    card says of mirroring."""
 
     weights: str
     choice: NetworkChoice
@@ -191,6 +230,7 @@ class LoadedModel:
     roi: tuple[int, int, int]
     config: DatasetConfig
     state: dict | ExportedNetwork
+    mirroring: TrainedMirroring
 
     def build(self, device: torch.device) -> nn.Module:
         if isinstance(self.state, ExportedNetwork):
@@ -277,9 +317,10 @@ def _infer(args) -> list[Path]:
     verify_cases(
         cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
     )
+    test_axes = _test_mirror_axes(args, models)
     written, rows, started = [], [], time.perf_counter()
     try:
-        _segment_cases(args, models, cases, output, device, autocast, label_map, keep, written, rows)
+        _segment_cases(args, models, test_axes, cases, output, device, autocast, label_map, keep, written, rows)
     except KeyboardInterrupt:
         raise RunStopped(
             f"stopped by SIGINT after {counted(len(written), 'case')} of {len(cases)}; every segmentation in "
@@ -287,7 +328,7 @@ def _infer(args) -> list[Path]:
             130,
         ) from None
     elapsed = time.perf_counter() - started
-    passes = f"{counted(len(models), 'model')}" + (", 8 mirrorings each" if args.tta else "")
+    passes = f"{counted(len(models), 'model')}" + _mirrorings_text(test_axes)
     print(
         f"Wrote {counted(len(written), 'segmentation')} to {output} in {elapsed:.1f} s ({elapsed / len(written):.1f} s "
         f"per case; {passes})"
@@ -297,11 +338,59 @@ def _infer(args) -> list[Path]:
     return written
 
 
-def _segment_cases(args, models, cases, output: Path, device, autocast, label_map, keep, written, rows) -> None:
-    """Segment ``cases`` with the ensemble of ``models``, appending each written segmentation to ``written``
-    and, with ``--evaluate``, each case's metric rows to ``rows`` (so that an interrupted run knows them)."""
+def _test_mirror_axes(args, models: list[LoadedModel]) -> list[tuple[int, ...]]:
+    """The axes each model mirrors at test time: none without ``--tta``; with it, those mirrored in its
+    training (nnU-Net's rule; none for a model trained without mirroring, or whose card does not record
+    it, each said in one line); ``--tta_axes`` for every model."""
+    if args.tta_axes is not None:
+        print(f"--tta_axes: every model mirrors along axes {describe_axes(args.tta_axes)}")
+        return [tuple(args.tta_axes)] * len(models)
+    if not args.tta:
+        return [()] * len(models)
+    axes = []
+    for model in models:
+        mirroring = model.mirroring
+        if mirroring.axes is None:
+            print(
+                f"note: --tta: {mirroring.source} does not record the axes mirrored in training (written before "
+                f"they were): {model.weights} runs unmirrored; --tta_axes 0,1,2 mirrors it anyway"
+            )
+        elif not mirroring.axes:
+            print(
+                f"note: --tta: {model.weights} was trained without mirroring ({mirroring.source} records no "
+                "mirror axes), and mirrored passes would put left on right: one pass; --tta_axes overrides"
+            )
+        else:
+            print(
+                f"--tta: {model.weights} mirrors along axes {describe_axes(mirroring.axes)} as in training "
+                f"({2 ** len(mirroring.axes)} passes); left/right pairs swapped back: "
+                f"{describe_pairs(model.config.labels, mirroring.lateral_pairs)}"
+            )
+        axes.append(mirroring.axes or ())
+    return axes
+
+
+def _mirrorings_text(test_axes: list[tuple[int, ...]]) -> str:
+    """``, 8 mirrorings each`` (or ``, 8/1 mirrorings``, per model), nothing without mirrored passes."""
+    counts = [2 ** len(axes) for axes in test_axes]
+    if max(counts) == 1:
+        return ""
+    if len(set(counts)) == 1:
+        return f", {counts[0]} mirrorings each" if len(counts) > 1 else f", {counts[0]} mirrorings"
+    return f", {'/'.join(map(str, counts))} mirrorings"
+
+
+def _segment_cases(
+    args, models, test_axes, cases, output: Path, device, autocast, label_map, keep, written, rows
+) -> None:
+    """Segment ``cases`` with the ensemble of ``models`` (each mirrored along its ``test_axes``), appending
+    each written segmentation to ``written`` and, with ``--evaluate``, each case's metric rows to ``rows``
+    (so that an interrupted run knows them)."""
     config, out_channels = models[0].config, models[0].out_channels
-    networks = [(model.build(device), model.roi) for model in models]
+    networks = [
+        ModelPasses(model.build(device), model.roi, axes, model.mirroring.lateral_pairs)
+        for model, axes in zip(models, test_axes, strict=True)
+    ]
     transforms = build_transforms(config, "test")
     images = [{"image": case["image"]} for case in cases]  # labels, if any, are read back for --evaluate
     dataset = CacheDataset(images, transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
@@ -312,7 +401,7 @@ def _segment_cases(args, models, cases, output: Path, device, autocast, label_ma
         for batch, case in zip(loader, cases, strict=True):
             start = time.perf_counter()
             probabilities = mean_probabilities(
-                batch["image"], networks, out_channels, args.sw_batch_size, args.overlap, args.tta, autocast, device
+                batch["image"], networks, out_channels, args.sw_batch_size, args.overlap, autocast, device
             )
             paths = _write_case(probabilities, batch, case, invert, keep, args.save_probabilities, models[0], output)
             written.append(paths[0])

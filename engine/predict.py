@@ -1,10 +1,10 @@
-"""One case's prediction: the softmax averaged over models and mirrorings, its label map and the files
-written in the input image's geometry."""
+"""One case's prediction: the softmax averaged over models and mirrorings (lateral pairs swapped back), its
+label map and the files written in the input image's geometry."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -16,11 +16,12 @@ from torch import nn
 
 from atomic_files import replace_atomically
 from dataset.cases import case_files, case_name
+from dataset.laterality import LEFT_RIGHT_AXIS, mirrorings, swap_lateral_channels
 from dataset.portable import complete_background
 from engine.common import stitching_device
 
 __all__ = [
-    "MIRRORINGS",
+    "ModelPasses",
     "complete_background",
     "keep_largest",
     "labels_of",
@@ -30,48 +31,70 @@ __all__ = [
     "write_segmentation",
 ]
 
-#: The spatial axes (of an ``N, C, D, H, W`` tensor) flipped by each test-time mirroring: none, each
-#: axis, each pair, all three (nnU-Net's default).
-MIRRORINGS: tuple[tuple[int, ...], ...] = tuple(
-    axes for count in range(4) for axes in itertools.combinations((2, 3, 4), count)
-)
+
+@dataclass(frozen=True)
+class ModelPasses:
+    """One model of an ensemble and its passes over a case.
+
+    Args:
+        network: the network (logits ``N, K, X, Y, Z`` on the RAS grid of its input).
+        roi: its sliding-window size.
+        mirror_axes: spatial axes (0 left-right, 1 posterior-anterior, 2 inferior-superior) whose every
+            combination is a mirrored pass (``dataset.laterality.mirrorings``); none: one pass.
+        lateral_pairs: class values whose probabilities a pass flipped along the left-right axis exchanges
+            back, as training swapped their labels.
+    """
+
+    network: nn.Module
+    roi: tuple[int, int, int]
+    mirror_axes: tuple[int, ...] = ()
+    lateral_pairs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def passes(self) -> int:
+        return len(mirrorings(self.mirror_axes))
 
 
 def mean_probabilities(
     image: torch.Tensor,
-    models: Sequence[tuple[nn.Module, tuple[int, int, int]]],
+    models: Sequence[ModelPasses],
     num_classes: int,
     sw_batch_size: int,
     overlap: float,
-    mirror: bool,
     autocast: torch.autocast,
     device: torch.device,
 ) -> torch.Tensor:
-    """The ``num_classes`` class probabilities of a preprocessed ``image`` (``1, C, D, H, W``): the softmax
-    of every model (each with its sliding-window ROI) and, with ``mirror``, of every mirroring of the input
-    (flipped back), averaged. Summed in place as they come: memory holds two outputs, whatever the number of
-    passes. The sum lives where :func:`engine.common.stitching_device` says (the CPU for large volumes)."""
-    total, passes = None, 0
+    """The ``num_classes`` class probabilities of a preprocessed ``image`` (``1, C, D, H, W``): for each
+    model (with its sliding-window ROI), the mean softmax over its passes, each mirrored pass flipped back
+    and, where it flipped the left-right axis, its lateral pairs' channels exchanged; then the mean over
+    the models, each weighing the same. Summed in place as they come: memory holds two outputs, whatever the
+    number of passes. The sum lives where :func:`engine.common.stitching_device` says (the CPU for large
+    volumes)."""
+    total = None
     output_device = stitching_device(image.shape[2:], num_classes, device)
-    for model, roi in models:
-        for axes in MIRRORINGS if mirror else ((),):
-            flipped = image.flip(axes) if axes else image
+    for model in models:
+        weight = 1.0 / (len(models) * model.passes)
+        for axes in mirrorings(model.mirror_axes):
+            dims = [axis + 2 for axis in axes]  # spatial axis a of ``N, C, X, Y, Z``
+            flipped = image.flip(dims) if axes else image
             with autocast:
                 logits = sliding_window_inference(
                     flipped.to(device),
-                    roi,
+                    model.roi,
                     sw_batch_size,
-                    model,
+                    model.network,
                     overlap=overlap,
                     sw_device=device,
                     device=output_device,
                 )
             probabilities = torch.softmax(logits.float(), dim=1)
             if axes:
-                probabilities = probabilities.flip(axes)
-            total = probabilities if total is None else total.add_(probabilities.to(total.device))
-            passes += 1
-    return total.div_(passes)
+                probabilities = probabilities.flip(dims)
+            if LEFT_RIGHT_AXIS in axes:
+                probabilities = swap_lateral_channels(probabilities, model.lateral_pairs)
+            probabilities = probabilities.to(output_device)
+            total = probabilities.mul_(weight) if total is None else total.add_(probabilities, alpha=weight)
+    return total
 
 
 def labels_of(probabilities: torch.Tensor) -> np.ndarray:

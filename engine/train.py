@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from dataset.cases import case_files, find_cases, resolve_root, split_folds
 from dataset.checks import verify_cases
 from dataset.description import DatasetConfig, DatasetError, counted, load_dataset_config
 from dataset.fingerprint import FINGERPRINT_FILE, derive_from_data
+from dataset.laterality import LEFT_RIGHT_AXIS, describe_axes, describe_pairs
 from dataset.transforms import build_transforms
 from engine.checkpoint import (
     check_resumed_run,
@@ -211,7 +212,20 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
             f"{'s' * (config.in_channels > 1)} ({config.describe_channels()}), "
             f"spacing {','.join(f'{v:g}' for v in config.spacing) + ' mm' if config.spacing else 'native'}"
         )
+        print(_mirroring_line(config))
     return RunData(config, train_cases, val_cases, derivation, cache_rate)
+
+
+def _mirroring_line(config: DatasetConfig) -> str:
+    """What the training crops are mirrored along, and which classes a left-right flip swaps."""
+    pairs = describe_pairs(config.labels, config.pairs)
+    if not config.mirror_axes:
+        return f"Mirroring: none (--mirror_axes to mirror); left/right pairs: {pairs}"
+    swapped = "swapped on left-right flips" if LEFT_RIGHT_AXIS in config.mirror_axes else "no left-right flips"
+    return (
+        f"Mirroring: each crop along axes {describe_axes(config.mirror_axes)}, each with probability 1/2; "
+        f"left/right pairs ({swapped}): {pairs}"
+    )
 
 
 def _checked_and_derived(args, config, training, train_cases, val_cases, distributed) -> tuple:
@@ -479,6 +493,8 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
         )
     checkpoint = load_checkpoint(resume) if resume else None
     config = load_dataset_config(args.dataset, args.datalist)
+    if args.mirror_axes is not None:
+        config = replace(config, mirror_axes=args.mirror_axes)
     choice = network_from_flags(args, roi)
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     set_determinism(seed=args.seed)
@@ -549,7 +565,8 @@ def _optimisation(args, model: nn.Module, device: torch.device) -> tuple:
 
 def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
     """The model card of a run: network, channels, classes (and the ignore label), preprocessing (derived
-    settings named), ROI, fold (None, a number, or ``all``)."""
+    settings named), ROI, the axes mirrored in training and the left/right class pairs, fold (None, a
+    number, or ``all``)."""
     config = data.config
     return {
         "network": choice.name,
@@ -562,6 +579,8 @@ def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
         "derived": data.derivation["derived"] if data.derivation else {},
         "roi_size": list(roi),
         "ignore_label": config.ignore_label,
+        "mirror_axes": list(config.mirror_axes),
+        "lateral_pairs": [list(pair) for pair in config.pairs],
         "fold": args.fold,
     }
 

@@ -16,7 +16,7 @@ import main_train
 import test_seg
 from dataset.description import load_dataset_config
 from dataset.transforms import build_transforms
-from engine.predict import MIRRORINGS, keep_largest, mean_probabilities
+from engine.predict import ModelPasses, keep_largest, mean_probabilities
 from networks import build_network
 from phantom import write_dataset
 
@@ -97,12 +97,9 @@ def test_mirroring_is_the_mean_over_the_8_flipped_passes(phantom, weights):
             logits = sliding_window_inference(image.flip(axes), roi, 4, model, overlap=0.25)
             passes.append(torch.softmax(logits, dim=1).flip(axes))
         reference = torch.stack(passes).mean(dim=0)
-        cpu = torch.device("cpu")
-        mirrored = mean_probabilities(
-            image, [(model, roi)], 5, 2, 0.25, True, torch.autocast("cpu", enabled=False), cpu
-        )
-        plain = mean_probabilities(image, [(model, roi)], 5, 4, 0.25, False, torch.autocast("cpu", enabled=False), cpu)
-    assert len(MIRRORINGS) == 8 and len(set(MIRRORINGS)) == 8
+        cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+        mirrored = mean_probabilities(image, [ModelPasses(model, roi, (0, 1, 2))], 5, 2, 0.25, autocast, cpu)
+        plain = mean_probabilities(image, [ModelPasses(model, roi)], 5, 4, 0.25, autocast, cpu)
     torch.testing.assert_close(mirrored, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain, passes[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(mirrored, plain, atol=1e-4)
@@ -112,8 +109,8 @@ def test_tta_with_an_ensemble_and_evaluation_from_files(phantom, weights, tmp_pa
     output = tmp_path / "pred"
     argv = flags(output=output, labels=phantom / "labelsTs", keep_largest="all", **PREDICT)
     first_case = sorted((phantom / "imagesTs").glob("*.nii.gz"))[0]
-    argv += ["--tta", "--evaluate", "--save_probabilities", "--input", str(first_case)]
-    test_seg.main(argv + ["--trained_weights", *map(str, weights)])
+    argv += ["--evaluate", "--save_probabilities", "--input", str(first_case)]
+    test_seg.main(argv + ["--trained_weights", *map(str, weights), "--tta_axes", "0,1,2"])
     printed = capsys.readouterr().out
     assert "s per case; 2 models, 8 mirrorings each)" in printed and "| **foreground mean** |" in printed
     assert (output / "metrics.csv").is_file() and len(list(output.glob("*_probabilities.npz"))) == 1

@@ -1,0 +1,276 @@
+"""Mirroring that knows left from right: pairs from class names, the training flip, the chains that use it."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.description import AMOS_LABELS, FETA_LABELS, FLARE_LABELS, DatasetError, load_dataset_config
+from dataset.laterality import (
+    check_lateral_pairs,
+    find_lateral_pairs,
+    mirrorings,
+    swap_lateral_channels,
+    swap_lateral_labels,
+)
+from dataset.transforms import RandMirrord, build_transforms
+from phantom import LATERAL_LABELS, write_dataset
+
+BTCV_LABELS = (
+    "background",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "portal vein and splenic vein",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
+)
+#: BTCV as MONAI's tutorial dataset_0.json names its classes.
+BTCV_ABBREVIATED = (
+    "background",
+    "spleen",
+    "rkid",
+    "lkid",
+    "gall",
+    "eso",
+    "liver",
+    "sto",
+    "aorta",
+    "IVC",
+    "veins",
+    "pancreas",
+    "rad",
+    "lad",
+)
+#: TotalSegmentator v2 class names (a selection with every naming pattern it uses, its unpaired
+#: one-sided classes and its vertebrae, whose L and T are not sides).
+TOTALSEGMENTATOR = (
+    "background",
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "liver",
+    "adrenal_gland_right",
+    "adrenal_gland_left",
+    "lung_upper_lobe_left",
+    "lung_lower_lobe_left",
+    "lung_upper_lobe_right",
+    "lung_middle_lobe_right",
+    "lung_lower_lobe_right",
+    "vertebrae_L1",
+    "vertebrae_T12",
+    "atrial_appendage_left",
+    "iliac_artery_left",
+    "iliac_artery_right",
+    "femur_left",
+    "femur_right",
+    "rib_left_1",
+    "rib_left_2",
+    "rib_right_1",
+    "rib_right_2",
+    "heart",
+    "kidney_cyst_left",
+    "kidney_cyst_right",
+)
+
+
+def pairs_by_name(labels, *named):
+    return tuple(sorted(tuple(sorted((labels.index(a), labels.index(b)))) for a, b in named))
+
+
+def test_pairs_from_amos_btcv_and_totalsegmentator_names():
+    assert find_lateral_pairs(AMOS_LABELS) == ((2, 3), (11, 12))
+    assert find_lateral_pairs(BTCV_LABELS) == ((2, 3), (12, 13))
+    assert find_lateral_pairs(BTCV_ABBREVIATED) == ((2, 3), (12, 13))
+    assert find_lateral_pairs(TOTALSEGMENTATOR) == pairs_by_name(
+        TOTALSEGMENTATOR,
+        ("kidney_right", "kidney_left"),
+        ("adrenal_gland_right", "adrenal_gland_left"),
+        ("lung_upper_lobe_left", "lung_upper_lobe_right"),
+        ("lung_lower_lobe_left", "lung_lower_lobe_right"),
+        ("iliac_artery_left", "iliac_artery_right"),
+        ("femur_left", "femur_right"),
+        ("rib_left_1", "rib_right_1"),
+        ("rib_left_2", "rib_right_2"),
+        ("kidney_cyst_left", "kidney_cyst_right"),
+    )
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        (("background", "Kidney_L", "Kidney_R", "Liver"), ((1, 2),)),
+        (("background", "lt kidney", "RT KIDNEY"), ((1, 2),)),
+        (("background", "Left Femoral Head", "Right Femoral Head", "bladder"), ((1, 2),)),
+        (("background", "L-hippocampus", "R-hippocampus"), ((1, 2),)),
+        (("background", "left kidney", "kidney"), ()),  # no counterpart
+        (("background", "left kidney", "left kidney upper pole", "right kidney"), ((1, 3),)),
+        (("background", "left kidney", "Left_Kidney", "right kidney"), ()),  # two left kidneys: ambiguous
+        (("left lung", "right lung", "tumour"), ()),  # value 0 is background, never in a pair
+    ],
+)
+def test_pairs_from_name_patterns(labels, expected):
+    assert find_lateral_pairs(labels) == expected
+
+
+def test_no_pairs_in_flare_feta_or_the_phantom():
+    for labels in (FLARE_LABELS, FETA_LABELS, ("background", "spleen", "kidney", "liver", "pancreas")):
+        assert find_lateral_pairs(labels) == ()
+    assert find_lateral_pairs(LATERAL_LABELS) == ((2, 3),)
+
+
+def test_presets_and_dataset_jsons_say_what_mirrors(tmp_path):
+    amos = load_dataset_config("amos")
+    assert amos.pairs == ((2, 3), (11, 12)) and amos.mirror_axes == ()
+    assert load_dataset_config("flare").mirror_axes == () and load_dataset_config("feta").pairs == ()
+    description = {"labels": {str(i): name for i, name in enumerate(AMOS_LABELS)}, "training": []}
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(description))
+    config = load_dataset_config(str(path))
+    assert config.mirror_axes == (0, 1, 2) and config.pairs == ((2, 3), (11, 12))
+    path.write_text(json.dumps({**description, "lateral_pairs": [[3, 2]], "mirror_axes": [2, 0]}))
+    config = load_dataset_config(str(path))
+    assert config.pairs == ((2, 3),) and config.mirror_axes == (0, 2)
+    path.write_text(json.dumps({**description, "lateral_pairs": []}))
+    assert load_dataset_config(str(path)).pairs == ()
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([[0, 1]], "'lateral_pairs' [0, 1]: 0 is not a foreground class (1..15)"),
+        ([[2, 16]], "'lateral_pairs' [2, 16]: 16 is not a foreground class (1..15)"),
+        ([[2, 3], [3, 4]], "'lateral_pairs': class 3 is in more than one place"),
+        ([[2, 2]], "'lateral_pairs': class 2 is in more than one place"),
+        ([[2]], "'lateral_pairs' must be a list of [a, b] class values"),
+        ("2,3", "'lateral_pairs' must be a list of [a, b] class values"),
+    ],
+)
+def test_bad_lateral_pairs_are_named(tmp_path, pairs, message):
+    path = tmp_path / "dataset.json"
+    labels = {str(i): name for i, name in enumerate(AMOS_LABELS)}
+    path.write_text(json.dumps({"labels": labels, "training": [], "lateral_pairs": pairs}))
+    with pytest.raises(DatasetError) as raised:
+        load_dataset_config(str(path))
+    assert str(raised.value).startswith(f"--dataset {path}: ") and message in str(raised.value)
+    with pytest.raises(ValueError, match="more than one place"):
+        check_lateral_pairs([[1, 2], [2, 1]], 5, "card")
+
+
+def label_volume() -> torch.Tensor:
+    """A 1 x 6 x 5 x 4 label map holding every value 0..6 (6: an ignore label) at asymmetric places."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 7, (1, 6, 5, 4), generator=generator).float()
+
+
+def test_a_left_right_flip_swaps_each_pair_and_only_the_pairs():
+    image, label = torch.arange(120.0).reshape(1, 6, 5, 4), label_volume()
+    flip = RandMirrord(["image", "label"], axes=(0,), lateral_pairs=((2, 3), (4, 5)), prob=1.0)
+    out = flip({"image": image, "label": label})
+    torch.testing.assert_close(out["image"], image.flip(1))
+    mirrored = label.flip(1)
+    expected = mirrored.clone()
+    for a, b in ((2, 3), (4, 5)):
+        expected[mirrored == a], expected[mirrored == b] = b, a
+    torch.testing.assert_close(out["label"], expected)
+    for value in (0, 1, 6):  # classes outside the pairs (and the ignore label) keep their value
+        assert torch.equal(out["label"] == value, mirrored == value)
+    assert torch.equal(out["label"] == 3, mirrored == 2) and torch.equal(out["label"] == 2, mirrored == 3)
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_flips_along_other_axes_swap_nothing(axis):
+    image, label = torch.arange(120.0).reshape(1, 6, 5, 4), label_volume()
+    flip = RandMirrord(["image", "label"], axes=(axis,), lateral_pairs=((2, 3),), prob=1.0)
+    out = flip({"image": image, "label": label})
+    torch.testing.assert_close(out["image"], image.flip(axis + 1))
+    torch.testing.assert_close(out["label"], label.flip(axis + 1))
+
+
+def test_each_axis_flips_with_probability_one_half_independently():
+    flip = RandMirrord(["image"], axes=(0, 1, 2))
+    flip.set_random_state(seed=3)
+    draws = []
+    for _ in range(4000):
+        flip({"image": torch.zeros(1, 2, 2, 2)})
+        draws.append(flip.flipped)
+    for axis in (0, 1, 2):
+        assert 0.46 < np.mean([axis in drawn for drawn in draws]) < 0.54
+    for combination in mirrorings((0, 1, 2)):
+        assert 0.10 < np.mean([drawn == combination for drawn in draws]) < 0.15  # 1/8 each
+    again = RandMirrord(["image"], axes=(0, 1, 2))
+    again.set_random_state(seed=3)
+    replay = []
+    for _ in range(50):
+        again({"image": torch.zeros(1, 2, 2, 2)})
+        replay.append(again.flipped)
+    assert replay == draws[:50]  # a function of the seed: --resume replays it
+
+
+def test_probability_channels_swap_back():
+    probabilities = torch.rand(2, 4, 3, 3, 3)
+    swapped = swap_lateral_channels(probabilities, ((1, 3),))
+    torch.testing.assert_close(swapped[:, [0, 3, 2, 1]], probabilities)
+    assert swap_lateral_channels(probabilities, ()) is probabilities
+    assert torch.equal(swap_lateral_labels(torch.tensor([0, 1, 2, 3]), ((1, 3),)), torch.tensor([0, 3, 2, 1]))
+
+
+def chain_types(chain) -> list[str]:
+    return [type(t).__name__ for t in chain.transforms]
+
+
+@pytest.fixture(scope="module")
+def lateral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lateral")
+    write_dataset(root, num_train=2, num_val=1, num_test=0, seed=5, lateral=True)
+    return root
+
+
+def test_chains_mirror_only_where_asked(lateral):
+    flare = load_dataset_config("flare")
+    train, val = build_transforms(flare, "train", (32, 32, 32))
+    assert "RandMirrord" not in chain_types(train) + chain_types(val)  # presets train as published
+    config = load_dataset_config(str(lateral / "dataset.json"))
+    for device in (None, torch.device("cpu")):  # the --gpu_transforms chain, on the CPU here
+        train, val = build_transforms(config, "train", (32, 32, 32), device=device)
+        mirror = [t for t in train.transforms if isinstance(t, RandMirrord)]
+        assert len(mirror) == 1 and mirror[0].axes == (0, 1, 2) and mirror[0].lateral_pairs == ((2, 3),)
+        assert chain_types(train)[-2:] == ["RandMirrord", "EnsureTyped"] and "RandMirrord" not in chain_types(val)
+    assert "RandMirrord" not in chain_types(build_transforms(config, "test"))
+    unmirrored, _ = build_transforms(replace(config, mirror_axes=()), "train", (32, 32, 32))
+    assert "RandMirrord" not in chain_types(unmirrored)
+
+
+def centroid_x(label: torch.Tensor, value: int) -> float:
+    return float(torch.nonzero(label[0] == value)[:, 0].float().mean())
+
+
+def test_training_crops_keep_each_kidney_on_its_side(lateral):
+    """What the model sees: crops large enough to hold both kidneys, mirrored along every axis; the liver
+    (not a pair) moves to the left with a left-right flip, and the kidneys' labels follow their side."""
+    config = load_dataset_config(str(lateral / "dataset.json"))
+    assert not config.to_derive()  # the phantom's dataset.json gives spacing and window
+    train, _ = build_transforms(config, "train", (96, 96, 80), crop_sample=2)
+    case = {"image": str(lateral / "imagesTr" / "phantom_000.nii.gz")}
+    case["label"] = case["image"].replace("imagesTr", "labelsTr")
+    flipped_seen = unflipped_seen = 0
+    for seed in range(6):
+        train.set_random_state(seed=seed)
+        for crop in train(case):
+            label = crop["label"]
+            if not all((label == v).any() for v in (1, 2, 3, 4)):
+                continue
+            liver_left_of_spleen = centroid_x(label, 4) < centroid_x(label, 1)
+            flipped_seen += liver_left_of_spleen
+            unflipped_seen += not liver_left_of_spleen
+            assert centroid_x(label, 2) > centroid_x(label, 3)  # right kidney towards +x (R), always
+    assert flipped_seen and unflipped_seen
