@@ -162,3 +162,92 @@ def test_bad_inference_flags(phantom, weights, tmp_path, extra, message):
     if "--input" not in extra:
         argv += ["--root", str(phantom)]
     assert exit_message(test_seg.main, argv) == f"error: {message}"
+
+
+def test_mirrored_passes_swap_the_lateral_pairs_back(phantom, weights):
+    """The mean over a model's passes computed by hand: each flipped back, and those flipped along the
+    left-right axis with the pair's channels exchanged; an ensemble weighs each model the same."""
+    card = json.loads(Path(f"{weights[0]}.json").read_text())
+    model = build_network(card["network"], 1, 5, **card["network_args"]).eval()
+    model.load_state_dict(torch.load(weights[0], weights_only=True))
+    image = torch.rand(1, 1, 32, 32, 32) * 2 - 0.5
+    roi, pairs = tuple(card["roi_size"]), ((1, 3),)
+    with torch.no_grad():
+        passes = {}
+        for axes in ((), (0,), (2,), (0, 2)):
+            dims = [a + 2 for a in axes]
+            probabilities = torch.softmax(sliding_window_inference(image.flip(dims), roi, 1, model), dim=1).flip(dims)
+            if 0 in axes:
+                probabilities = probabilities[:, [0, 3, 2, 1, 4]]
+            passes[axes] = probabilities
+        reference = torch.stack(list(passes.values())).mean(dim=0)
+        cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+        mirrored = mean_probabilities(image, [ModelPasses(model, roi, (0, 2), pairs)], 5, 2, 0, autocast, cpu)
+        unswapped = mean_probabilities(image, [ModelPasses(model, roi, (0, 2))], 5, 2, 0, autocast, cpu)
+        ensemble = mean_probabilities(
+            image, [ModelPasses(model, roi, (0, 2), pairs), ModelPasses(model, roi)], 5, 2, 0, autocast, cpu
+        )
+    torch.testing.assert_close(mirrored, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unswapped, reference, atol=1e-3)
+    torch.testing.assert_close(ensemble, (reference + passes[()]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def with_card(weights: Path, folder: Path, **entries) -> Path:
+    """A copy of ``weights`` whose model card has ``entries`` changed (None: removed)."""
+    copy = folder / "model.pth"
+    shutil.copy(weights, copy)
+    card = json.loads(Path(f"{weights}.json").read_text())
+    card = {key: value for key, value in {**card, **entries}.items() if value is not None}
+    Path(f"{copy}.json").write_text(json.dumps(card))
+    return copy
+
+
+def test_tta_of_a_model_trained_without_mirroring_is_one_pass(phantom, weights, tmp_path, capsys):
+    assert json.loads(Path(f"{weights[0]}.json").read_text())["mirror_axes"] == []  # the flare preset
+    case = sorted((phantom / "imagesTs").glob("*.nii.gz"))[0]
+    name = case.name.removesuffix(".nii.gz")
+    runs = {}
+    for run, extra in (("plain", []), ("tta", ["--tta"])):
+        runs[run] = tmp_path / run
+        argv = flags(output=runs[run], trained_weights=weights[0], **PREDICT)
+        test_seg.main(argv + ["--save_probabilities", "--input", str(case), *extra])
+        printed = capsys.readouterr().out
+    assert (
+        f"note: --tta: {weights[0]} was trained without mirroring (the model card {weights[0]}.json records no "
+        "mirror axes), and mirrored passes would put left on right: one pass; --tta_axes overrides"
+    ) in printed
+    assert "s per case; 1 model)" in printed
+    np.testing.assert_array_equal(probabilities_of(runs["tta"], name)[0], probabilities_of(runs["plain"], name)[0])
+    old = with_card(weights[0], tmp_path, mirror_axes=None, lateral_pairs=None)
+    test_seg.main(flags(output=tmp_path / "old", trained_weights=old, **PREDICT) + ["--tta", "--input", str(case)])
+    printed = capsys.readouterr().out
+    assert (
+        f"note: --tta: the model card {old}.json does not record the axes mirrored in training (written before "
+        f"they were): {old} runs unmirrored; --tta_axes 0,1,2 mirrors it anyway"
+    ) in printed
+    assert "s per case; 1 model)" in printed
+
+
+def test_tta_mirrors_along_the_axes_of_training_with_the_card_pairs(phantom, weights, tmp_path, capsys, monkeypatch):
+    import engine.infer
+
+    trained = with_card(weights[0], tmp_path, mirror_axes=[0, 2], lateral_pairs=[[1, 3]])
+    seen = []
+
+    def recording(image, models, *rest):
+        seen.append([(m.mirror_axes, m.lateral_pairs) for m in models])
+        return mean_probabilities(image, models, *rest)
+
+    monkeypatch.setattr(engine.infer, "mean_probabilities", recording)
+    case = sorted((phantom / "imagesTs").glob("*.nii.gz"))[0]
+    argv = flags(output=tmp_path / "pred", **PREDICT) + ["--input", str(case), "--trained_weights"]
+    test_seg.main(argv + [str(trained), str(weights[1]), "--tta"])
+    printed = capsys.readouterr().out
+    assert seen == [[((0, 2), ((1, 3),)), ((), ())]]
+    assert (
+        f"--tta: {trained} mirrors along axes 0 (left-right), 2 (inferior-superior) as in training (4 passes); "
+        "left/right pairs swapped back: spleen (1) <-> liver (3)"
+    ) in printed
+    assert "s per case; 2 models, 4/1 mirrorings)" in printed
+    test_seg.main(argv + [str(trained), "--tta_axes", "1"])
+    assert seen[-1] == [((1,), ((1, 3),))] and "s per case; 1 model, 2 mirrorings)" in capsys.readouterr().out

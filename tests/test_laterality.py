@@ -6,7 +6,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN, flags
+from test_resume import load_state, stopping_optimizer
 
+import main_train
 from dataset.description import AMOS_LABELS, FETA_LABELS, FLARE_LABELS, DatasetError, load_dataset_config
 from dataset.laterality import (
     check_lateral_pairs,
@@ -274,3 +277,47 @@ def test_training_crops_keep_each_kidney_on_its_side(lateral):
             unflipped_seen += not liver_left_of_spleen
             assert centroid_x(label, 2) > centroid_x(label, 3)  # right kidney towards +x (R), always
     assert flipped_seen and unflipped_seen
+
+
+def train_lateral(root, output, *extra, **values):
+    steps = {"lr": 1e-3, "max_iter": 7, "eval_step": 4, **TINY_RUN, **values}
+    main_train.main(flags(root=root, dataset=root / "dataset.json", output=output, **steps) + list(extra))
+
+
+def test_a_mirrored_run_records_its_mirroring_and_resumes_exactly(lateral, tmp_path, monkeypatch, capsys):
+    train_lateral(lateral, tmp_path / "straight")
+    printed = capsys.readouterr().out
+    assert (
+        "Mirroring: each crop along axes 0 (left-right), 1 (posterior-anterior), 2 (inferior-superior), each with "
+        "probability 1/2; left/right pairs (swapped on left-right flips): right kidney (2) <-> left kidney (3)"
+    ) in printed
+    card = json.loads((tmp_path / "straight" / "best_metric_model.pth.json").read_text())
+    assert card["mirror_axes"] == [0, 1, 2] and card["lateral_pairs"] == [[2, 3]]
+    stopping_optimizer(monkeypatch, stop_after=3)
+    with pytest.raises(SystemExit):
+        train_lateral(lateral, tmp_path / "stopped")
+    monkeypatch.undo()
+    checkpoint = tmp_path / "stopped" / "checkpoint_last.pth"
+    for changed in ("none", "0"):
+        with pytest.raises(SystemExit) as refused:
+            train_lateral(lateral, tmp_path / "stopped", "--resume", "auto", "--mirror_axes", changed)
+        assert str(refused.value.code).startswith(f"error: --resume {checkpoint}: the checkpoint is of another")
+        assert "mirror_axes [0, 1, 2] (flags: [" in str(refused.value.code)
+    train_lateral(lateral, tmp_path / "stopped", "--resume", "auto")
+    straight, resumed = (load_state(tmp_path / run / "checkpoint_last.pth") for run in ("straight", "stopped"))
+    assert resumed["progress"] == straight["progress"] and resumed["progress"]["step"] == 7
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_presets_record_no_mirroring_unless_asked(tmp_path, capsys):
+    root = tmp_path / "flare"
+    write_dataset(root, num_train=2, num_val=1, num_test=0, seed=5)
+    main_train.main(flags(root=root, output=tmp_path / "run", max_iter=1, eval_step=1, **TINY_RUN))
+    assert "Mirroring: none (--mirror_axes to mirror); left/right pairs: none" in capsys.readouterr().out
+    card = json.loads((tmp_path / "run" / "best_metric_model.pth.json").read_text())
+    assert card["mirror_axes"] == [] and card["lateral_pairs"] == []
+    main_train.main(
+        flags(root=root, output=tmp_path / "mirrored", max_iter=1, eval_step=1, mirror_axes="2,1", **TINY_RUN)
+    )
+    assert json.loads((tmp_path / "mirrored" / "best_metric_model.pth.json").read_text())["mirror_axes"] == [1, 2]
