@@ -234,6 +234,30 @@ def test_an_ensemble_may_mix_weights_and_exports(ct, tmp_path):
     assert_same_segmentations(expected, mixed)
 
 
+def test_every_route_mirrors_along_the_card_axes_with_its_pairs(ct, tmp_path, capsys):
+    root, weights, _ = ct
+    mirrored = tmp_path / "mirrored.pth"
+    shutil.copy(weights, mirrored)
+    card = {**json.loads(Path(f"{weights}.json").read_text()), "mirror_axes": [0, 2], "lateral_pairs": [[1, 3]]}
+    Path(f"{mirrored}.json").write_text(json.dumps(card))
+    exported = tmp_path / "export"
+    export.main(flags(trained_weights=mirrored, output=exported))
+    readme = (exported / "bundle" / "docs" / "README.md").read_text()
+    assert "one pass, unmirrored: this bundle does not mirror at test time" in " ".join(readme.split())
+    capsys.readouterr()
+    expected = segment([mirrored], root, tmp_path / "pth", ("--tta",))
+    assert "(4 passes); left/right pairs swapped back: spleen (1) <-> liver (3)" in capsys.readouterr().out
+    assert expected != segment([weights], root, tmp_path / "plain")  # the mirrored passes count
+    for name in ("model.ts", "model.onnx"):
+        assert_same_segmentations(expected, segment([exported / name], root, tmp_path / name, ("--tta",)))
+        assert f"--tta: {exported / name} mirrors along axes 0 (left-right), 2" in capsys.readouterr().out
+    beside = exported / "model.ts.json"
+    beside.write_text(json.dumps({**json.loads(beside.read_text()), "mirror_axes": [0, 1, 2]}))
+    argv = flags(root=root, output=tmp_path / "out", trained_weights=exported / "model.ts")
+    message = exit_message(test_seg.main, argv)
+    assert "(its mirror_axes differ from the card inside it)" in message
+
+
 def test_a_corrupt_export_or_a_wrong_card_is_refused_by_name(ct, tmp_path):
     root, _, exported = ct
     for name, what in (("model.ts", "not a readable TorchScript model"), ("model.onnx", "not a readable ONNX model")):

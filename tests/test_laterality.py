@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_RUN, flags
 from test_resume import load_state, stopping_optimizer
 
+import cli
 import main_train
 from dataset.description import AMOS_LABELS, FETA_LABELS, FLARE_LABELS, DatasetError, load_dataset_config
 from dataset.laterality import (
@@ -321,3 +322,18 @@ def test_presets_record_no_mirroring_unless_asked(tmp_path, capsys):
         flags(root=root, output=tmp_path / "mirrored", max_iter=1, eval_step=1, mirror_axes="2,1", **TINY_RUN)
     )
     assert json.loads((tmp_path / "mirrored" / "best_metric_model.pth.json").read_text())["mirror_axes"] == [1, 2]
+
+
+@pytest.mark.parametrize("value, expected", [("0,1,2", (0, 1, 2)), ("2, 0", (0, 2)), ("none", ()), ("NONE", ())])
+def test_mirror_axes_flag_takes_axes_or_none(value, expected):
+    assert cli.mirror_axes(value) == expected
+
+
+@pytest.mark.parametrize("value", ["3", "0,x", "-1", "all"])
+def test_mirror_axes_flag_names_what_it_takes(value, capsys):
+    with pytest.raises(SystemExit):
+        main_train.main(["--output", "o", "--mirror_axes", value])
+    assert (
+        f"argument --mirror_axes: expected spatial axes such as 0,1,2 (0 left-right, 1 posterior-anterior, 2 "
+        f"inferior-superior) or none, got {value!r}"
+    ) in capsys.readouterr().err
