@@ -21,6 +21,7 @@ from dataset.cases import cases_from_paths, find_cases, label_for, resolve_root
 from dataset.checks import verify_cases
 from dataset.description import MEDIAN, DatasetConfig, counted, load_dataset_config
 from dataset.laterality import (
+    LEFT_RIGHT_AXIS,
     check_lateral_pairs,
     check_mirror_axes,
     describe_axes,
@@ -151,7 +152,7 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
                 f"{', '.join(config.to_derive())} to the training data; segment with weights that have their card"
             )
         roi = roi_of(args.roi_size or 96)
-        mirroring = TrainedMirroring(None, config.pairs, f"{weights} has no model card")
+        mirroring = TrainedMirroring(None, config.pairs, None)
         return network_from_flags(args, roi), config.in_channels, config.num_classes, roi, config, state, mirroring
     choice, in_channels, out_channels, roi, config = _model_from_card(card, source, args, config)
     print(
@@ -166,11 +167,11 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
 @dataclass(frozen=True)
 class TrainedMirroring:
     """What a model card says of mirroring: the axes mirrored in training (None: not recorded), the
-    left/right class pairs, and who says it (for the notes)."""
+    left/right class pairs, and the card that says it (None: weights without a card)."""
 
     axes: tuple[int, ...] | None
     lateral_pairs: tuple[tuple[int, int], ...]
-    source: str
+    card: str | None
 
 
 def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> TrainedMirroring:
@@ -187,7 +188,7 @@ def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> Traine
     if pairs is None:
         classes = card.get("classes")
         pairs = find_lateral_pairs(classes) if classes else config.pairs if config.num_classes == num_classes else ()
-    return TrainedMirroring(axes, pairs, f"the model card {source}")
+    return TrainedMirroring(axes, pairs, source)
 
 
 def _label_map_of(args, out_channels: int, config: DatasetConfig) -> dict[int, int] | None:
@@ -347,27 +348,35 @@ def _test_mirror_axes(args, models: list[LoadedModel]) -> list[tuple[int, ...]]:
         return [tuple(args.tta_axes)] * len(models)
     if not args.tta:
         return [()] * len(models)
-    axes = []
     for model in models:
-        mirroring = model.mirroring
-        if mirroring.axes is None:
-            print(
-                f"note: --tta: {mirroring.source} does not record the axes mirrored in training (written before "
-                f"they were): {model.weights} runs unmirrored; --tta_axes 0,1,2 mirrors it anyway"
-            )
-        elif not mirroring.axes:
-            print(
-                f"note: --tta: {model.weights} was trained without mirroring ({mirroring.source} records no "
-                "mirror axes), and mirrored passes would put left on right: one pass; --tta_axes overrides"
-            )
-        else:
-            print(
-                f"--tta: {model.weights} mirrors along axes {describe_axes(mirroring.axes)} as in training "
-                f"({2 ** len(mirroring.axes)} passes); left/right pairs swapped back: "
-                f"{describe_pairs(model.config.labels, mirroring.lateral_pairs)}"
-            )
-        axes.append(mirroring.axes or ())
-    return axes
+        print(_tta_line(model))
+    return [model.mirroring.axes or () for model in models]
+
+
+def _tta_line(model: LoadedModel) -> str:
+    """What ``--tta`` does with ``model``, in one line: its trained axes and pairs, or why it runs unmirrored."""
+    mirroring, weights = model.mirroring, model.weights
+    if mirroring.card is None:
+        return (
+            f"note: --tta: {weights} has no model card to say which axes it was trained to mirror: it runs "
+            "unmirrored; --tta_axes 0,1,2 mirrors it anyway"
+        )
+    if mirroring.axes is None:
+        return (
+            f"note: --tta: the model card {mirroring.card} does not record the axes mirrored in training (written "
+            f"before they were): {weights} runs unmirrored; --tta_axes 0,1,2 mirrors it anyway"
+        )
+    if not mirroring.axes:
+        return (
+            f"note: --tta: {weights} was trained without mirroring (the model card {mirroring.card} records no "
+            "mirror axes), and mirrored passes would put left on right: one pass; --tta_axes overrides"
+        )
+    pairs = describe_pairs(model.config.labels, mirroring.lateral_pairs)
+    swapped = f"left/right pairs swapped back: {pairs}" if LEFT_RIGHT_AXIS in mirroring.axes else "no pair swapped"
+    return (
+        f"--tta: {weights} mirrors along axes {describe_axes(mirroring.axes)} as in training "
+        f"({2 ** len(mirroring.axes)} passes); {swapped}"
+    )
 
 
 def _mirrorings_text(test_axes: list[tuple[int, ...]]) -> str:

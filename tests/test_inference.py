@@ -226,6 +226,14 @@ def test_tta_of_a_model_trained_without_mirroring_is_one_pass(phantom, weights, 
         f"they were): {old} runs unmirrored; --tta_axes 0,1,2 mirrors it anyway"
     ) in printed
     assert "s per case; 1 model)" in printed
+    Path(f"{old}.json").unlink()  # published weights: a state dict and the flags
+    shape = {key: TINY_RUN[key] for key in ("roi_size", "feat_size", "kernel_size", "hidden_size")}
+    argv = flags(output=tmp_path / "bare", trained_weights=old, dataset="flare", **shape, **PREDICT)
+    test_seg.main(argv + ["--tta", "--input", str(case)])
+    assert (
+        f"note: --tta: {old} has no model card to say which axes it was trained to mirror: it runs unmirrored; "
+        "--tta_axes 0,1,2 mirrors it anyway"
+    ) in capsys.readouterr().out
 
 
 def test_tta_mirrors_along_the_axes_of_training_with_the_card_pairs(phantom, weights, tmp_path, capsys, monkeypatch):
