@@ -20,7 +20,7 @@ from dataset.laterality import (
     swap_lateral_labels,
 )
 from dataset.transforms import RandMirrord, build_transforms
-from phantom import LATERAL_LABELS, write_dataset
+from phantom import LATERAL_LABELS, make_case, write_dataset
 
 BTCV_LABELS = (
     "background",
@@ -337,3 +337,14 @@ def test_mirror_axes_flag_names_what_it_takes(value, capsys):
         f"argument --mirror_axes: expected spatial axes such as 0,1,2 (0 left-right, 1 posterior-anterior, 2 "
         f"inferior-superior) or none, got {value!r}"
     ) in capsys.readouterr().err
+
+
+def test_the_lateral_phantom_puts_each_kidney_on_its_side():
+    image, label, affine = make_case(np.random.default_rng(2), orientation="LPS", lateral=True)
+    same_image, flare_label, _ = make_case(np.random.default_rng(2), orientation="LPS")
+    world = np.stack(np.nonzero(np.ones(label.shape)), axis=-1) @ affine[:3, :3].T + affine[:3, 3]
+    x = world[:, 0].reshape(label.shape)  # RAS x: towards the patient's right
+    assert x[label == 2].mean() > 10 > -10 > x[label == 3].mean()  # right kidney 2, left kidney 3
+    assert x[label == 4].mean() > 0 > x[label == 1].mean()  # liver right, spleen left
+    np.testing.assert_array_equal(same_image, image)  # the same case, labelled by side
+    np.testing.assert_array_equal(np.isin(label, (2, 3)), flare_label == 2)
