@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 
 from dataset.description import DatasetConfig
-from dataset.laterality import LEFT_RIGHT_AXIS, swap_lateral_labels
+from dataset.laterality import LEFT_RIGHT_AXIS, check_mirror_axes, swap_lateral_labels
 from dataset.portable import AnyChannelForeground, NormalizeChannelsd, nonzero_region
 
 #: The orientation every image is brought to before resampling, and the axis labels that name it.
@@ -141,9 +141,7 @@ class RandMirrord(Randomizable, MapTransform):
         prob: float = 0.5,
     ) -> None:
         super().__init__(keys)
-        if not all(0 <= a <= 2 for a in axes):
-            raise ValueError(f"axes {list(axes)}: expected spatial axes 0, 1, 2")
-        self.axes, self.lateral_pairs = tuple(axes), tuple(lateral_pairs)
+        self.axes, self.lateral_pairs = check_mirror_axes(axes, "RandMirrord"), tuple(lateral_pairs)
         self.label_key, self.prob = label_key, prob
         self.flipped: tuple[int, ...] = ()
 

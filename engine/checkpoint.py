@@ -165,7 +165,11 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
         f"{k} {saved_card[k]} (flags: {current_card[k]})" for k in saved_card if saved_card[k] != current_card[k]
     ]
     if differing:
-        raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}")
+        hint = ""
+        if saved_card["mirror_axes"] != current_card["mirror_axes"]:
+            axes = ",".join(map(str, saved_card["mirror_axes"])) or "none"
+            hint = f"; pass --mirror_axes {axes} to continue it as it was trained"
+        raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}{hint}")
     saved = checkpoint.get("flags")
     if saved is None:
         return [f"note: --resume {resume}: the checkpoint records no training flags; they are not checked"]

@@ -304,6 +304,13 @@ def test_a_mirrored_run_records_its_mirroring_and_resumes_exactly(lateral, tmp_p
             train_lateral(lateral, tmp_path / "stopped", "--resume", "auto", "--mirror_axes", changed)
         assert str(refused.value.code).startswith(f"error: --resume {checkpoint}: the checkpoint is of another")
         assert "mirror_axes [0, 1, 2] (flags: [" in str(refused.value.code)
+        assert str(refused.value.code).endswith("; pass --mirror_axes 0,1,2 to continue it as it was trained")
+    saved = load_state(checkpoint)
+    before = {**saved, "card": {k: v for k, v in saved["card"].items() if k not in ("mirror_axes", "lateral_pairs")}}
+    torch.save(before, tmp_path / "before.pth")  # a checkpoint from before mirroring was recorded
+    with pytest.raises(SystemExit) as refused:
+        train_lateral(lateral, tmp_path / "stopped", "--resume", str(tmp_path / "before.pth"))
+    assert "mirror_axes [] (flags: [0, 1, 2]); pass --mirror_axes none to continue it" in str(refused.value.code)
     train_lateral(lateral, tmp_path / "stopped", "--resume", "auto")
     straight, resumed = (load_state(tmp_path / run / "checkpoint_last.pth") for run in ("straight", "stopped"))
     assert resumed["progress"] == straight["progress"] and resumed["progress"]["step"] == 7
