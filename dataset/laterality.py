@@ -29,7 +29,7 @@ __all__ = [
     "describe_pairs",
     "find_lateral_pairs",
     "mirrorings",
-    "swap_lateral_channels",
+    "lateral_order",
     "swap_lateral_labels",
 ]
 
@@ -136,11 +136,10 @@ def swap_lateral_labels(label: torch.Tensor, pairs: Pairs) -> torch.Tensor:
     return swapped
 
 
-def swap_lateral_channels(probabilities: torch.Tensor, pairs: Pairs, dim: int = 1) -> torch.Tensor:
-    """``probabilities`` with the class channels (along ``dim``) of each pair exchanged."""
-    if not pairs:
-        return probabilities
-    order = list(range(probabilities.shape[dim]))
+def lateral_order(pairs: Pairs, num_classes: int) -> list[int]:
+    """The class channel each of ``num_classes`` channels goes to once each pair is exchanged (its own
+    inverse): ``probabilities[:, lateral_order(...)]`` is the swap."""
+    order = list(range(num_classes))
     for a, b in pairs:
         order[a], order[b] = b, a
-    return probabilities.index_select(dim, torch.tensor(order, device=probabilities.device))
+    return order

@@ -27,6 +27,7 @@ from dataset.laterality import (
     describe_axes,
     describe_pairs,
     find_lateral_pairs,
+    mirrorings,
 )
 from dataset.transforms import build_transforms
 from engine.common import (
@@ -375,13 +376,13 @@ def _tta_line(model: LoadedModel) -> str:
     swapped = f"left/right pairs swapped back: {pairs}" if LEFT_RIGHT_AXIS in mirroring.axes else "no pair swapped"
     return (
         f"--tta: {weights} mirrors along axes {describe_axes(mirroring.axes)} as in training "
-        f"({2 ** len(mirroring.axes)} passes); {swapped}"
+        f"({len(mirrorings(mirroring.axes))} passes); {swapped}"
     )
 
 
 def _mirrorings_text(test_axes: list[tuple[int, ...]]) -> str:
     """``, 8 mirrorings each`` (or ``, 8/1 mirrorings``, per model), nothing without mirrored passes."""
-    counts = [2 ** len(axes) for axes in test_axes]
+    counts = [len(mirrorings(axes)) for axes in test_axes]
     if max(counts) == 1:
         return ""
     if len(set(counts)) == 1:

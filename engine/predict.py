@@ -16,7 +16,7 @@ from torch import nn
 
 from atomic_files import replace_atomically
 from dataset.cases import case_files, case_name
-from dataset.laterality import LEFT_RIGHT_AXIS, mirrorings, swap_lateral_channels
+from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
 from dataset.portable import complete_background
 from engine.common import stitching_device
 
@@ -90,10 +90,15 @@ def mean_probabilities(
             probabilities = torch.softmax(logits.float(), dim=1)
             if axes:
                 probabilities = probabilities.flip(dims)
-            if LEFT_RIGHT_AXIS in axes:
-                probabilities = swap_lateral_channels(probabilities, model.lateral_pairs)
             probabilities = probabilities.to(output_device)
-            total = probabilities.mul_(weight) if total is None else total.add_(probabilities, alpha=weight)
+            if total is None:  # the first model's unmirrored pass (mirrorings() puts it first)
+                total = probabilities.mul_(weight)
+            elif LEFT_RIGHT_AXIS in axes and model.lateral_pairs:
+                # channel c added to channel order[c]: the pairs swapped back without a copy of the volume
+                order = torch.tensor(lateral_order(model.lateral_pairs, num_classes), device=total.device)
+                total.index_add_(1, order, probabilities, alpha=weight)
+            else:
+                total.add_(probabilities, alpha=weight)
     return total
 
 

@@ -15,8 +15,8 @@ from dataset.description import AMOS_LABELS, FETA_LABELS, FLARE_LABELS, DatasetE
 from dataset.laterality import (
     check_lateral_pairs,
     find_lateral_pairs,
+    lateral_order,
     mirrorings,
-    swap_lateral_channels,
     swap_lateral_labels,
 )
 from dataset.transforms import RandMirrord, build_transforms
@@ -200,31 +200,33 @@ def test_flips_along_other_axes_swap_nothing(axis):
     torch.testing.assert_close(out["label"], label.flip(axis + 1))
 
 
-def test_each_axis_flips_with_probability_one_half_independently():
+def flips_drawn(seed: int, count: int) -> list[tuple[int, ...]]:
+    """The axes a seeded RandMirrord over all three axes flips in ``count`` calls."""
     flip = RandMirrord(["image"], axes=(0, 1, 2))
-    flip.set_random_state(seed=3)
+    flip.set_random_state(seed=seed)
     draws = []
-    for _ in range(4000):
+    for _ in range(count):
         flip({"image": torch.zeros(1, 2, 2, 2)})
         draws.append(flip.flipped)
+    return draws
+
+
+def test_each_axis_flips_with_probability_one_half_independently():
+    draws = flips_drawn(seed=3, count=4000)
     for axis in (0, 1, 2):
         assert 0.46 < np.mean([axis in drawn for drawn in draws]) < 0.54
     for combination in mirrorings((0, 1, 2)):
         assert 0.10 < np.mean([drawn == combination for drawn in draws]) < 0.15  # 1/8 each
-    again = RandMirrord(["image"], axes=(0, 1, 2))
-    again.set_random_state(seed=3)
-    replay = []
-    for _ in range(50):
-        again({"image": torch.zeros(1, 2, 2, 2)})
-        replay.append(again.flipped)
-    assert replay == draws[:50]  # a function of the seed: --resume replays it
+    assert flips_drawn(seed=3, count=50) == draws[:50]  # a function of the seed: --resume replays it
 
 
 def test_probability_channels_swap_back():
     probabilities = torch.rand(2, 4, 3, 3, 3)
-    swapped = swap_lateral_channels(probabilities, ((1, 3),))
-    torch.testing.assert_close(swapped[:, [0, 3, 2, 1]], probabilities)
-    assert swap_lateral_channels(probabilities, ()) is probabilities
+    order = lateral_order(((1, 3),), 4)
+    assert order == [0, 3, 2, 1] and lateral_order((), 4) == [0, 1, 2, 3]
+    swapped = probabilities[:, order]
+    assert torch.equal(swapped[:, 1], probabilities[:, 3]) and torch.equal(swapped[:, 3], probabilities[:, 1])
+    torch.testing.assert_close(swapped[:, order], probabilities)  # its own inverse
     assert torch.equal(swap_lateral_labels(torch.tensor([0, 1, 2, 3]), ((1, 3),)), torch.tensor([0, 3, 2, 1]))
 
 
