@@ -98,6 +98,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
 def fold(value: str) -> int | str:
     """``--fold``: a fold number (0, 1, ...) or ``all``."""
     if value.strip().lower() == "all":

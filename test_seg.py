@@ -7,7 +7,15 @@ network, its classes, the ROI and the preprocessing (channels, normalisation, sp
 adds the mirrorings each model was trained with (left/right class pairs swapped back).
 """
 
-from cli import add_common_arguments, mirror_axes, parser_for, positive_int, run_or_exit, unit_interval
+from cli import (
+    add_common_arguments,
+    mirror_axes,
+    parser_for,
+    positive_float,
+    positive_int,
+    run_or_exit,
+    unit_interval,
+)
 from engine import run_inference
 from engine.export import ONNX_RUNTIMES
 
@@ -77,6 +85,13 @@ def main(argv=None) -> None:
         "default: none)",
     )
     parser.add_argument("--nsd_tolerance", type=float, default=1.0, help="NSD tolerance in mm")
+    parser.add_argument(
+        "--memory_limit",
+        type=positive_float,
+        default=None,
+        help="GB of memory a case may take; a case whose estimate exceeds it is refused before any is segmented "
+        "(default: the memory available to this process, the container's limit included)",
+    )
     args = parser.parse_args(argv)
     run_or_exit(run_inference, args)
 

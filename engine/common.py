@@ -81,13 +81,14 @@ def autocast_for(amp: str | None, device: torch.device) -> torch.autocast:
 def stitching_device(
     spatial_shape: Sequence[int], num_classes: int, device: torch.device, free_bytes: int | None = None
 ) -> torch.device:
-    """Where sliding-window inference accumulates its output: the device, or the CPU when the float32
-    output and its count map would take more than half of the device's free memory."""
+    """Where inference holds a case's class probabilities (2 bytes per class and voxel,
+    ``engine.predict.ProbabilityVolume``): the device, or the CPU when they would take more than half of
+    the device's free memory."""
     if device.type != "cuda":
         return device
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    needed = 4 * (num_classes + 1) * int(np.prod(spatial_shape))
+    needed = 2 * num_classes * int(np.prod(spatial_shape))
     return device if needed <= free_bytes // 2 else torch.device("cpu")
 
 

@@ -5,6 +5,7 @@ in the input geometry, labels and probabilities."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,12 +13,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, decollate_batch
-from monai.transforms import Invertd
+from monai.data import CacheDataset, DataLoader
 from torch import nn
 from tqdm import tqdm
 
-from dataset.cases import cases_from_paths, find_cases, label_for, resolve_root
+from atomic_files import replace_atomically
+from dataset.cases import case_files, cases_from_paths, find_cases, label_for, resolve_root
 from dataset.checks import verify_cases
 from dataset.description import MEDIAN, DatasetConfig, counted, load_dataset_config
 from dataset.laterality import (
@@ -43,18 +44,21 @@ from engine.common import (
     parse_card,
     roi_of,
     select_device,
+    stitching_device,
 )
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
+from engine.input_grid import InputGrid
 from engine.loading import data_worker_init
+from engine.memory import available_bytes, gigabytes, inference_bytes, network_grid_shape
 from engine.predict import (
     ModelPasses,
-    complete_background,
+    ProbabilitiesFile,
     keep_largest,
-    labels_of,
+    labels_on_input_grid,
     mean_probabilities,
     output_name,
-    write_probabilities,
+    probabilities_path,
     write_segmentation,
 )
 from networks import switch_to_deploy
@@ -319,6 +323,7 @@ def _infer(args) -> list[Path]:
     verify_cases(
         cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
     )
+    _check_memory(args, cases, models[0], device)
     test_axes = _test_mirror_axes(args, models)
     written, rows, started = [], [], time.perf_counter()
     try:
@@ -338,6 +343,39 @@ def _infer(args) -> list[Path]:
     if args.evaluate:
         _report_evaluation(rows, config, output, sum("label" in case for case in cases))
     return written
+
+
+def _check_memory(args, cases: list[dict], model: LoadedModel, device: torch.device) -> None:
+    """Refuse, before any case is segmented, a case whose estimated memory (``engine.memory``, from its
+    header) exceeds ``--memory_limit`` or what the machine has; say where the probabilities are held."""
+    config, needs = model.config, []
+    for case in cases:
+        first = case_files({"image": case["image"]})[0]
+        network_shape = network_grid_shape(first, config.spacing)
+        input_shape = nib.load(first).shape[:3]
+        estimate = inference_bytes(
+            input_shape, model.in_channels, network_shape, model.out_channels, model.roi, args.sw_batch_size
+        )
+        needs.append((estimate.total, output_name(case["image"]), network_shape))
+    need, name, network_shape = max(needs)
+    limit = args.memory_limit * 2**30 if args.memory_limit else available_bytes()
+    if limit is not None and need > limit:
+        what = f"{model.out_channels} classes x {'x'.join(map(str, network_shape))} voxels on the network grid"
+        if args.memory_limit:
+            verdict = f"more than --memory_limit {args.memory_limit:g} (GB) allows: raise it where the machine has more"
+        else:
+            verdict = (
+                f"more than the {gigabytes(limit)} available: free memory, use a machine with more, or give "
+                "--memory_limit where the estimate is too high"
+            )
+        raise UsageError(f"{name}: inference needs about {gigabytes(need)} ({what}; TRAINING.md, Memory), {verdict}")
+    holder = stitching_device(network_shape, model.out_channels, device)
+    size = gigabytes(2 * model.out_channels * math.prod(network_shape))
+    print(
+        f"Memory: the largest case ({name}) needs about {gigabytes(need)} besides the network; probabilities "
+        f"({size} at most) held on {'the CPU' if holder.type == 'cpu' else holder}"
+        + (" (too large for the GPU's free memory)" if holder != device else "")
+    )
 
 
 def _test_mirror_axes(args, models: list[LoadedModel]) -> list[tuple[int, ...]]:
@@ -405,7 +443,6 @@ def _segment_cases(
     images = [{"image": case["image"]} for case in cases]  # labels, if any, are read back for --evaluate
     dataset = CacheDataset(images, transforms, cache_rate=args.cache_rate, num_workers=args.num_workers)
     loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers, worker_init_fn=data_worker_init)
-    invert = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False, to_tensor=True)
     output.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(cases), desc="Inference", dynamic_ncols=True) as bar, torch.no_grad():
         for batch, case in zip(loader, cases, strict=True):
@@ -413,7 +450,7 @@ def _segment_cases(
             probabilities = mean_probabilities(
                 batch["image"], networks, out_channels, args.sw_batch_size, args.overlap, autocast, device
             )
-            paths = _write_case(probabilities, batch, case, invert, keep, args.save_probabilities, models[0], output)
+            paths = _write_case(probabilities, batch["image"], case, keep, args.save_probabilities, models[0], output)
             written.append(paths[0])
             bar.update(1)
             seconds = time.perf_counter() - start
@@ -422,17 +459,27 @@ def _segment_cases(
                 rows += _evaluate(paths[0], case, config, label_map, args.nsd_tolerance)
 
 
-def _write_case(probabilities, batch, case, invert, keep, save_probabilities, model, output: Path) -> list[Path]:
-    """A case's probabilities (preprocessed space) brought into the input geometry, its labels (largest
+def _write_case(probabilities, image, case, keep, save_probabilities, model, output: Path) -> list[Path]:
+    """A case's probabilities (network grid) brought to the input's voxels slab by slab, its labels (largest
     components kept for ``keep``) written, and with ``save_probabilities`` the probabilities too."""
-    batch["pred"] = probabilities.cpu()
-    probabilities = complete_background(torch.as_tensor(invert(decollate_batch(batch)[0])["pred"]))
-    labels = keep_largest(labels_of(probabilities), keep) if keep else labels_of(probabilities)
-    paths = []
+    grid, paths = InputGrid.of(image), []
     try:
-        paths.append(write_segmentation(labels, case["image"], output))
         if save_probabilities:
-            paths.append(write_probabilities(probabilities, case["image"], _class_names(model), output))
+            path, labels = probabilities_path(case["image"], output), []
+            affine = nib.load(case_files({"image": case["image"]})[0]).affine
+            shape = (model.out_channels, *grid.shape)
+
+            def write(tmp: str) -> None:
+                with ProbabilitiesFile(tmp, shape, affine, _class_names(model)) as file:
+                    labels.append(labels_on_input_grid(probabilities, grid, file))
+
+            replace_atomically(path, write)
+            paths.append(path)
+            labels = labels[0]
+        else:
+            labels = labels_on_input_grid(probabilities, grid)
+        labels = keep_largest(labels, keep) if keep else labels
+        paths.insert(0, write_segmentation(labels, case["image"], output))
     except BaseException:  # Ctrl-C between the two files: neither stays, so no case is half-written
         for path in paths:
             path.unlink(missing_ok=True)

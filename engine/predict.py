@@ -3,6 +3,7 @@ label map and the files written in the input image's geometry."""
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,24 +11,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import nn
 
 from atomic_files import replace_atomically
 from dataset.cases import case_files, case_name
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
-from dataset.portable import complete_background
 from engine.common import stitching_device
+from engine.input_grid import InputGrid
+from engine.stitching import stitched_slabs
 
 __all__ = [
     "ModelPasses",
-    "complete_background",
+    "ProbabilitiesFile",
+    "ProbabilityVolume",
     "keep_largest",
-    "labels_of",
+    "labels_on_input_grid",
     "mean_probabilities",
     "output_name",
-    "write_probabilities",
+    "probabilities_path",
     "write_segmentation",
 ]
 
@@ -55,6 +57,37 @@ class ModelPasses:
         return len(mirrorings(self.mirror_axes))
 
 
+class ProbabilityVolume:
+    """Class probabilities ``K, X, Y, Z`` held in 2 bytes per class and voxel: fixed point in steps of
+    1/65535 (int16 codes offset by 32768). The size of float16 (half of float32's), and finer than float16
+    where labels are decided: float16 rounds 0.4 by up to 1.2e-4, these codes any value by 7.6e-6.
+    Indexing reads float32."""
+
+    STEPS = 65535
+
+    def __init__(self, num_classes: int, shape: Sequence[int], device: torch.device) -> None:
+        self.codes = torch.full((num_classes, *shape), -32768, dtype=torch.int16, device=device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return (self.codes[index].float() + 32768) / self.STEPS
+
+    def float(self) -> torch.Tensor:
+        return self[...]
+
+    def add(self, start: int, stop: int, values: torch.Tensor, weight: float) -> None:
+        """Add ``weight * values`` (``K, X, Y, stop - start``) to planes ``start:stop`` of the last axis."""
+        region = self[..., start:stop].add_(values.to(self.device), alpha=weight)
+        self.codes[..., start:stop] = (region.clamp_(0, 1).mul_(self.STEPS).round_() - 32768).to(torch.int16)
+
+
 def mean_probabilities(
     image: torch.Tensor,
     models: Sequence[ModelPasses],
@@ -63,48 +96,61 @@ def mean_probabilities(
     overlap: float,
     autocast: torch.autocast,
     device: torch.device,
-) -> torch.Tensor:
-    """The ``num_classes`` class probabilities of a preprocessed ``image`` (``1, C, D, H, W``): for each
-    model (with its sliding-window ROI), the mean softmax over its passes, each mirrored pass flipped back
-    and, where it flipped the left-right axis, its lateral pairs' channels exchanged; then the mean over
-    the models, each weighing the same. Summed in place as they come: memory holds two outputs, whatever the
-    number of passes. The sum lives where :func:`engine.common.stitching_device` says (the CPU for large
-    volumes)."""
-    total = None
-    output_device = stitching_device(image.shape[2:], num_classes, device)
+    output_device: torch.device | None = None,
+) -> ProbabilityVolume:
+    """The ``num_classes`` class probabilities (``K, X, Y, Z``) of a preprocessed ``image`` (``1, C, X, Y,
+    Z``): for each model (with its sliding-window ROI), the mean softmax over its passes, each mirrored
+    pass flipped back and, where it flipped the left-right axis, its lateral pairs' channels exchanged;
+    then the mean over the models, each weighing the same.
+
+    Windows are stitched in float32 a slab at a time (:func:`engine.stitching.stitched_slabs`); the sum
+    over passes and models is the one volume held, a :class:`ProbabilityVolume` (2 bytes per class and
+    voxel), where ``output_device`` says (default: :func:`engine.common.stitching_device`).
+    """
+    shape = tuple(image.shape[2:])
+    output_device = output_device or stitching_device(shape, num_classes, device)
+    total = ProbabilityVolume(num_classes, shape, output_device)
     for model in models:
         weight = 1.0 / (len(models) * model.passes)
         for axes in mirrorings(model.mirror_axes):
-            dims = [axis + 2 for axis in axes]  # spatial axis a of ``N, C, X, Y, Z``
-            flipped = image.flip(dims) if axes else image
-            with autocast:
-                logits = sliding_window_inference(
-                    flipped.to(device),
-                    model.roi,
-                    sw_batch_size,
-                    model.network,
-                    overlap=overlap,
-                    sw_device=device,
-                    device=output_device,
-                )
-            probabilities = torch.softmax(logits.float(), dim=1)
-            if axes:
-                probabilities = probabilities.flip(dims)
-            probabilities = probabilities.to(output_device)
-            if total is None:  # the first model's unmirrored pass (mirrorings() puts it first)
-                total = probabilities.mul_(weight)
-            elif LEFT_RIGHT_AXIS in axes and model.lateral_pairs:
-                # channel c added to channel order[c]: the pairs swapped back without a copy of the volume
-                order = torch.tensor(lateral_order(model.lateral_pairs, num_classes), device=total.device)
-                total.index_add_(1, order, probabilities, alpha=weight)
-            else:
-                total.add_(probabilities, alpha=weight)
+            flipped = image.flip([axis + 2 for axis in axes]) if axes else image
+            swapped = LEFT_RIGHT_AXIS in axes and model.lateral_pairs
+            order = torch.tensor(lateral_order(model.lateral_pairs, num_classes)) if swapped else None
+            slabs = stitched_slabs(flipped, model.network, model.roi, sw_batch_size, overlap, autocast, device)
+            for slab in slabs:
+                values = slab.values.flip([axis + 1 for axis in axes]) if axes else slab.values
+                if order is not None:  # the pass's class c is class order[c] unmirrored
+                    values = values[order.argsort().to(values.device)]
+                start, stop = (shape[2] - slab.stop, shape[2] - slab.start) if 2 in axes else (slab.start, slab.stop)
+                total.add(start, stop, values, weight)
     return total
 
 
-def labels_of(probabilities: torch.Tensor) -> np.ndarray:
-    """The label map (argmax) of probabilities ``K, X, Y, Z`` in the input geometry, as uint8."""
-    return probabilities.argmax(dim=0).numpy().astype(np.uint8)
+def labels_on_input_grid(
+    probabilities: ProbabilityVolume | torch.Tensor,
+    grid: InputGrid,
+    file: ProbabilitiesFile | None = None,
+) -> np.ndarray:
+    """The label map (argmax, uint8) of ``probabilities`` (network grid) brought to the input's voxels a
+    slab at a time (:class:`engine.input_grid.InputGrid`); each slab's probabilities also go to
+    ``file`` when given."""
+    labels = np.empty(grid.shape, dtype=np.uint8)
+    for start, stop, values in grid.slabs(probabilities):
+        labels[..., start:stop] = argmax_of_classes(values).cpu().numpy()
+        if file is not None:
+            file.write(values.half().cpu().numpy())
+    return labels
+
+
+def argmax_of_classes(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(dim=0)`` as uint8 (the first class on ties), class by class: a reduction over the
+    outermost axis is several times slower on the CPU than these whole-volume comparisons."""
+    best, labels = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
+    for value in range(1, values.shape[0]):
+        higher = values[value] > best
+        labels.masked_fill_(higher, value)
+        best = torch.where(higher, values[value], best)
+    return labels
 
 
 def keep_largest(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -144,22 +190,36 @@ def write_segmentation(labels: np.ndarray, image: str | Sequence[str], output: P
     return path
 
 
-def write_probabilities(
-    probabilities: torch.Tensor, image: str | Sequence[str], classes: Sequence[str], output: Path
-) -> Path:
-    """``<case>_probabilities.npz``: ``probabilities`` (float16, ``K, X, Y, Z``: channel k is class k, on
-    the input's voxel grid), ``affine`` (the input's) and ``classes`` (names, index = label value)."""
-    affine = nib.load(case_files({"image": image})[0]).affine
-    path = output / f"{output_name(image)}_probabilities.npz"
+def probabilities_path(image: str | Sequence[str], output: Path) -> Path:
+    return output / f"{output_name(image)}_probabilities.npz"
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as file:
-            np.savez_compressed(
-                file,
-                probabilities=probabilities.numpy().astype(np.float16),
-                affine=affine,
-                classes=np.array(list(classes)),
-            )
 
-    replace_atomically(path, write)
-    return path
+class ProbabilitiesFile:
+    """``<case>_probabilities.npz`` written as it comes, slab by slab along the last axis: ``probabilities``
+    (float16, ``K, X, Y, Z``: channel k is class k, on the input's voxel grid; stored in Fortran order so
+    that slabs are written whole, read by ``np.load`` as any array), ``affine`` (the input's) and
+    ``classes`` (names, index = label value). A context manager; closing it checks that every plane came."""
+
+    def __init__(self, path: str | Path, shape: Sequence[int], affine: np.ndarray, classes: Sequence[str]) -> None:
+        self.archive = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
+        for name, array in (("affine", np.asarray(affine)), ("classes", np.array(list(classes)))):
+            with self.archive.open(f"{name}.npy", "w") as entry:
+                np.lib.format.write_array(entry, array)
+        self.stream = self.archive.open("probabilities.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f2")), "fortran_order": True, "shape": tuple(shape)}
+        np.lib.format.write_array_header_1_0(self.stream, header)
+        self.shape, self.planes = tuple(shape), 0
+
+    def write(self, slab: np.ndarray) -> None:
+        """The next planes: float16 ``K, X, Y, dz``."""
+        self.stream.write(np.asarray(slab, dtype="<f2").tobytes(order="F"))
+        self.planes += slab.shape[-1]
+
+    def __enter__(self) -> ProbabilitiesFile:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.stream.close()
+        self.archive.close()
+        if kind is None and self.planes != self.shape[-1]:
+            raise RuntimeError(f"{self.archive.filename}: {self.planes} of {self.shape[-1]} planes written")

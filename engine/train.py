@@ -61,6 +61,7 @@ from engine.common import (
 from engine.distributed import Distributed
 from engine.loading import cached_dataset, data_preparation_seconds, data_worker_init, fit_cache_rate
 from engine.losses import segmentation_loss
+from engine.memory import peak_text, start_peak
 from engine.validation import foreground_dice, summarise_scores, validation_scores
 from networks import replace_head
 from networks.dwconv import use_algorithm
@@ -433,6 +434,7 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         _save_without_validation(run, step)
         return
     snapshot = {} if run.main else None
+    start_peak(run.device)
     scores = validation_scores(
         run.model,
         run.val_loader,
@@ -445,6 +447,7 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         snapshot,
         run.config.ignore_label,
     )
+    peak = peak_text(run.device)
     scores = torch.cat(run.distributed.gather(scores))
     dice, per_class = summarise_scores(scores)
     foreground = foreground_dice(scores)
@@ -453,7 +456,7 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         progress["best_dice"], progress["best_step"] = dice, step
     if not run.main:
         return
-    _report(writer, bar, run.config.labels, step, dice, foreground, per_class, progress, improved)
+    _report(writer, bar, run.config.labels, step, dice, foreground, per_class, progress, improved, peak)
     if "overlay" in snapshot:
         writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
     # The checkpoint first: it also holds what the best weights hold, so that a run killed between the two
@@ -697,7 +700,7 @@ def _describe(bar: tqdm, step: int, max_iter: int, loss: float, progress: dict, 
     bar.set_description(f"Training ({step} / {max_iter} Steps) (loss={loss:2.5f}{best})", refresh=refresh)
 
 
-def _report(writer, bar, labels, step, dice, foreground, per_class, progress, improved) -> None:
+def _report(writer, bar, labels, step, dice, foreground, per_class, progress, improved, peak: str) -> None:
     writer.add_scalar("val/mean_dice", dice, step)
     writer.add_scalar("val/mean_dice_foreground", foreground, step)
     for name, value in zip(labels, per_class, strict=True):
@@ -707,5 +710,5 @@ def _report(writer, bar, labels, step, dice, foreground, per_class, progress, im
     bar.write(
         f"step {step}: mean Dice {dice:.4f} (background included, as published; {verdict}; best "
         f"{progress['best_dice']:.4f} at step {progress['best_step']}), foreground mean Dice {foreground:.4f}; "
-        f"per class: {classes}"
+        f"per class: {classes}" + (f"; validation {peak}" if peak else "")
     )

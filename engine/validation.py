@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
 from torch import nn
 from tqdm import tqdm
 
-from engine.common import autocast_for, stitching_device
+from engine.common import autocast_for
+from engine.stitching import stitched_slabs
 
-__all__ = ["foreground_dice", "overlay_slice", "summarise_scores", "validation_scores"]
+__all__ = ["dice_per_class", "foreground_dice", "overlay_slice", "summarise_scores", "validation_scores"]
 
 
 def validation_scores(
@@ -26,37 +24,53 @@ def validation_scores(
     progress: bool = True,
     snapshot: dict | None = None,
     ignore_label: int | None = None,
+    overlap: float = 0.25,
 ) -> torch.Tensor:
     """Per-case, per-class Dice (cases x classes, NaN where a class is absent from the label) of the
     argmax of sliding-window predictions, background included; ``0 x classes`` for a loader without
     cases. Nothing is gathered across processes: the caller collects every process's cases once. Voxels
     labelled ``ignore_label`` (nnU-Net's unannotated voxels) count in no class, predicted or expected.
 
+    The windows are stitched slab by slab as in inference (:func:`engine.stitching.stitched_slabs`), each
+    slab turned into labels at once: memory holds the label map, never every class's logits.
+
     With ``snapshot``, its ``"overlay"`` receives the first case's middle axial slice: image, image with
     label, image with prediction (H x W x 3, uint8)."""
     was_training = model.training
     model.eval()
     scores = [torch.empty(0, num_classes)]
+    autocast = autocast_for(amp, device)
     with torch.no_grad():
         for batch in tqdm(loader, desc="Validate", dynamic_ncols=True, leave=False, disable=not progress):
-            image, label = batch["image"], batch["label"]
-            output_device = stitching_device(image.shape[2:], num_classes, device)
-            with autocast_for(amp, device):
-                logits = sliding_window_inference(
-                    image.to(device), roi, sw_batch_size, model, sw_device=device, device=output_device
-                )
-            argmax = logits.argmax(1, keepdim=True)
+            image, label = batch["image"], torch.as_tensor(batch["label"])[0, 0].long()
+            prediction = torch.empty(label.shape, dtype=torch.uint8)
+            slabs = stitched_slabs(image, model, roi, sw_batch_size, overlap, autocast, device, _labels)
+            for slab in slabs:
+                prediction[..., slab.start : slab.stop] = slab.values.cpu()
             if snapshot is not None and len(scores) == 1:
-                snapshot["overlay"] = overlay_slice(
-                    image[0, 0].numpy(), label[0, 0].numpy(), argmax[0, 0].cpu().numpy()
-                )
-            label = label.to(output_device).long()
-            annotated = (label != ignore_label) if ignore_label is not None else torch.ones_like(label, dtype=bool)
-            prediction = one_hot(argmax, num_classes) * annotated
-            truth = one_hot(torch.where(annotated, label, 0), num_classes) * annotated
-            scores.append(compute_dice(prediction, truth, include_background=True).float().cpu())
+                snapshot["overlay"] = overlay_slice(image[0, 0].numpy(), label.numpy(), prediction.numpy())
+            scores.append(dice_per_class(prediction, label, num_classes, ignore_label)[None])
     model.train(was_training)
     return torch.cat(scores)
+
+
+def _labels(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=0).to(torch.uint8)
+
+
+def dice_per_class(
+    prediction: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_label: int | None = None
+) -> torch.Tensor:
+    """The Dice of each class between two label maps (NaN where the class is absent from ``label``, as
+    MONAI's ``compute_dice``), from their joint counts; voxels labelled ``ignore_label`` left out."""
+    prediction, label = prediction.reshape(-1).long(), label.reshape(-1).long()
+    if ignore_label is not None:
+        annotated = label != ignore_label
+        prediction, label = prediction[annotated], label[annotated]
+    joint = torch.bincount(label * num_classes + prediction, minlength=num_classes**2).reshape(num_classes, -1)
+    truth, predicted = joint.sum(dim=1).double(), joint.sum(dim=0).double()
+    dice = 2 * joint.diagonal().double() / (truth + predicted)
+    return torch.where(truth > 0, dice, torch.nan).float()
 
 
 def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:

@@ -22,7 +22,7 @@ def test_autocast_for_amp_flags():
 def test_stitching_moves_to_the_cpu_only_when_the_output_would_not_fit():
     cuda = torch.device("cuda", 0)
     shape, classes = (512, 512, 400), 16
-    needed = 4 * (classes + 1) * 512 * 512 * 400  # float32 output and its count map
+    needed = 2 * classes * 512 * 512 * 400  # the 2-byte probabilities of every class
     assert stitching_device(shape, classes, cuda, free_bytes=4 * needed) == cuda
     assert stitching_device(shape, classes, cuda, free_bytes=needed) == torch.device("cpu")
     assert stitching_device(shape, classes, torch.device("cpu")) == torch.device("cpu")

@@ -176,9 +176,18 @@ def ct(tmp_path_factory):
     return root, weights, exported
 
 
-def segment(weights: list, root: Path, output: Path, extra: tuple = ()) -> dict[str, nib.Nifti1Image]:
-    test_seg.main(flags(root=root, output=output, **PREDICT) + ["--trained_weights", *map(str, weights), *extra])
-    return {p.name: nib.load(p) for p in sorted(output.glob("*_seg.nii.gz"))}
+class Segmentations(dict):
+    """A run's ``<case>_seg.nii.gz`` images by name; ``folder`` holds their probabilities files too."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__({p.name: nib.load(p) for p in sorted(folder.glob("*_seg.nii.gz"))})
+        self.folder = folder
+
+
+def segment(weights: list, root: Path, output: Path, extra: tuple = ()) -> Segmentations:
+    argv = flags(root=root, output=output, **PREDICT) + ["--save_probabilities", "--trained_weights"]
+    test_seg.main(argv + [*map(str, weights), *extra])
+    return Segmentations(output)
 
 
 def run_bundle(bundle: Path, images: Path, output: Path, cwd: Path) -> None:
@@ -191,10 +200,18 @@ def run_bundle(bundle: Path, images: Path, output: Path, cwd: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
-def assert_same_segmentations(expected: dict, actual: dict) -> None:
+def assert_same_segmentations(expected: Segmentations, actual: dict) -> None:
+    """The same labels, but at near ties: where another route's float32 differs in the sixth digit, a voxel
+    whose two most probable classes are within the 2-byte resolution of the held probabilities (and the
+    float16 rounding of the saved ones: 1e-3) may take the other class."""
     assert sorted(actual) == sorted(expected)
     for name, image in expected.items():
-        assert np.array_equal(np.asarray(actual[name].dataobj), np.asarray(image.dataobj)), name
+        labels, reference = np.asarray(actual[name].dataobj), np.asarray(image.dataobj)
+        differing = labels != reference
+        if differing.any():
+            saved = np.load(expected.folder / name.replace("_seg.nii.gz", "_probabilities.npz"))["probabilities"]
+            top_two = np.sort(saved[:, differing].astype(np.float32), axis=0)[-2:]
+            assert (top_two[1] - top_two[0]).max() < 1e-3 and differing.mean() < 1e-4, (name, differing.sum())
         assert np.allclose(actual[name].affine, image.affine), name
 
 
@@ -224,7 +241,7 @@ def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_openv
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=outside)
-    assert_same_segmentations(expected, {p.name: nib.load(p) for p in (tmp_path / "bundle").glob("*_seg.nii.gz")})
+    assert_same_segmentations(expected, Segmentations(tmp_path / "bundle"))
 
 
 def test_an_ensemble_may_mix_weights_and_exports(ct, tmp_path):
@@ -344,4 +361,4 @@ def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_pat
     expected = segment([weights], root, tmp_path / "pth")
     assert len(expected) == 2
     run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=tmp_path)
-    assert_same_segmentations(expected, {p.name: nib.load(p) for p in (tmp_path / "bundle").glob("*_seg.nii.gz")})
+    assert_same_segmentations(expected, Segmentations(tmp_path / "bundle"))

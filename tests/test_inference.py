@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -100,9 +101,10 @@ def test_mirroring_is_the_mean_over_the_8_flipped_passes(phantom, weights):
         cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
         mirrored = mean_probabilities(image, [ModelPasses(model, roi, (0, 1, 2))], 5, 2, 0.25, autocast, cpu)
         plain = mean_probabilities(image, [ModelPasses(model, roi)], 5, 4, 0.25, autocast, cpu)
-    torch.testing.assert_close(mirrored, reference, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(plain, passes[0], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(mirrored, plain, atol=1e-4)
+    # held in steps of 1/65535, rounded once per pass
+    torch.testing.assert_close(mirrored.float(), reference[0], rtol=0, atol=8 * 7.7e-6)
+    torch.testing.assert_close(plain.float(), passes[0][0], rtol=0, atol=7.7e-6)
+    assert not torch.allclose(mirrored.float(), plain.float(), atol=1e-4)
 
 
 def test_tta_with_an_ensemble_and_evaluation_from_files(phantom, weights, tmp_path, capsys):
@@ -187,9 +189,9 @@ def test_mirrored_passes_swap_the_lateral_pairs_back(phantom, weights):
         ensemble = mean_probabilities(
             image, [ModelPasses(model, roi, (0, 2), pairs), ModelPasses(model, roi)], 5, 2, 0, autocast, cpu
         )
-    torch.testing.assert_close(mirrored, reference, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(unswapped, reference, atol=1e-3)
-    torch.testing.assert_close(ensemble, (reference + passes[()]) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mirrored.float(), reference[0], rtol=0, atol=4 * 7.7e-6)
+    assert not torch.allclose(unswapped.float(), reference[0], atol=1e-3)
+    torch.testing.assert_close(ensemble.float(), (reference + passes[()])[0] / 2, rtol=0, atol=5 * 7.7e-6)
 
 
 def with_card(weights: Path, folder: Path, **entries) -> Path:
@@ -259,3 +261,161 @@ def test_tta_mirrors_along_the_axes_of_training_with_the_card_pairs(phantom, wei
     assert "s per case; 2 models, 4/1 mirrorings)" in printed
     test_seg.main(argv + [str(trained), "--tta_axes", "1"])
     assert seen[-1] == [((1,), ((1, 3),))] and "s per case; 1 model, 2 mirrorings)" in capsys.readouterr().out
+
+
+# ---- at real scan size: slab-wise stitching and resampling, the memory estimate ----
+
+
+def whole_volume_probabilities(batch, transforms, models, overlap):
+    """The former path, MONAI's whole-volume way: each model's float32 softmax of sliding_window_inference
+    over every pass (flipped back), averaged, then Invertd back to the input (float64 resampling) and the
+    background completed."""
+    from monai.data import decollate_batch
+    from monai.transforms import Invertd
+
+    from dataset.portable import complete_background
+
+    image, total = batch["image"], 0
+    for network, roi, axes in models:
+        for mirrored in axes:
+            dims = [a + 2 for a in mirrored]
+            logits = sliding_window_inference(image.flip(dims), roi, 4, network, overlap=overlap)
+            total = total + torch.softmax(logits, dim=1).flip(dims) / (len(models) * len(axes))
+    batch = {**batch, "pred": total}
+    invert = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False, to_tensor=True)
+    return complete_background(torch.as_tensor(invert(decollate_batch(batch)[0])["pred"]))
+
+
+@pytest.mark.parametrize("orientation", ["stored", "RPI", "LAS"])
+def test_slab_inference_gives_the_whole_volume_labels_in_any_geometry(phantom, weights, tmp_path, orientation):
+    from monai.data import DataLoader, Dataset
+
+    from dataset.laterality import mirrorings
+    from engine.input_grid import InputGrid
+    from engine.predict import ProbabilitiesFile, labels_on_input_grid
+
+    source = sorted((phantom / "imagesTs").glob("*.nii.gz"))[0]
+    path = source
+    if orientation != "stored":  # the same scan stored in another voxel order
+        image = nib.load(source)
+        transform = nib.orientations.ornt_transform(
+            nib.io_orientation(image.affine), nib.orientations.axcodes2ornt(tuple(orientation))
+        )
+        path = tmp_path / "case.nii.gz"
+        nib.save(image.as_reoriented(transform), path)
+        assert nib.aff2axcodes(nib.load(path).affine) == tuple(orientation)
+    networks = []
+    for trained in weights:
+        card = json.loads(Path(f"{trained}.json").read_text())
+        network = build_network(card["network"], 1, 5, **card["network_args"]).eval()
+        network.load_state_dict(torch.load(trained, weights_only=True))
+        networks.append((network, tuple(card["roi_size"])))
+    config = load_dataset_config("flare").with_preprocessing(card)
+    transforms = build_transforms(config, "test")
+    batch = next(iter(DataLoader(Dataset([{"image": str(path)}], transforms), batch_size=1)))
+    cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    runs = {"one model": ([networks[0]], ())}
+    if orientation == "RPI":  # the costly one once: an ensemble with mirroring, in an odd geometry
+        runs["ensemble, mirrored"] = (networks, (0, 2))
+    for name, (chosen, axes) in runs.items():
+        with torch.no_grad():
+            expected = whole_volume_probabilities(batch, transforms, [(*m, mirrorings(axes)) for m in chosen], 0.5)
+            models = [ModelPasses(network, roi, axes) for network, roi in chosen]
+            held = mean_probabilities(batch["image"], models, 5, 4, 0.5, autocast, cpu)
+            grid = InputGrid.of(batch["image"])
+            with ProbabilitiesFile(tmp_path / "p.npz", (5, *grid.shape), np.eye(4), ["c"] * 5) as file:
+                labels = labels_on_input_grid(held, grid, file)
+        saved = np.load(tmp_path / "p.npz")["probabilities"]
+        assert labels.shape == saved.shape[1:] == nib.load(path).shape, name
+        np.testing.assert_allclose(saved, expected.numpy(), rtol=0, atol=1e-3, err_msg=name)
+        assert len(np.unique(labels)) > 1
+        # Each pass is added in steps of 1/65535 (half a step of rounding for each class): only two classes
+        # within that many steps of each other can swap; with one pass, none do here.
+        differing = labels != expected.argmax(dim=0).numpy()
+        top_two = expected.numpy()[:, differing]
+        top_two.sort(axis=0)
+        passes = len(chosen) * len(mirrorings(axes))
+        assert (top_two[-1] - top_two[-2] < passes / 65535).all() and differing.mean() < 1e-4, name
+        assert passes > 1 or not differing.any(), name
+
+
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap"),
+    [((40, 36, 50), (16, 16, 16), 0.5), ((20, 33, 19), (16, 16, 24), 0.25), ((12, 40, 33), (16, 8, 16), 0)],
+)
+def test_stitched_slabs_are_monai_sliding_window_mean(shape, roi, overlap):
+    """The windows, their padding where the volume is smaller than the ROI, and their mean: MONAI's."""
+    from engine.stitching import stitched_slabs
+
+    network = torch.nn.Conv3d(2, 3, 3, padding=1)
+    image = torch.randn(1, 2, *shape)
+    with torch.no_grad():
+        expected = sliding_window_inference(image, roi, 3, network, overlap=overlap)[0]
+        plain = torch.autocast("cpu", enabled=False)
+        slabs = list(stitched_slabs(image, network, roi, 2, overlap, plain, torch.device("cpu"), lambda x: x))
+    assert [s.start for s in slabs] == sorted(s.start for s in slabs) and slabs[0].start == 0
+    assert all(a.stop == b.start for a, b in itertools.pairwise(slabs)) and slabs[-1].stop == shape[2]
+    torch.testing.assert_close(torch.cat([s.values for s in slabs], dim=-1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dice_from_label_maps_is_monai_compute_dice():
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    from engine.validation import dice_per_class
+
+    generator = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (10, 12, 9), generator=generator)
+    label[label == 3] = 2  # class 3 absent: NaN
+    prediction = torch.randint(0, 4, (10, 12, 9), generator=generator)
+    expected = compute_dice(one_hot(prediction[None, None], 4), one_hot(label[None, None], 4))[0]
+    torch.testing.assert_close(dice_per_class(prediction, label, 4), expected.float(), equal_nan=True)
+    ignored = dice_per_class(prediction, label, 4, ignore_label=2)  # class 2's voxels: counted nowhere
+    kept = label != 2
+    by_hand = 2 * ((prediction == 1) & (label == 1)).sum() / (((prediction == 1) & kept).sum() + (label == 1).sum())
+    assert torch.isclose(ignored[1], by_hand.float()) and ignored[2:].isnan().all()
+
+
+def test_validation_scores_are_those_of_the_whole_volume_argmax(phantom, weights):
+    """Validation stitches slab by slab and keeps labels only: the Dice of the whole-volume argmax."""
+    from monai.data import DataLoader, Dataset
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    from dataset.cases import find_cases
+    from engine.validation import validation_scores
+
+    card = json.loads(Path(f"{weights[0]}.json").read_text())
+    model = build_network(card["network"], 1, 5, **card["network_args"]).eval()
+    model.load_state_dict(torch.load(weights[0], weights_only=True))
+    config = load_dataset_config("flare").with_preprocessing(card)
+    _, val_transforms = build_transforms(config, "train", (32, 32, 32))
+    cases = find_cases(config, phantom, "validation") + find_cases(config, phantom, "test")
+    loader = DataLoader(Dataset(cases, val_transforms), batch_size=1)
+    scores = validation_scores(model, loader, (32, 32, 32), 2, 5, torch.device("cpu"), progress=False)
+    expected = []
+    with torch.no_grad():
+        for batch in loader:
+            prediction = sliding_window_inference(batch["image"], (32, 32, 32), 2, model).argmax(1, keepdim=True)
+            expected.append(compute_dice(one_hot(prediction, 5), one_hot(batch["label"].long(), 5))[0])
+    assert scores.shape == (3, 5)
+    torch.testing.assert_close(scores, torch.stack(expected).float(), equal_nan=True)
+
+
+def test_a_case_over_the_memory_limit_is_refused_before_any_is_segmented(phantom, weights, tmp_path, monkeypatch):
+    import engine.infer
+
+    def network_ran(*args, **kwargs):
+        raise AssertionError("the network ran")
+
+    monkeypatch.setattr(engine.infer, "mean_probabilities", network_ran)
+    output = tmp_path / "pred"
+    argv = flags(root=phantom, output=output, trained_weights=weights[0], memory_limit=0.5, **PREDICT)
+    message = exit_message(test_seg.main, argv)
+    assert "\n" not in message.strip() and message.startswith("error: phantom_00")
+    assert re.search(r"inference needs about 0\.\d GB \(5 classes x \d+x\d+x\d+ voxels on the network grid", message)
+    assert message.strip().endswith(
+        "voxels on the network grid; TRAINING.md, Memory), more than --memory_limit 0.5 (GB) allows: raise it where "
+        "the machine has more"
+    )
+    assert not output.exists() or not any(output.iterdir())

@@ -403,7 +403,7 @@ def test_ctrl_c_in_test_seg_leaves_no_half_written_case(mri, tmp_path, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine.infer, "write_probabilities", interrupted)
+    monkeypatch.setattr(engine.infer, "write_segmentation", interrupted)  # after the probabilities file
     output = tmp_path / "seg"
     argv = flags(root=mri, trained_weights=weights / "final_model.pth", output=output, **TINY) + [
         "--save_probabilities"
@@ -412,7 +412,7 @@ def test_ctrl_c_in_test_seg_leaves_no_half_written_case(mri, tmp_path, monkeypat
         test_seg.main(argv)
     assert stopped.value.code == 130
     assert "stopped by SIGINT after 0 cases of 1; every segmentation in" in capsys.readouterr().err
-    assert not list(output.glob("*_seg.nii.gz"))  # its probabilities were never written: neither stays
+    assert not list(output.glob("*_seg.nii.gz")) and not list(output.glob("*_probabilities.npz"))  # neither stays
 
 
 def test_constant_channels_warn_and_skipped_files_are_named(mri, tmp_path, capsys):

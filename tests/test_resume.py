@@ -319,6 +319,7 @@ def test_two_process_run_with_fewer_validation_cases_than_processes(tmp_path):
     write_dataset(root, num_train=2, num_val=1, num_test=0, seed=4)
     completed = torchrun(root, tmp_path / "ddp", max_iter=1, eval_step=1)
     assert completed.stdout.count("step 1: mean Dice") == 1  # process 0 reports the one case
+    assert re.search(r"step 1: mean Dice .*; validation peak memory \d+\.\d GB resident\n", completed.stdout)
     assert (tmp_path / "ddp" / "best_metric_model.pth").exists()
 
 

@@ -1,0 +1,163 @@
+"""How much memory a case's inference takes, how much the machine has, and the peak a process reached.
+
+The estimate (:func:`inference_bytes`) counts what the slab-wise path (``engine.stitching``,
+``engine.input_grid``) holds at once, apart from the network's own activations, which depend on the
+network and ``--sw_batch_size`` and come on top (on the GPU, where the network runs there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from engine.input_grid import SLAB_BYTES
+
+__all__ = [
+    "InferenceMemory",
+    "available_bytes",
+    "gigabytes",
+    "inference_bytes",
+    "network_grid_shape",
+    "peak_resident_bytes",
+    "peak_text",
+    "reset_peak_resident",
+    "start_peak",
+]
+
+#: What the process holds before any case: Python, PyTorch and MONAI loaded (measured: ~0.6 GB).
+BASELINE_BYTES = 700 * 2**20
+
+
+def gigabytes(count: float) -> str:
+    return f"{count / 2**30:.1f} GB"
+
+
+@dataclass(frozen=True)
+class InferenceMemory:
+    """The bytes of one case's inference, in its three phases (the largest is the case's need).
+
+    Args:
+        preprocessing: the input read as float32, its float64 copy and the resampling's coordinate grid
+            and output (MONAI's ``Spacingd`` computes in float64).
+        stitching: the preprocessed image (and a flipped copy), the 2-byte probabilities of every class on
+            the network grid, the float32 buffer of one row of windows and a batch of windows' logits.
+        output: the probabilities, the label map on the input grid, a slab of every class and its
+            coordinates, and the connected components of ``--keep_largest``.
+    """
+
+    preprocessing: int
+    stitching: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return BASELINE_BYTES + max(self.preprocessing, self.stitching, self.output)
+
+
+def inference_bytes(
+    input_shape: Sequence[int],
+    in_channels: int,
+    network_shape: Sequence[int],
+    num_classes: int,
+    roi: Sequence[int],
+    sw_batch_size: int,
+) -> InferenceMemory:
+    """The memory of a case whose input has ``input_shape`` voxels (and ``in_channels`` channels) and whose
+    preprocessed image has ``network_shape`` (before the crop, an upper bound), for ``num_classes`` and
+    ``sw_batch_size`` windows of ``roi`` at a time."""
+    voxels, grid = math.prod(input_shape), math.prod(network_shape)
+    resampling = grid * (3 + 4) * 8 + in_channels * grid * (8 + 4)  # float64 coordinates and output
+    preprocessing = in_channels * voxels * (4 + 8) + resampling
+    image = 2 * in_channels * grid * 4
+    probabilities = 2 * num_classes * grid
+    # the row's float32 sum and count (half again while it moves on), the logits of a batch of windows
+    row = 3 * (num_classes + 1) * max(network_shape[0], roi[0]) * max(network_shape[1], roi[1]) * roi[2] * 2
+    logits = 2 * sw_batch_size * num_classes * math.prod(roi) * 4
+    stitching = image + probabilities + row + logits
+    plane = input_shape[0] * input_shape[1]
+    planes = max(1, min(input_shape[2], SLAB_BYTES // (num_classes * plane * 4)))
+    slab = planes * plane * (3 * num_classes * 4 + 3 * 8 * 2)  # sampled values, argmax, float16 copy, points
+    labels = voxels * (1 + 4 + 1)  # uint8 labels, int32 components and a mask of --keep_largest
+    output = image // 2 + probabilities + slab + labels
+    return InferenceMemory(preprocessing, stitching, output)
+
+
+def available_bytes() -> int | None:
+    """The memory this process may still take: the system's available memory, or the container's (cgroup)
+    limit less its use where that is lower. None where neither can be read (not Linux)."""
+    candidates = []
+    meminfo = _read("/proc/meminfo")
+    if meminfo:
+        for line in meminfo.splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = _read(limit_file), _read(usage_file)
+        if limit and usage and limit.strip().isdigit() and int(limit) < 2**60:
+            candidates.append(int(limit) - int(usage))
+    return min(candidates) if candidates else None
+
+
+def peak_resident_bytes() -> int | None:
+    """The process's peak resident memory (VmHWM) since it started or :func:`reset_peak_resident`."""
+    status = _read("/proc/self/status")
+    for line in (status or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def start_peak(device) -> None:
+    """Measure the next peak from now: resident memory and, on CUDA, the device's allocations."""
+    reset_peak_resident()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_text(device) -> str:
+    """The peaks since :func:`start_peak`: ``peak memory 2.1 GB resident, 5.3 GB on cuda:0``."""
+    resident = peak_resident_bytes()
+    parts = [f"{gigabytes(resident)} resident"] if resident is not None else []
+    if device.type == "cuda":
+        parts.append(f"{gigabytes(torch.cuda.max_memory_allocated(device))} on {device}")
+    return f"peak memory {', '.join(parts)}" if parts else ""
+
+
+def reset_peak_resident() -> bool:
+    """Start the peak resident memory anew from the current use (Linux ``clear_refs``); False where the
+    system does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def network_grid_shape(path: str, spacing: Sequence[float] | None) -> tuple[int, int, int]:
+    """The RAS shape of the image file ``path`` resampled to ``spacing`` (None: as it is), before the
+    foreground crop: what the network grid of its case is at most."""
+    image = nib.load(path)
+    shape, affine = image.shape[:3], image.affine
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    sizes, extents = [0, 0, 0], [0.0, 0.0, 0.0]
+    for file_axis, (axis, _) in enumerate(nib.io_orientation(affine)):
+        sizes[int(axis)], extents[int(axis)] = shape[file_axis], shape[file_axis] * zooms[file_axis]
+    if spacing is None:
+        return tuple(sizes)
+    return tuple(int(math.ceil(extent / step)) for extent, step in zip(extents, spacing, strict=True))

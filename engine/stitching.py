@@ -1,0 +1,112 @@
+"""Sliding-window inference that holds slabs, not volumes: windows are run row by row along the last
+spatial axis, and each slab of that axis is handed on (softmax, label map) as soon as no later window
+touches it. The windows and their mean are MONAI's ``sliding_window_inference`` (constant weights);
+what it keeps at full size in float32, logits and count map, here never exceeds one row of windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Slab", "WindowPlan", "stitched_slabs"]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows of a ``roi`` lie in a volume of ``spatial_shape`` at ``overlap``: MONAI's rule
+    (the volume padded to the ROI where smaller, half before; windows every ``int(roi * (1 - overlap))``
+    voxels, the last one flush with the end)."""
+
+    spatial_shape: tuple[int, int, int]
+    roi: tuple[int, int, int]
+    overlap: float
+
+    @property
+    def padding(self) -> tuple[tuple[int, int], ...]:
+        """Voxels added before and after each axis, where the volume is smaller than the ROI."""
+        return tuple(((r - s) // 2, r - s - (r - s) // 2) if r > s else (0, 0) for s, r in self._sizes())
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        return tuple(max(s, r) for s, r in self._sizes())
+
+    def _sizes(self):
+        return zip(self.spatial_shape, self.roi, strict=True)
+
+    def starts(self, axis: int) -> list[int]:
+        """The window starts along ``axis`` (in the padded volume), ascending."""
+        size, roi = self.padded_shape[axis], self.roi[axis]
+        interval = roi if roi == size else max(int(roi * (1 - self.overlap)), 1)
+        count = next((d + 1 for d in range(math.ceil(size / interval)) if d * interval + roi >= size), 1)
+        return [min(d * interval, size - roi) for d in range(count)]
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Voxels ``start:stop`` of the last spatial axis, finished: ``values`` (``K, X, Y, stop - start``)."""
+
+    start: int
+    stop: int
+    values: torch.Tensor
+
+
+def stitched_slabs(
+    image: torch.Tensor,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    roi: Sequence[int],
+    sw_batch_size: int,
+    overlap: float,
+    autocast: torch.autocast,
+    device: torch.device,
+    finish: Callable[[torch.Tensor], torch.Tensor] = lambda logits: torch.softmax(logits, dim=0),
+) -> Iterator[Slab]:
+    """The mean logits of the windows over ``image`` (``1, C, X, Y, Z``), ``finish``-ed (default: softmax
+    over the classes) slab by slab along Z, in order, on ``device``; padding to the ROI removed.
+
+    Windows run ``sw_batch_size`` at a time on ``device`` under ``autocast``; their logits are summed in
+    float32, as MONAI sums them, in a buffer one window deep along Z.
+    """
+    roi = tuple(int(r) for r in roi)
+    plan = WindowPlan(tuple(image.shape[2:]), roi, overlap)
+    pads = [amount for pair in reversed(plan.padding) for amount in pair]
+    padded = F.pad(image, pads) if any(pads) else image
+    (x0, _), (y0, _), (z0, _) = plan.padding
+    width, height, depth = plan.spatial_shape
+    xy_windows = [(x, y) for x in plan.starts(0) for y in plan.starts(1)]
+    total = count = None
+    base = 0  # the padded Z of the buffer's first plane
+    for z in plan.starts(2):
+        if total is not None and z > base:  # planes base:z are finished: no later window starts before z
+            yield _finished(total, count, base, z, (x0, y0, z0), (width, height, depth), finish)
+            kept = roi[2] - (z - base)  # planes z:base + roi shared with this row's windows, moved to the front
+            for buffer in (total, count):
+                buffer[..., :kept] = buffer[..., z - base :].clone()
+                buffer[..., kept:] = 0
+        base = z
+        for first in range(0, len(xy_windows), sw_batch_size):
+            corners = xy_windows[first : first + sw_batch_size]
+            windows = torch.cat([padded[:, :, x : x + roi[0], y : y + roi[1], z : z + roi[2]] for x, y in corners])
+            with autocast:
+                logits = network(windows.to(device))
+            if total is None:
+                total = torch.zeros((logits.shape[1], *plan.padded_shape[:2], roi[2]), device=device)
+                count = torch.zeros((*plan.padded_shape[:2], roi[2]), device=device)
+            for (x, y), window in zip(corners, logits.float(), strict=True):
+                total[:, x : x + roi[0], y : y + roi[1]] += window
+                count[x : x + roi[0], y : y + roi[1]] += 1
+    yield _finished(total, count, base, base + roi[2], (x0, y0, z0), (width, height, depth), finish)
+
+
+def _finished(total, count, base, stop, offset, shape, finish) -> Slab:
+    """Planes ``base:stop`` (padded Z) of the buffer, the padding cut away, as a :class:`Slab` in the
+    volume's own Z."""
+    (x0, y0, z0), (width, height, depth) = offset, shape
+    first = max(base, z0)
+    last = max(min(stop, z0 + depth), first)
+    planes = slice(first - base, last - base)
+    mean = total[:, x0 : x0 + width, y0 : y0 + height, planes] / count[x0 : x0 + width, y0 : y0 + height, planes]
+    return Slab(first - z0, last - z0, finish(mean))
