@@ -45,3 +45,24 @@ def test_gpu_check_without_a_gpu_says_what_to_do():
     completed = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=ROOT, capture_output=True, text=True)
     assert completed.returncode == 2
     assert "no CUDA device: run it on a GPU machine, or pass --smoke" in completed.stderr
+
+
+def test_inference_memory_benchmark_runs_both_paths_with_equal_labels(tmp_path):
+    """bench/bench_inference_memory.py on a tiny CT: every path reports its peak, and the slab path's labels
+    are the published path's but at near ties (a random network has many)."""
+    result = tmp_path / "memory.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/bench_inference_memory.py", "--case", "tiny", "--json", str(result)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    header = "| path | peak resident GiB | without the network's activations | seconds | estimate GiB |"
+    assert header in completed.stdout
+    results = json.loads(result.read_text())["results"]
+    assert sorted(results) == ["network", "preprocessing", "published", "slabs"]
+    assert results["slabs"]["labels"] == 64 * 48 * 30 and results["slabs"]["labels_differing"] < 64 * 48 * 30 * 1e-4
+    assert results["slabs"]["largest_top_two_gap_where_differing"] < 2 / 65535  # near ties only, if any
+    assert results["network"]["activations_gib"] > 0 and results["slabs"]["estimate_gib"] > 0
