@@ -19,7 +19,7 @@ from dataset.cases import case_files, case_name
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
 from engine.common import stitching_device
 from engine.input_grid import InputGrid
-from engine.stitching import stitched_slabs
+from engine.stitching import argmax_of_classes, stitched_slabs
 
 __all__ = [
     "ModelPasses",
@@ -139,17 +139,6 @@ def labels_on_input_grid(
         labels[..., start:stop] = argmax_of_classes(values).cpu().numpy()
         if file is not None:
             file.write(values.half().cpu().numpy())
-    return labels
-
-
-def argmax_of_classes(values: torch.Tensor) -> torch.Tensor:
-    """``values.argmax(dim=0)`` as uint8 (the first class on ties), class by class: a reduction over the
-    outermost axis is several times slower on the CPU than these whole-volume comparisons."""
-    best, labels = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
-    for value in range(1, values.shape[0]):
-        higher = values[value] > best
-        labels.masked_fill_(higher, value)
-        best = torch.where(higher, values[value], best)
     return labels
 
 

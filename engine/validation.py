@@ -8,7 +8,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.common import autocast_for
-from engine.stitching import stitched_slabs
+from engine.stitching import argmax_of_classes, stitched_slabs
 
 __all__ = ["dice_per_class", "foreground_dice", "overlay_slice", "summarise_scores", "validation_scores"]
 
@@ -44,7 +44,7 @@ def validation_scores(
         for batch in tqdm(loader, desc="Validate", dynamic_ncols=True, leave=False, disable=not progress):
             image, label = batch["image"], torch.as_tensor(batch["label"])[0, 0].long()
             prediction = torch.empty(label.shape, dtype=torch.uint8)
-            slabs = stitched_slabs(image, model, roi, sw_batch_size, overlap, autocast, device, _labels)
+            slabs = stitched_slabs(image, model, roi, sw_batch_size, overlap, autocast, device, argmax_of_classes)
             for slab in slabs:
                 prediction[..., slab.start : slab.stop] = slab.values.cpu()
             if snapshot is not None and len(scores) == 1:
@@ -52,10 +52,6 @@ def validation_scores(
             scores.append(dice_per_class(prediction, label, num_classes, ignore_label)[None])
     model.train(was_training)
     return torch.cat(scores)
-
-
-def _labels(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=0).to(torch.uint8)
 
 
 def dice_per_class(

@@ -419,3 +419,11 @@ def test_a_case_over_the_memory_limit_is_refused_before_any_is_segmented(phantom
         "the machine has more"
     )
     assert not output.exists() or not any(output.iterdir())
+
+
+def test_argmax_of_classes_is_torch_argmax_with_ties_to_the_first():
+    from engine.stitching import argmax_of_classes
+
+    values = torch.randint(0, 3, (5, 7, 6, 4)).float()  # many ties
+    np.testing.assert_array_equal(argmax_of_classes(values).numpy(), values.argmax(dim=0).numpy())
+    assert argmax_of_classes(values).dtype == torch.uint8
