@@ -35,7 +35,8 @@ BASELINE_BYTES = 700 * 2**20
 
 
 def gigabytes(count: float) -> str:
-    return f"{count / 2**30:.1f} GB"
+    """``3.7 GB`` (GiB), or ``12 MB`` (MiB) below a tenth of a GB."""
+    return f"{count / 2**30:.1f} GB" if count >= 2**30 / 10 else f"{count / 2**20:.0f} MB"
 
 
 @dataclass(frozen=True)
