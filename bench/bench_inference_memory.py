@@ -9,7 +9,7 @@ mm, 5 classes, resampled to 1x1x1.2 mm), preprocessed by the test chain and segm
   softmax, ``Invertd`` back to the input geometry (float64 resampling of every class at once), the background
   completed, argmax: what test_seg.py did before slab-wise inference, as the published test_seg.py does it.
 - ``slabs``: ``engine.predict.mean_probabilities`` (windows stitched a slab at a time, 2-byte probabilities)
-  and ``engine.predict.labels_on_input_grid`` (the input grid a slab at a time): test_seg.py's path.
+  and ``engine.input_grid.labels_on_input_grid`` (the input grid a slab at a time): test_seg.py's path.
 
 Each prints the process's peak resident memory (VmHWM, the whole process: Python, PyTorch, the image, the
 network and its activations), the estimate of ``engine.memory`` for the case, the seconds of the case and, for
@@ -38,11 +38,10 @@ import torch
 from monai.data import list_data_collate
 
 from dataset.description import load_dataset_config
-from dataset.portable import complete_background
 from dataset.transforms import build_transforms
-from engine.input_grid import InputGrid
+from engine.input_grid import InputGrid, labels_on_input_grid
 from engine.memory import inference_bytes, network_grid_shape, peak_resident_bytes
-from engine.predict import ModelPasses, labels_on_input_grid, mean_probabilities
+from engine.predict import ModelPasses, mean_probabilities
 from networks import build_network, switch_to_deploy
 
 CASES = {
@@ -103,7 +102,8 @@ def run_single(args) -> dict:
         batch = {"image": image, "pred": torch.softmax(logits, dim=1)}
         del logits
         invert = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False, to_tensor=True)
-        probabilities = complete_background(torch.as_tensor(invert(decollate_batch(batch)[0])["pred"]))
+        probabilities = torch.as_tensor(invert(decollate_batch(batch)[0])["pred"])
+        probabilities[0] += (1 - probabilities.sum(dim=0)).clamp_min(0)  # outside the crop: background
         del batch
         labels = probabilities.argmax(dim=0).numpy().astype(np.uint8)
     else:

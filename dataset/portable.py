@@ -1,9 +1,10 @@
 """The image operations that must run identically inside and outside this repository.
 
-Per-channel normalisation, the foreground the crop keeps, the background mass restored after inversion,
-the cases of an image folder and the loop that segments them. This module imports MONAI, PyTorch, NumPy
-and SciPy only, never this repository: an exported MONAI bundle carries it, file for file, as
-``scripts/portable.py``, so that the bundle preprocesses exactly as training and ``test_seg.py`` do.
+Per-channel normalisation, the foreground the crop keeps, the cases of an image folder and the loop that
+segments them. This module imports MONAI, PyTorch, NumPy and SciPy only, never this repository: an
+exported MONAI bundle carries it, file for file, as ``scripts/portable.py``, so that the bundle
+preprocesses exactly as training and ``test_seg.py`` do (``engine/stitching.py`` and
+``engine/input_grid.py`` go with it, for the same inference).
 
 A channel's normalisation is given as a mapping or an object with ``scheme`` (``ct``, ``zscore`` or
 ``none``), ``window`` (``ct``: ``[a_min, a_max]``) and ``nonzero_mask`` (``zscore``: standardise over the
@@ -27,7 +28,6 @@ __all__ = [
     "AnyChannelForeground",
     "NormalizeChannelsd",
     "case_images",
-    "complete_background",
     "nonzero_region",
     "output_name",
     "segment_all",
@@ -129,14 +129,6 @@ class AnyChannelForeground:
         )
 
 
-def complete_background(probabilities: torch.Tensor) -> torch.Tensor:
-    """Probabilities ``K, X, Y, Z`` inverted into the input geometry lack mass where the foreground crop cut
-    the volume (zero there, and partial where resampling blends the crop's border with it): that mass is
-    background's, as outside the crop is background. In place; returns ``probabilities``."""
-    probabilities[0] += (1 - probabilities.sum(dim=0)).clamp_min(0)
-    return probabilities
-
-
 #: A file of one channel of a case, nnU-Net's naming: ``<case>_0000.nii.gz`` is channel 0.
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 
@@ -188,15 +180,16 @@ def output_name(metadata: dict, saver: object = None) -> dict:
 
 
 def segment_all(dataloader, network, inferer, postprocessing, device: torch.device | str) -> int:
-    """The inference loop of an exported bundle: each batch's ``image`` through ``inferer`` and ``network``
-    into ``pred``, then each case's ``postprocessing`` (which writes its file). What MONAI's
-    SupervisedEvaluator does, without its pytorch-ignite dependency. Returns the number of cases."""
+    """The inference loop of an exported bundle: each case's ``image`` (preprocessed, channels first) on
+    ``device`` through ``inferer(image, network)`` into ``pred``, then the case's ``postprocessing`` (which
+    writes its file). What MONAI's SupervisedEvaluator does, without its pytorch-ignite dependency, one
+    case at a time. Returns the number of cases."""
     network.eval()
     count = 0
     with torch.no_grad():
         for batch in dataloader:
-            batch["pred"] = inferer(batch["image"].to(device), network)
             for case in decollate_batch(batch):
+                case["pred"] = inferer(case["image"].to(device), network)
                 postprocessing(case)
                 count += 1
     return count

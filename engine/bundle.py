@@ -4,9 +4,10 @@
         --dataset_dir IMAGES --output_dir OUT
 
 ``configs/inference.json`` holds the model card's preprocessing (the chain ``test_seg.py`` builds with
-``dataset.transforms.build_transforms``), the sliding window and the inversion to each input's geometry;
-``scripts/portable.py`` is this repository's ``dataset/portable.py``, copied, for the operations MONAI does
-not have; ``models/model.ts`` is the TorchScript deploy form.
+``dataset.transforms.build_transforms``) and test_seg.py's slab-wise sliding window and inversion to each
+input's geometry; ``scripts/portable.py``, ``scripts/stitching.py`` and ``scripts/input_grid.py`` are this
+repository's ``dataset/portable.py``, ``engine/stitching.py`` and ``engine/input_grid.py``, copied;
+``models/model.ts`` is the TorchScript deploy form.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import scipy
 import torch
 
 import dataset.portable
+import engine.input_grid
+import engine.stitching
 from dataset.description import card_preprocessing
 from dataset.laterality import check_lateral_pairs, describe_axes, describe_pairs
 from dataset.transforms import AXIS_LABELS, ORIENTATION
@@ -91,21 +94,6 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$numpy.float32", "track_meta": True},
     ]
     postprocessing = [
-        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-        {
-            "_target_": "Invertd",
-            "keys": "pred",
-            "transform": "@preprocessing",
-            "orig_keys": "image",
-            "nearest_interp": False,
-            "to_tensor": True,
-        },
-        {
-            "_target_": "Lambdad",
-            "keys": "pred",
-            "func": {"_target_": "scripts.portable.complete_background", "_mode_": "callable"},
-        },
-        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
         {
             "_target_": "SaveImaged",
             "keys": "pred",
@@ -147,7 +135,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             "num_workers": 0,
         },
         "inferer": {
-            "_target_": "SlidingWindowInferer",
+            "_target_": "scripts.input_grid.SlabInferer",
             "roi_size": "@roi_size",
             "sw_batch_size": sw_batch_size,
             "overlap": overlap,
@@ -244,12 +232,15 @@ segmentation (uint8, in the input's geometry). Any entry of the config can be se
   each channel normalised:
   {"; ".join(json.dumps(entry) for entry in preprocessing["normalization"])}
 - sliding window {"x".join(map(str, card["roi_size"]))}, batch {config["inferer"]["sw_batch_size"]}, overlap
-  {config["inferer"]["overlap"]}; softmax, inverted to the input's geometry, argmax
+  {config["inferer"]["overlap"]}; the softmax stitched a slab at a time and held in 2 bytes per class and
+  voxel, brought to the input's voxels a slab at a time (trilinear, the crop and the orientation undone),
+  argmax: what the repository's `test_seg.py` does
 - {_mirroring_note(card, classes)}
 
 `scripts/portable.py` holds the operations MONAI has no transform for (the per-channel normalisation,
-the foreground rule, the background mass outside the crop, the image folder's cases and the loop), the
-same file the training repository preprocesses with.
+the foreground rule, the image folder's cases and the loop), `scripts/stitching.py` and
+`scripts/input_grid.py` the slab-wise inference; the same files the training repository preprocesses and
+segments with.
 """
 
 
@@ -279,5 +270,7 @@ def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int
         "scripts/__init__.py": b'"""The operations of this bundle that MONAI has no transform for."""\n',
         "configs/logging.conf": LOGGING.encode(),
         "scripts/portable.py": Path(dataset.portable.__file__).read_bytes(),
+        "scripts/stitching.py": Path(engine.stitching.__file__).read_bytes(),
+        "scripts/input_grid.py": Path(engine.input_grid.__file__).read_bytes(),
         "docs/README.md": _readme(card, source, config).encode(),
     }

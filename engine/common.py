@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from atomic_files import replace_atomically
+from engine.stitching import stitching_device
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
 
 __all__ = [
@@ -76,20 +76,6 @@ def autocast_for(amp: str | None, device: torch.device) -> torch.autocast:
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
-
-
-def stitching_device(
-    spatial_shape: Sequence[int], num_classes: int, device: torch.device, free_bytes: int | None = None
-) -> torch.device:
-    """Where inference holds a case's class probabilities (2 bytes per class and voxel,
-    ``engine.predict.ProbabilityVolume``): the device, or the CPU when they would take more than half of
-    the device's free memory."""
-    if device.type != "cuda":
-        return device
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    needed = 2 * num_classes * int(np.prod(spatial_shape))
-    return device if needed <= free_bytes // 2 else torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,13 @@ from engine.common import (
 )
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
-from engine.input_grid import InputGrid
+from engine.input_grid import InputGrid, labels_on_input_grid
 from engine.loading import data_worker_init
 from engine.memory import available_bytes, gigabytes, inference_bytes, network_grid_shape
 from engine.predict import (
     ModelPasses,
     ProbabilitiesFile,
     keep_largest,
-    labels_on_input_grid,
     mean_probabilities,
     output_name,
     probabilities_path,

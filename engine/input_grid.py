@@ -6,20 +6,27 @@ undoes it on the whole probability volume at once, in float64. Here the same map
 from an input voxel to a point of the resampled grid, sampled trilinearly (the border clamped, as
 ``padding_mode="border"``) from the part of the grid a slab of input voxels needs: memory holds one slab
 of every class, whatever the volume. Outside the crop every class is 0 and background 1, so the
-background keeps the mass the crop removed (what :func:`dataset.portable.complete_background` restores
-after ``Invertd``).
+background keeps the mass the crop removed (as the whole-volume way restores it after ``Invertd``: the
+background gains what the classes' resampled probabilities lack of 1).
+
+An exported MONAI bundle carries this module as it is (``scripts/``): it imports PyTorch, NumPy and MONAI
+and its sibling module only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 
-__all__ = ["InputGrid", "SLAB_BYTES"]
+# Relative: an exported bundle carries this module and stitching.py side by side, as scripts/.
+from .stitching import ProbabilityVolume, argmax_of_classes, stitched_slabs, stitching_device
+
+__all__ = ["InputGrid", "SLAB_BYTES", "SlabInferer", "labels_on_input_grid"]
 
 #: The float32 size of one slab of every class on the input grid (it sets the slab thickness).
 SLAB_BYTES = 64 * 2**20
@@ -144,3 +151,51 @@ def _translation(offset: np.ndarray) -> np.ndarray:
     matrix = np.eye(4)
     matrix[:3, 3] = offset
     return matrix
+
+
+def labels_on_input_grid(
+    probabilities: ProbabilityVolume | torch.Tensor,
+    grid: InputGrid,
+    file=None,
+) -> np.ndarray:
+    """The label map (argmax, uint8) of ``probabilities`` (network grid) brought to the input's voxels a
+    slab at a time (:class:`InputGrid`); each slab's probabilities also go to ``file.write`` (float16
+    ``K, X, Y, dz``) when given."""
+    labels = np.empty(grid.shape, dtype=np.uint8)
+    for start, stop, values in grid.slabs(probabilities):
+        labels[..., start:stop] = argmax_of_classes(values).cpu().numpy()
+        if file is not None:
+            file.write(values.half().cpu().numpy())
+    return labels
+
+
+class SlabInferer:
+    """The MONAI bundle's inferer, test_seg.py's path for one model and one pass: the windows stitched a slab
+    at a time into a :class:`ProbabilityVolume`, its labels brought to the input's voxels slab by slab
+    (:func:`labels_on_input_grid`), returned as a uint8 MetaTensor ``1, X, Y, Z`` with the input file's
+    affine, for ``SaveImaged``.
+
+    Args:
+        roi_size: the sliding-window size.
+        sw_batch_size: windows run at a time.
+        overlap: the windows' overlap, as test_seg.py's ``--overlap``.
+    """
+
+    def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 4, overlap: float = 0.5) -> None:
+        self.roi_size, self.sw_batch_size, self.overlap = tuple(roi_size), sw_batch_size, overlap
+
+    def __call__(self, image: MetaTensor, network) -> MetaTensor:
+        """The labels of one preprocessed case (channels first, on the device the network runs on)."""
+        device, probabilities = image.device, None
+        plain = torch.autocast(device.type, enabled=False)
+        for slab in stitched_slabs(
+            image[None], network, self.roi_size, self.sw_batch_size, self.overlap, plain, device
+        ):
+            if probabilities is None:
+                holder = stitching_device(image.shape[1:], slab.values.shape[0], device)
+                probabilities = ProbabilityVolume(slab.values.shape[0], image.shape[1:], holder)
+            probabilities.add(slab.start, slab.stop, slab.values, 1.0)
+        labels = torch.from_numpy(labels_on_input_grid(probabilities, InputGrid.of(image)))
+        affine = torch.as_tensor(np.asarray(image.meta["original_affine"]), dtype=torch.float64)
+        meta = {key: value for key, value in image.meta.items() if key != "affine"}  # the file's, for SaveImaged
+        return MetaTensor(labels[None], affine=affine, meta=meta)

@@ -17,16 +17,12 @@ from torch import nn
 from atomic_files import replace_atomically
 from dataset.cases import case_files, case_name
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
-from engine.common import stitching_device
-from engine.input_grid import InputGrid
-from engine.stitching import argmax_of_classes, stitched_slabs
+from engine.stitching import ProbabilityVolume, stitched_slabs, stitching_device
 
 __all__ = [
     "ModelPasses",
     "ProbabilitiesFile",
-    "ProbabilityVolume",
     "keep_largest",
-    "labels_on_input_grid",
     "mean_probabilities",
     "output_name",
     "probabilities_path",
@@ -57,37 +53,6 @@ class ModelPasses:
         return len(mirrorings(self.mirror_axes))
 
 
-class ProbabilityVolume:
-    """Class probabilities ``K, X, Y, Z`` held in 2 bytes per class and voxel: fixed point in steps of
-    1/65535 (int16 codes offset by 32768). The size of float16 (half of float32's), and finer than float16
-    where labels are decided: float16 rounds 0.4 by up to 1.2e-4, these codes any value by 7.6e-6.
-    Indexing reads float32."""
-
-    STEPS = 65535
-
-    def __init__(self, num_classes: int, shape: Sequence[int], device: torch.device) -> None:
-        self.codes = torch.full((num_classes, *shape), -32768, dtype=torch.int16, device=device)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return (self.codes[index].float() + 32768) / self.STEPS
-
-    def float(self) -> torch.Tensor:
-        return self[...]
-
-    def add(self, start: int, stop: int, values: torch.Tensor, weight: float) -> None:
-        """Add ``weight * values`` (``K, X, Y, stop - start``) to planes ``start:stop`` of the last axis."""
-        region = self[..., start:stop].add_(values.to(self.device), alpha=weight)
-        self.codes[..., start:stop] = (region.clamp_(0, 1).mul_(self.STEPS).round_() - 32768).to(torch.int16)
-
-
 def mean_probabilities(
     image: torch.Tensor,
     models: Sequence[ModelPasses],
@@ -105,7 +70,7 @@ def mean_probabilities(
 
     Windows are stitched in float32 a slab at a time (:func:`engine.stitching.stitched_slabs`); the sum
     over passes and models is the one volume held, a :class:`ProbabilityVolume` (2 bytes per class and
-    voxel), where ``output_device`` says (default: :func:`engine.common.stitching_device`).
+    voxel), where ``output_device`` says (default: :func:`engine.stitching.stitching_device`).
     """
     shape = tuple(image.shape[2:])
     output_device = output_device or stitching_device(shape, num_classes, device)
@@ -124,22 +89,6 @@ def mean_probabilities(
                 start, stop = (shape[2] - slab.stop, shape[2] - slab.start) if 2 in axes else (slab.start, slab.stop)
                 total.add(start, stop, values, weight)
     return total
-
-
-def labels_on_input_grid(
-    probabilities: ProbabilityVolume | torch.Tensor,
-    grid: InputGrid,
-    file: ProbabilitiesFile | None = None,
-) -> np.ndarray:
-    """The label map (argmax, uint8) of ``probabilities`` (network grid) brought to the input's voxels a
-    slab at a time (:class:`engine.input_grid.InputGrid`); each slab's probabilities also go to
-    ``file`` when given."""
-    labels = np.empty(grid.shape, dtype=np.uint8)
-    for start, stop, values in grid.slabs(probabilities):
-        labels[..., start:stop] = argmax_of_classes(values).cpu().numpy()
-        if file is not None:
-            file.write(values.half().cpu().numpy())
-    return labels
 
 
 def keep_largest(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:

@@ -131,15 +131,18 @@ def test_deploy_form_has_no_fft_and_no_prior_and_the_same_weights():
     assert relative_difference(output, reference) < 1e-5
 
 
-def test_the_bundles_script_imports_nothing_of_this_repository():
-    source = Path(__file__).resolve().parents[1] / "dataset" / "portable.py"
+@pytest.mark.parametrize("script", ["dataset/portable.py", "engine/stitching.py", "engine/input_grid.py"])
+def test_the_bundles_scripts_import_nothing_of_this_repository(script):
+    source = Path(__file__).resolve().parents[1] / script
     modules = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):
             modules |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module.split(".")[0])
-    assert modules <= {"__future__", "re", "collections", "pathlib", "typing", "torch", "monai", "scipy", "numpy"}
+        elif isinstance(node, ast.ImportFrom):  # a relative import (level 1) names a sibling the bundle carries
+            modules.add(node.module.split(".")[0] if node.level == 0 else f"scripts.{node.module}")
+    allowed = {"__future__", "re", "math", "collections", "dataclasses", "pathlib", "typing"}
+    allowed |= {"torch", "monai", "scipy", "numpy", "scripts.stitching"}
+    assert modules <= allowed, modules - allowed
 
 
 def test_case_images_groups_channel_files_and_names_a_missing_one(tmp_path):
@@ -221,10 +224,12 @@ def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_openv
         "README.md",
         "__init__.py",
         "inference.json",
+        "input_grid.py",
         "logging.conf",
         "metadata.json",
         "model.ts",
         "portable.py",
+        "stitching.py",
     ]
     expected = segment([weights], root, tmp_path / "pth")
     labels = np.concatenate([np.asarray(image.dataobj).ravel() for image in expected.values()])
@@ -241,7 +246,11 @@ def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_openv
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=outside)
-    assert_same_segmentations(expected, Segmentations(tmp_path / "bundle"))
+    bundled = Segmentations(tmp_path / "bundle")
+    assert_same_segmentations(expected, bundled)
+    torchscript = Segmentations(tmp_path / "model.ts")  # the same TorchScript through the same slab-wise code
+    for name, image in torchscript.items():
+        np.testing.assert_array_equal(np.asarray(bundled[name].dataobj), np.asarray(image.dataobj), err_msg=name)
 
 
 def test_an_ensemble_may_mix_weights_and_exports(ct, tmp_path):
