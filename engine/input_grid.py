@@ -9,8 +9,8 @@ of every class, whatever the volume. Outside the crop every class is 0 and backg
 background keeps the mass the crop removed (as the whole-volume way restores it after ``Invertd``: the
 background gains what the classes' resampled probabilities lack of 1).
 
-An exported MONAI bundle carries this module as it is (``scripts/``): it imports PyTorch, NumPy and MONAI
-and its sibling module only.
+An exported MONAI bundle carries this module as it is (``scripts/``): it imports PyTorch, NumPy, MONAI and
+``stitching.py`` beside it only.
 """
 
 from __future__ import annotations

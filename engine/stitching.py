@@ -3,8 +3,7 @@ spatial axis, and each slab of that axis is handed on (softmax, label map) as so
 touches it. The windows and their mean are MONAI's ``sliding_window_inference`` (constant weights);
 what it keeps at full size in float32, logits and count map, here never exceeds one row of windows.
 
-An exported MONAI bundle carries this module as it is (``scripts/``): it imports PyTorch, NumPy and MONAI
-and its sibling module only.
+An exported MONAI bundle carries this module as it is (``scripts/``): it imports PyTorch and NumPy only.
 """
 
 from __future__ import annotations
