@@ -412,7 +412,8 @@ def _record_step(run: Run, step: int, loss: float, problem: str | None, writer, 
         writer.add_scalar("train/nonfinite_steps", progress["nonfinite_steps"], step)
     run.scheduler.step()
     progress["step"] = step
-    _describe(bar, step, run.args.max_iter, loss, progress)
+    # The first step is shown at once (tqdm otherwise redraws at most every 0.1 s, and may skip it).
+    _describe(bar, step, run.args.max_iter, loss, progress, refresh=step == 1)
     bar.update(1)
     if progress["nonfinite_in_a_row"] >= run.args.max_bad_steps:
         kept = run.last_path if run.last_path.exists() else "no checkpoint yet"
