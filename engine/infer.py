@@ -50,7 +50,7 @@ from engine.evaluate import apply_label_map, evaluate_case, format_summary, pars
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
 from engine.input_grid import InputGrid, labels_on_input_grid
 from engine.loading import data_worker_init
-from engine.memory import available_bytes, gigabytes, inference_bytes, network_grid_shape
+from engine.memory import available_bytes, device_bytes, gigabytes, inference_bytes, network_grid_shape
 from engine.predict import (
     ModelPasses,
     ProbabilitiesFile,
@@ -346,7 +346,8 @@ def _infer(args) -> list[Path]:
 
 def _check_memory(args, cases: list[dict], model: LoadedModel, device: torch.device) -> None:
     """Refuse, before any case is segmented, a case whose estimated memory (``engine.memory``, from its
-    header) exceeds ``--memory_limit`` or what the machine has; say where the probabilities are held."""
+    header) exceeds ``--memory_limit`` or what the machine has, or, on a GPU, what the GPU has free (the
+    network's activations aside); say where the probabilities are held."""
     config, needs = model.config, []
     for case in cases:
         first = case_files({"image": case["image"]})[0]
@@ -355,8 +356,8 @@ def _check_memory(args, cases: list[dict], model: LoadedModel, device: torch.dev
         estimate = inference_bytes(
             input_shape, model.in_channels, network_shape, model.out_channels, model.roi, args.sw_batch_size
         )
-        needs.append((estimate.total, output_name(case["image"]), network_shape))
-    need, name, network_shape = max(needs)
+        needs.append((estimate.total, output_name(case["image"]), network_shape, math.prod(input_shape)))
+    need, name, network_shape, input_voxels = max(needs)
     limit = args.memory_limit * 2**30 if args.memory_limit else available_bytes()
     if limit is not None and need > limit:
         what = f"{model.out_channels} classes x {'x'.join(map(str, network_shape))} voxels on the network grid"
@@ -369,6 +370,24 @@ def _check_memory(args, cases: list[dict], model: LoadedModel, device: torch.dev
             )
         raise UsageError(f"{name}: inference needs about {gigabytes(need)} ({what}; TRAINING.md, Memory), {verdict}")
     holder = stitching_device(network_shape, model.out_channels, device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        on_device = device_bytes(
+            network_shape,
+            model.in_channels,
+            model.out_channels,
+            model.roi,
+            args.sw_batch_size,
+            input_voxels,
+            holder == device,
+        )
+        if on_device > free:
+            raise UsageError(
+                f"{name}: inference needs about {gigabytes(on_device)} on {device} before the network's activations "
+                f"(a row of {'x'.join(map(str, model.roi))} windows across {network_shape[0]}x{network_shape[1]} "
+                f"voxels, {model.out_channels} classes), which has {gigabytes(free)} free: use --sw_batch_size 1, "
+                "or --device cpu"
+            )
     size = gigabytes(2 * model.out_channels * math.prod(network_shape))
     print(
         f"Memory: the largest case ({name}) needs about {gigabytes(need)} besides the network; probabilities "

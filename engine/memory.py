@@ -21,6 +21,7 @@ from engine.input_grid import SLAB_BYTES
 __all__ = [
     "InferenceMemory",
     "available_bytes",
+    "device_bytes",
     "gigabytes",
     "inference_bytes",
     "network_grid_shape",
@@ -87,6 +88,26 @@ def inference_bytes(
     labels = voxels * (1 + 4 + 1)  # uint8 labels, int32 components and a mask of --keep_largest
     output = image // 2 + probabilities + slab + labels
     return InferenceMemory(preprocessing, stitching, output)
+
+
+def device_bytes(
+    network_shape: Sequence[int],
+    in_channels: int,
+    num_classes: int,
+    roi: Sequence[int],
+    sw_batch_size: int,
+    input_voxels: int,
+    holds_probabilities: bool,
+) -> int:
+    """What inference puts on the GPU it runs on, apart from the network's activations: one row of windows
+    (float32 sum and count, half again while it moves on), a batch of windows and their logits, and, when
+    they are held there, the 2-byte probabilities and a slab of the input grid (``input_voxels`` in all)."""
+    width, height = max(network_shape[0], roi[0]), max(network_shape[1], roi[1])
+    row = 6 * (num_classes + 1) * width * height * roi[2]
+    batch = sw_batch_size * math.prod(roi) * (in_channels + 2 * num_classes) * 4
+    slab = 3 * min(SLAB_BYTES, num_classes * input_voxels * 4)
+    held = 2 * num_classes * math.prod(network_shape) + slab if holds_probabilities else 0
+    return row + batch + held
 
 
 def available_bytes() -> int | None:

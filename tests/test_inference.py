@@ -427,3 +427,32 @@ def test_argmax_of_classes_is_torch_argmax_with_ties_to_the_first():
     values = torch.randint(0, 3, (5, 7, 6, 4)).float()  # many ties
     np.testing.assert_array_equal(argmax_of_classes(values).numpy(), values.argmax(dim=0).numpy())
     assert argmax_of_classes(values).dtype == torch.uint8
+
+
+def test_on_a_gpu_the_probabilities_move_to_the_cpu_or_the_case_is_refused_before_it_runs(phantom, monkeypatch, capsys):
+    """_check_memory on a CUDA device, its free memory set for the test (no GPU needed): the probabilities
+    stay on the GPU when they fit half of it, go to the CPU when not, and a GPU that cannot hold one row of
+    windows refuses the case in one line naming what to change."""
+    import argparse
+    import math
+    import types
+
+    import engine.infer
+    from engine.memory import network_grid_shape
+
+    image = str(sorted((phantom / "imagesTs").glob("*.nii.gz"))[0])
+    config = load_dataset_config("flare")
+    model = types.SimpleNamespace(config=config, in_channels=1, out_channels=5, roi=(32, 32, 32))
+    args, cuda = argparse.Namespace(memory_limit=100.0, sw_batch_size=4), torch.device("cuda", 0)
+    probabilities = 2 * 5 * math.prod(network_grid_shape(image, config.spacing))
+    for free, where in ((2**30, "held on cuda:0\n"), (2 * probabilities - 2, "held on the CPU (too large for")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * 2**30))
+        engine.infer._check_memory(args, [{"image": image}], model, cuda)
+        assert where in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    with pytest.raises(engine.infer.UsageError) as refused:
+        engine.infer._check_memory(args, [{"image": image}], model, cuda)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("phantom_00")
+    assert message.endswith("which has 1 MB free: use --sw_batch_size 1, or --device cpu")
+    assert "on cuda:0 before the network's activations (a row of 32x32x32 windows across " in message
