@@ -137,6 +137,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
         "inferer": {
             "_target_": "scripts.input_grid.SlabInferer",
             "roi_size": "@roi_size",
+            "num_classes": int(card["out_channels"]),
             "sw_batch_size": sw_batch_size,
             "overlap": overlap,
         },

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 # Relative: an exported bundle carries this module and stitching.py side by side, as scripts/.
-from .stitching import ProbabilityVolume, argmax_of_classes, stitched_slabs, stitching_device
+from .stitching import ProbabilityVolume, argmax_of_classes, stitching_device
 
 __all__ = ["InputGrid", "SLAB_BYTES", "SlabInferer", "labels_on_input_grid"]
 
@@ -177,24 +177,22 @@ class SlabInferer:
 
     Args:
         roi_size: the sliding-window size.
+        num_classes: the network's output channels.
         sw_batch_size: windows run at a time.
         overlap: the windows' overlap, as test_seg.py's ``--overlap``.
     """
 
-    def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 4, overlap: float = 0.5) -> None:
-        self.roi_size, self.sw_batch_size, self.overlap = tuple(roi_size), sw_batch_size, overlap
+    def __init__(self, roi_size: Sequence[int], num_classes: int, sw_batch_size: int = 4, overlap: float = 0.5) -> None:
+        self.roi_size, self.num_classes = tuple(roi_size), num_classes
+        self.sw_batch_size, self.overlap = sw_batch_size, overlap
 
     def __call__(self, image: MetaTensor, network) -> MetaTensor:
         """The labels of one preprocessed case (channels first, on the device the network runs on)."""
-        device, probabilities = image.device, None
+        device = image.device
+        holder = stitching_device(image.shape[1:], self.num_classes, device)
+        probabilities = ProbabilityVolume(self.num_classes, image.shape[1:], holder)
         plain = torch.autocast(device.type, enabled=False)
-        for slab in stitched_slabs(
-            image[None], network, self.roi_size, self.sw_batch_size, self.overlap, plain, device
-        ):
-            if probabilities is None:
-                holder = stitching_device(image.shape[1:], slab.values.shape[0], device)
-                probabilities = ProbabilityVolume(slab.values.shape[0], image.shape[1:], holder)
-            probabilities.add(slab.start, slab.stop, slab.values, 1.0)
+        probabilities.add_pass(image[None], network, self.roi_size, self.sw_batch_size, self.overlap, plain, device)
         labels = torch.from_numpy(labels_on_input_grid(probabilities, InputGrid.of(image)))
         affine = torch.as_tensor(np.asarray(image.meta["original_affine"]), dtype=torch.float64)
         meta = {key: value for key, value in image.meta.items() if key != "affine"}  # the file's, for SaveImaged

@@ -17,7 +17,7 @@ from torch import nn
 from atomic_files import replace_atomically
 from dataset.cases import case_files, case_name
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
-from engine.stitching import ProbabilityVolume, stitched_slabs, stitching_device
+from engine.stitching import ProbabilityVolume, stitching_device
 
 __all__ = [
     "ModelPasses",
@@ -68,7 +68,7 @@ def mean_probabilities(
     pass flipped back and, where it flipped the left-right axis, its lateral pairs' channels exchanged;
     then the mean over the models, each weighing the same.
 
-    Windows are stitched in float32 a slab at a time (:func:`engine.stitching.stitched_slabs`); the sum
+    Windows are stitched in float32 a slab at a time (:meth:`ProbabilityVolume.add_pass`); the sum
     over passes and models is the one volume held, a :class:`ProbabilityVolume` (2 bytes per class and
     voxel), where ``output_device`` says (default: :func:`engine.stitching.stitching_device`).
     """
@@ -78,16 +78,11 @@ def mean_probabilities(
     for model in models:
         weight = 1.0 / (len(models) * model.passes)
         for axes in mirrorings(model.mirror_axes):
-            flipped = image.flip([axis + 2 for axis in axes]) if axes else image
             swapped = LEFT_RIGHT_AXIS in axes and model.lateral_pairs
-            order = torch.tensor(lateral_order(model.lateral_pairs, num_classes)) if swapped else None
-            slabs = stitched_slabs(flipped, model.network, model.roi, sw_batch_size, overlap, autocast, device)
-            for slab in slabs:
-                values = slab.values.flip([axis + 1 for axis in axes]) if axes else slab.values
-                if order is not None:  # the pass's class c is class order[c] unmirrored
-                    values = values[order.argsort().to(values.device)]
-                start, stop = (shape[2] - slab.stop, shape[2] - slab.start) if 2 in axes else (slab.start, slab.stop)
-                total.add(start, stop, values, weight)
+            order = lateral_order(model.lateral_pairs, num_classes) if swapped else None
+            total.add_pass(
+                image, model.network, model.roi, sw_batch_size, overlap, autocast, device, weight, axes, order
+            )
     return total
 
 

@@ -157,6 +157,33 @@ class ProbabilityVolume:
         region = self[..., start:stop].add_(values.to(self.device), alpha=weight)
         self.codes[..., start:stop] = (region.clamp_(0, 1).mul_(self.STEPS).round_() - 32768).to(torch.int16)
 
+    def add_pass(
+        self,
+        image: torch.Tensor,
+        network: Callable[[torch.Tensor], torch.Tensor],
+        roi: Sequence[int],
+        sw_batch_size: int,
+        overlap: float,
+        autocast: torch.autocast,
+        device: torch.device,
+        weight: float = 1.0,
+        mirror_axes: Sequence[int] = (),
+        channel_order: Sequence[int] | None = None,
+    ) -> None:
+        """Add ``weight`` times the softmax of one sliding-window pass over ``image`` (``1, C, X, Y, Z``),
+        slab by slab (:func:`stitched_slabs`): the image flipped along the spatial ``mirror_axes`` and each
+        slab flipped back; with ``channel_order``, the pass's class c added to class ``channel_order[c]``
+        (a permutation that is its own inverse, such as the swap of left/right pairs)."""
+        depth = image.shape[-1]
+        flipped = image.flip([axis + 2 for axis in mirror_axes]) if mirror_axes else image
+        order = None if channel_order is None else torch.tensor(list(channel_order), device=device)
+        for slab in stitched_slabs(flipped, network, roi, sw_batch_size, overlap, autocast, device):
+            values = slab.values.flip([axis + 1 for axis in mirror_axes]) if mirror_axes else slab.values
+            if order is not None:
+                values = values[order]
+            start, stop = (depth - slab.stop, depth - slab.start) if 2 in mirror_axes else (slab.start, slab.stop)
+            self.add(start, stop, values, weight)
+
 
 def stitching_device(
     spatial_shape: Sequence[int], num_classes: int, device: torch.device, free_bytes: int | None = None
