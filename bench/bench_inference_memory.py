@@ -40,7 +40,7 @@ from monai.data import list_data_collate
 from dataset.description import load_dataset_config
 from dataset.transforms import build_transforms
 from engine.input_grid import InputGrid, labels_on_input_grid
-from engine.memory import inference_bytes, network_grid_shape, peak_resident_bytes
+from engine.memory import inference_bytes, network_grid_shape, peak_resident_bytes, resident_bytes
 from engine.predict import ModelPasses, mean_probabilities
 from networks import build_network, switch_to_deploy
 
@@ -66,14 +66,6 @@ def synthetic_ct(path: Path, shape, zooms, seed: int = 0) -> None:
         volume[..., z] = plane.astype(np.int16)
     affine = np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])
     nib.save(nib.Nifti1Image(volume, affine), path)
-
-
-def resident_bytes() -> int:
-    """The process's resident memory now (VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def run_single(args) -> dict:
@@ -116,9 +108,9 @@ def run_single(args) -> dict:
     if args.path == "published":  # after the peak: how far apart the two most probable classes are
         top_two = probabilities.topk(2, dim=0).values
         np.save(args.labels.replace(".npy", "_gap.npy"), (top_two[0] - top_two[1]).numpy())
-    estimate = inference_bytes(
-        nib.load(args.image).shape, 1, network_grid_shape(args.image, config.spacing), config.num_classes, ROI, 4
-    )
+    header = nib.load(args.image)
+    network_shape = network_grid_shape(header.shape, header.affine, config.spacing)
+    estimate = inference_bytes(header.shape, 1, network_shape, config.num_classes, ROI, 4)
     return {
         "peak_gib": peak / 2**30,
         "seconds": seconds,

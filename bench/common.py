@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.memory import peak_resident_bytes, resident_bytes  # noqa: E402  (after the repository joins the path)
+
 
 def machine() -> dict:
     """Where a benchmark ran: date, device, torch version, CPU threads."""
@@ -58,19 +60,11 @@ def peak_memory_mib(device: torch.device, rss_before_kib: int) -> float:
     set every child's peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return (_status_kib("VmHWM") - rss_before_kib) / 1024
+    return ((peak_resident_bytes() or 0) // 1024 - rss_before_kib) / 1024
 
 
 def current_rss_kib() -> int:
-    return _status_kib("VmRSS")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    return 0
+    return (resident_bytes() or 0) // 1024
 
 
 def run_isolated(script: Path, args: list[str]) -> dict:

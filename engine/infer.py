@@ -350,9 +350,9 @@ def _check_memory(args, cases: list[dict], model: LoadedModel, device: torch.dev
     network's activations aside); say where the probabilities are held."""
     config, needs = model.config, []
     for case in cases:
-        first = case_files({"image": case["image"]})[0]
-        network_shape = network_grid_shape(first, config.spacing)
-        input_shape = nib.load(first).shape[:3]
+        header = nib.load(case_files({"image": case["image"]})[0])
+        input_shape = header.shape[:3]
+        network_shape = network_grid_shape(input_shape, header.affine, config.spacing)
         estimate = inference_bytes(
             input_shape, model.in_channels, network_shape, model.out_channels, model.roi, args.sw_batch_size
         )
@@ -483,17 +483,16 @@ def _write_case(probabilities, image, case, keep, save_probabilities, model, out
     grid, paths = InputGrid.of(image), []
     try:
         if save_probabilities:
-            path, labels = probabilities_path(case["image"], output), []
+            path = probabilities_path(case["image"], output)
             affine = nib.load(case_files({"image": case["image"]})[0]).affine
             shape = (model.out_channels, *grid.shape)
 
-            def write(tmp: str) -> None:
+            def write(tmp: str) -> np.ndarray:
                 with ProbabilitiesFile(tmp, shape, affine, _class_names(model)) as file:
-                    labels.append(labels_on_input_grid(probabilities, grid, file))
+                    return labels_on_input_grid(probabilities, grid, file)
 
-            replace_atomically(path, write)
+            labels = replace_atomically(path, write)
             paths.append(path)
-            labels = labels[0]
         else:
             labels = labels_on_input_grid(probabilities, grid)
         labels = keep_largest(labels, keep) if keep else labels

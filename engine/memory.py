@@ -27,6 +27,7 @@ __all__ = [
     "network_grid_shape",
     "peak_resident_bytes",
     "peak_text",
+    "resident_bytes",
     "reset_peak_resident",
     "start_peak",
 ]
@@ -78,10 +79,8 @@ def inference_bytes(
     preprocessing = in_channels * voxels * (4 + 8) + resampling
     image = 2 * in_channels * grid * 4
     probabilities = 2 * num_classes * grid
-    # the row's float32 sum and count (half again while it moves on), the logits of a batch of windows
-    row = 3 * (num_classes + 1) * max(network_shape[0], roi[0]) * max(network_shape[1], roi[1]) * roi[2] * 2
-    logits = 2 * sw_batch_size * num_classes * math.prod(roi) * 4
-    stitching = image + probabilities + row + logits
+    stitching = image + probabilities + _row_bytes(network_shape, roi, num_classes)
+    stitching += _logits_bytes(roi, num_classes, sw_batch_size)
     plane = input_shape[0] * input_shape[1]
     planes = max(1, min(input_shape[2], SLAB_BYTES // (num_classes * plane * 4)))
     slab = planes * plane * (3 * num_classes * 4 + 3 * 8 * 2)  # sampled values, argmax, float16 copy, points
@@ -102,23 +101,28 @@ def device_bytes(
     """What inference puts on the GPU it runs on, apart from the network's activations: one row of windows
     (float32 sum and count, half again while it moves on), a batch of windows and their logits, and, when
     they are held there, the 2-byte probabilities and a slab of the input grid (``input_voxels`` in all)."""
-    width, height = max(network_shape[0], roi[0]), max(network_shape[1], roi[1])
-    row = 6 * (num_classes + 1) * width * height * roi[2]
-    batch = sw_batch_size * math.prod(roi) * (in_channels + 2 * num_classes) * 4
+    windows = sw_batch_size * math.prod(roi) * in_channels * 4
     slab = 3 * min(SLAB_BYTES, num_classes * input_voxels * 4)
     held = 2 * num_classes * math.prod(network_shape) + slab if holds_probabilities else 0
-    return row + batch + held
+    return _row_bytes(network_shape, roi, num_classes) + windows + _logits_bytes(roi, num_classes, sw_batch_size) + held
+
+
+def _row_bytes(network_shape: Sequence[int], roi: Sequence[int], num_classes: int) -> int:
+    """One row of windows: its float32 sum of every class and its count, half again while it moves on."""
+    width, height = max(network_shape[0], roi[0]), max(network_shape[1], roi[1])
+    return 6 * (num_classes + 1) * width * height * roi[2]
+
+
+def _logits_bytes(roi: Sequence[int], num_classes: int, sw_batch_size: int) -> int:
+    """The logits of a batch of windows, as the network gives them and in float32."""
+    return 2 * sw_batch_size * num_classes * math.prod(roi) * 4
 
 
 def available_bytes() -> int | None:
     """The memory this process may still take: the system's available memory, or the container's (cgroup)
     limit less its use where that is lower. None where neither can be read (not Linux)."""
-    candidates = []
-    meminfo = _read("/proc/meminfo")
-    if meminfo:
-        for line in meminfo.splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    candidates = [] if available is None else [available]
     for limit_file, usage_file in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
@@ -131,11 +135,12 @@ def available_bytes() -> int | None:
 
 def peak_resident_bytes() -> int | None:
     """The process's peak resident memory (VmHWM) since it started or :func:`reset_peak_resident`."""
-    status = _read("/proc/self/status")
-    for line in (status or "").splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
+    return _proc_bytes("/proc/self/status", "VmHWM")
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now (VmRSS)."""
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def start_peak(device) -> None:
@@ -171,11 +176,19 @@ def _read(path: str) -> str | None:
         return None
 
 
-def network_grid_shape(path: str, spacing: Sequence[float] | None) -> tuple[int, int, int]:
-    """The RAS shape of the image file ``path`` resampled to ``spacing`` (None: as it is), before the
-    foreground crop: what the network grid of its case is at most."""
-    image = nib.load(path)
-    shape, affine = image.shape[:3], image.affine
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a /proc file in bytes; None where the file or the field is missing."""
+    for line in (_read(path) or "").splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def network_grid_shape(
+    shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float] | None
+) -> tuple[int, int, int]:
+    """The RAS shape of an image of ``shape`` and ``affine`` (its file's header) resampled to ``spacing``
+    (None: as it is), before the foreground crop: what the network grid of its case is at most."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     sizes, extents = [0, 0, 0], [0.0, 0.0, 0.0]
     for file_axis, (axis, _) in enumerate(nib.io_orientation(affine)):

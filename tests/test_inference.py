@@ -444,7 +444,8 @@ def test_on_a_gpu_the_probabilities_move_to_the_cpu_or_the_case_is_refused_befor
     config = load_dataset_config("flare")
     model = types.SimpleNamespace(config=config, in_channels=1, out_channels=5, roi=(32, 32, 32))
     args, cuda = argparse.Namespace(memory_limit=100.0, sw_batch_size=4), torch.device("cuda", 0)
-    probabilities = 2 * 5 * math.prod(network_grid_shape(image, config.spacing))
+    header = nib.load(image)
+    probabilities = 2 * 5 * math.prod(network_grid_shape(header.shape, header.affine, config.spacing))
     for free, where in ((2**30, "held on cuda:0\n"), (2 * probabilities - 2, "held on the CPU (too large for")):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * 2**30))
         engine.infer._check_memory(args, [{"image": image}], model, cuda)
