@@ -118,7 +118,7 @@ def _finished(total, count, base, stop, offset, shape, finish) -> Slab:
 
 def argmax_of_classes(values: torch.Tensor) -> torch.Tensor:
     """``values.argmax(dim=0)`` as uint8 (the first class on ties), class by class: a reduction over the
-    outermost axis is several times slower on the CPU than these whole-volume comparisons."""
+    outermost axis is 6-9x slower on the CPU than these whole-volume comparisons (BENCHMARKS.md)."""
     best, labels = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
     for value in range(1, values.shape[0]):
         higher = values[value] > best
