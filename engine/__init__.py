@@ -12,9 +12,9 @@ from engine.common import (
     load_weights,
     model_card_path,
     select_device,
-    stitching_device,
 )
 from engine.infer import run_inference
+from engine.stitching import stitching_device
 from engine.train import run_training
 from engine.validation import foreground_dice, summarise_scores, validation_scores
 

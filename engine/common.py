@@ -15,7 +15,6 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from atomic_files import replace_atomically
-from engine.stitching import stitching_device
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "roi_of",
     "save_torch",
     "select_device",
-    "stitching_device",
 ]
 
 BEST_WEIGHTS = "best_metric_model.pth"

@@ -44,7 +44,6 @@ from engine.common import (
     parse_card,
     roi_of,
     select_device,
-    stitching_device,
 )
 from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
@@ -60,6 +59,7 @@ from engine.predict import (
     probabilities_path,
     write_segmentation,
 )
+from engine.stitching import stitching_device
 from networks import switch_to_deploy
 from networks.dwconv import use_algorithm
 
