@@ -240,7 +240,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
             help="weights to fine-tune (no default: required unless --pretrain false)",
         )
         parser.add_argument(
-            "--pretrain_classes", type=positive_int, default=5, help="classes of the pretrained model's output head"
+            "--pretrain_classes",
+            type=positive_int,
+            default=5,
+            help="outputs of the pretrained model's head: its classes, or its regions for a region model",
         )
     else:
         parser.add_argument("--pretrain", type=str2bool, default=False, help="load --pretrained_weights (true/false)")

@@ -1,4 +1,5 @@
-"""Synthetic FLARE-like abdominal phantoms (CT, or two-channel MRI), in three dataset layouts.
+"""Synthetic FLARE-like abdominal phantoms (CT, or two-channel MRI) and BraTS-like brain tumours, in three
+dataset layouts.
 
 Each case is a small abdomen: an elliptic body (fat rim, soft tissue) with liver, spleen, two kidneys
 and pancreas as jittered ellipsoids, Gaussian noise, anisotropic voxels and a randomly chosen orientation
@@ -7,6 +8,13 @@ portal-venous HU values; MRI cases two channels (T1- and T2-like contrasts, zero
 arbitrary gain per case and channel, as MRI has no absolute unit). Labels follow FLARE 2021: 0
 background, 1 spleen, 2 kidney, 3 liver, 4 pancreas; with ``--lateral`` the kidneys are two labels by
 side, as AMOS labels them: 0 background, 1 spleen, 2 right kidney, 3 left kidney, 4 liver, 5 pancreas.
+
+``--modality brats``: a head (brain, skull rim) in four MRI channels (T1, T1ce, T2, FLAIR; zero outside the
+head, a gain per case and channel) with one nested tumour labelled as MSD Task01 BrainTumour: 1 edema, 2
+non-enhancing tumour core, 3 enhancing tumour (a shell around the core). Its dataset.json declares BraTS's
+regions, trained one sigmoid output each: whole tumour [1, 2, 3], tumour core [2, 3], enhancing tumour [3]
+(``regions_class_order`` [1, 2, 3]): in nnU-Net's form (region labels) for ``--layout nnunet``, as
+``regions`` beside the labels otherwise.
 
 Layouts (``--layout``):
 
@@ -21,7 +29,8 @@ The Decathlon and nnU-Net layouts have no validation split (``--num_val`` applie
 three also write ``labelsTs``, the test labels, for ``test_seg.py --evaluate``.
 
 Command: ``python phantom.py --output data/phantom`` (CT, published layout);
-``python phantom.py --output data/mri_task --modality mri --layout nnunet``.
+``python phantom.py --output data/mri_task --modality mri --layout nnunet``;
+``python phantom.py --output data/brats --modality brats --layout nnunet``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["LABELS", "LATERAL_LABELS", "LAYOUTS", "MRI_CHANNELS", "make_case", "write_dataset"]
+__all__ = [
+    "BRATS_LABELS",
+    "BRATS_REGIONS",
+    "LABELS",
+    "LATERAL_LABELS",
+    "LAYOUTS",
+    "MODALITIES",
+    "MRI_CHANNELS",
+    "make_brats_case",
+    "make_case",
+    "write_dataset",
+]
 
 LABELS = ("background", "spleen", "kidney", "liver", "pancreas")
 #: The labels of ``--lateral``: the kidneys by side, in AMOS's order (right kidney 2, left kidney 3).
@@ -68,7 +88,18 @@ MRI_CHANNELS = (
         {"liver": 180.0, "spleen": 520.0, "kidney_right": 680.0, "kidney_left": 680.0, "pancreas": 380.0},
     ),
 )
+#: The labels of ``--modality brats`` (MSD Task01 BrainTumour's) and BraTS's regions of them.
+BRATS_LABELS = ("background", "edema", "non-enhancing tumor", "enhancing tumor")
+BRATS_REGIONS = {"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+#: ``--modality brats`` channels: (name, intensity of the skull rim, brain, edema, tumour core, enhancing).
+BRATS_CHANNELS = (
+    ("T1", 300.0, 500.0, 420.0, 300.0, 470.0),
+    ("T1ce", 300.0, 500.0, 440.0, 320.0, 950.0),
+    ("T2", 200.0, 400.0, 760.0, 880.0, 600.0),
+    ("FLAIR", 150.0, 400.0, 820.0, 520.0, 660.0),
+)
 LAYOUTS = ("published", "decathlon", "nnunet")
+MODALITIES = ("ct", "mri", "brats")
 # Voxel-axis orientations of the stored array (nibabel axis codes); RAS is the canonical one.
 ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PLS", "ASR")
 
@@ -159,6 +190,51 @@ def make_case(
     return np.clip(np.round(image), 0, 32767).astype(np.int16), label, affine
 
 
+def make_brats_case(
+    rng: np.random.Generator, orientation: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One BraTS-like case: a head in the four channels of :data:`BRATS_CHANNELS` (4D, channels last, int16)
+    with one tumour of nested labels (:data:`BRATS_LABELS`): edema around a core whose shell enhances, at a
+    random place in the brain; ``(image, label, affine)`` as :func:`make_case` returns them."""
+    orientation = orientation or str(rng.choice(ORIENTATIONS))
+    spacing_ras = np.array([rng.uniform(1.8, 2.2), rng.uniform(1.8, 2.2), rng.uniform(2.0, 2.6)])
+    extent_ras = np.array([rng.uniform(100, 110), rng.uniform(120, 130), rng.uniform(95, 105)])
+    shape_ras = np.round(extent_ras / spacing_ras).astype(int)
+    voxel_to_ras_axis = np.abs(_orientation_matrix(orientation, [1.0, 1.0, 1.0])).argmax(axis=0)
+    shape = tuple(int(shape_ras[a]) for a in voxel_to_ras_axis)
+    linear = _orientation_matrix(orientation, [float(spacing_ras[a]) for a in voxel_to_ras_axis])
+    offset = -linear @ ((np.array(shape) - 1) / 2) + rng.uniform(-4, 4, size=3)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, offset
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float32)
+    world = grid @ linear.T.astype(np.float32) + offset.astype(np.float32)
+    head_axes = np.array([44.0, 54.0, 42.0]) * rng.uniform(0.92, 1.05, size=3)
+    head = (((world / head_axes) ** 2).sum(-1)).astype(np.float32)
+    centre = rng.uniform(-0.35, 0.35, size=3) * head_axes
+    edema_axes = rng.uniform(16.0, 23.0, size=3)
+    core_axes = edema_axes * rng.uniform(0.5, 0.65, size=3)
+
+    def inside(axes: np.ndarray) -> np.ndarray:
+        return (((world - centre) / axes) ** 2).sum(-1) <= 1.0
+
+    edema, core, necrosis = inside(edema_axes), inside(core_axes), inside(core_axes * rng.uniform(0.55, 0.7))
+    label = np.zeros(shape, dtype=np.uint8)
+    label[edema & (head <= 0.85)] = 1
+    label[core & (head <= 0.85)] = 3
+    label[necrosis & (head <= 0.85)] = 2
+    channels = []
+    for _, skull, brain, edema_value, core_value, enhancing in BRATS_CHANNELS:
+        channel = np.zeros(shape, dtype=np.float32)
+        channel[head <= 1.0] = skull
+        channel[head <= 0.85] = brain
+        for value, intensity in ((1, edema_value), (2, core_value), (3, enhancing)):
+            channel[label == value] = intensity + rng.normal(0, 10)
+        channel += (head <= 1.0) * rng.normal(0, 25.0, size=shape).astype(np.float32)
+        channels.append(channel * rng.uniform(0.7, 1.4))
+    image = np.stack(channels, axis=-1)
+    return np.clip(np.round(image), 0, 32767).astype(np.int16), label, affine
+
+
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nifti = nib.Nifti1Image(array, affine)
     nifti.header.set_data_dtype(array.dtype)
@@ -184,12 +260,15 @@ def write_dataset(
     Cases are named ``phantom_NNN``; ``num_val`` validation cases are written in the ``published`` layout
     only. In the published layout, a CT dataset.json carries the FLARE settings (labels, 1.0 x 1.0 x 1.2 mm
     spacing, -125..275 HU window); every other one leaves spacing and normalisation to be derived.
-    ``lateral``: the kidneys labelled by side (:data:`LATERAL_LABELS`).
+    ``lateral``: the kidneys labelled by side (:data:`LATERAL_LABELS`). ``modality="brats"``: brain tumours
+    (:func:`make_brats_case`) with BraTS's regions.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if modality not in ("ct", "mri"):
-        raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if lateral and modality == "brats":
+        raise ValueError("lateral labels are of the abdominal phantoms (ct, mri), not brats")
     num_val = num_val if layout == "published" else 0
     least_val = 1 if layout == "published" else 0
     for name, count, least in (("num_train", num_train, 1), ("num_val", num_val, least_val), ("num_test", num_test, 0)):
@@ -197,7 +276,7 @@ def write_dataset(
             raise ValueError(f"{name} must be at least {least}, got {count}")
     root = Path(output)
     rng = np.random.default_rng(seed)
-    channels = ["CT"] if modality == "ct" else [name for name, *_ in MRI_CHANNELS]
+    channels = [name for name, *_ in {"ct": [("CT",)], "mri": MRI_CHANNELS, "brats": BRATS_CHANNELS}[modality]]
     splits = {"training": num_train, "validation": num_val, "test": num_test}
     lists: dict[str, list] = {split: [] for split in splits}
     case = 0
@@ -206,7 +285,10 @@ def write_dataset(
             split, ("imagesTs", "labelsTs")
         )
         for _ in range(count):
-            image, label, affine = make_case(rng, modality=modality, lateral=lateral)
+            if modality == "brats":
+                image, label, affine = make_brats_case(rng)
+            else:
+                image, label, affine = make_case(rng, modality=modality, lateral=lateral)
             name = f"phantom_{case:03d}"
             (root / image_dir).mkdir(parents=True, exist_ok=True)
             (root / label_dir).mkdir(parents=True, exist_ok=True)
@@ -219,7 +301,8 @@ def write_dataset(
             _save(label, affine, root / label_dir / f"{name}.nii.gz")
             lists[split].append({"image": f"./{image_dir}/{name}.nii.gz", "label": f"./{label_dir}/{name}.nii.gz"})
             case += 1
-    description = _description(layout, modality, channels, lists, LATERAL_LABELS if lateral else LABELS)
+    labels = BRATS_LABELS if modality == "brats" else LATERAL_LABELS if lateral else LABELS
+    description = _description(layout, modality, channels, lists, labels)
     (root / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
     return description
 
@@ -228,25 +311,31 @@ def _description(
     layout: str, modality: str, channels: list[str], lists: dict[str, list], labels: Sequence[str]
 ) -> dict:
     """The dataset.json of a phantom dataset in ``layout``."""
-    name = f"{'FLARE-like' if modality == 'ct' else 'Two-channel MRI'} phantom"
+    name = {"ct": "FLARE-like phantom", "mri": "Two-channel MRI phantom", "brats": "BraTS-like phantom"}[modality]
     numbered = {str(i): channel for i, channel in enumerate(channels)}
+    order = {"regions_class_order": [1, 2, 3]} if modality == "brats" else {}
     if layout == "nnunet":
+        by_name = {"background": 0, **BRATS_REGIONS} if modality == "brats" else None
         return {
             "name": name,
             "channel_names": numbered,
-            "labels": {label: value for value, label in enumerate(labels)},
+            "labels": by_name or {label: value for value, label in enumerate(labels)},
+            **order,
             "numTraining": len(lists["training"]),
             "file_ending": ".nii.gz",
         }
+    what = "brain tumour MRI" if modality == "brats" else f"abdominal {modality.upper()}"
     description: dict = {
         "name": name,
-        "description": f"Synthetic abdominal {modality.upper()} phantoms (phantom.py)",
+        "description": f"Synthetic {what} phantoms (phantom.py)",
         "tensorImageSize": "3D" if len(channels) == 1 else "4D",
         "modality": numbered,
         "labels": {str(i): label for i, label in enumerate(labels)},
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
     }
+    if modality == "brats":
+        description.update(regions=BRATS_REGIONS, **order)
     if layout == "published" and modality == "ct":
         description.update(spacing=[1.0, 1.0, 1.2], intensity={"a_min": -125.0, "a_max": 275.0})
     description["training"] = lists["training"]
@@ -265,7 +354,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_val", type=int, default=2, help="validation cases, published layout (default 2)")
     parser.add_argument("--num_test", type=int, default=2, help="test cases (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--modality", default="ct", choices=["ct", "mri"], help="ct, or two-channel mri (default ct)")
+    parser.add_argument(
+        "--modality",
+        default="ct",
+        choices=MODALITIES,
+        help="ct, two-channel mri, or brats (four MRI channels, nested tumour labels, BraTS regions; default ct)",
+    )
     parser.add_argument("--layout", default="published", choices=LAYOUTS, help="dataset layout (default published)")
     parser.add_argument(
         "--lateral", action="store_true", help="label the kidneys by side: right kidney 2, left kidney 3 (as AMOS)"

@@ -102,7 +102,7 @@ def run_single(args) -> dict:
         probabilities = mean_probabilities(
             image, [ModelPasses(network, ROI)], config.num_classes, args.sw_batch_size, args.overlap, autocast, cpu
         )
-        labels = labels_on_input_grid(probabilities, InputGrid.of(image))
+        labels = labels_on_input_grid(probabilities, InputGrid.of(image), config.label_manager)
     seconds, peak = time.perf_counter() - start, peak_resident_bytes()
     np.save(args.labels, labels)
     if args.path == "published":  # after the peak: how far apart the two most probable classes are

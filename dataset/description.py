@@ -4,12 +4,13 @@ Four ways to say it, each a :class:`DatasetConfig`:
 
 - a preset: ``flare``, ``amos``, ``feta`` (the published settings);
 - this repository's JSON: Medical Segmentation Decathlon keys plus the optional ``spacing``,
-  ``intensity``, ``normalization``, ``channels``, ``rotate_z``, ``mirror_axes`` and ``lateral_pairs``
-  (which any of the JSON forms may give);
+  ``intensity``, ``normalization``, ``channels``, ``rotate_z``, ``mirror_axes``, ``lateral_pairs`` (which any
+  of the JSON forms may give) and ``regions`` with ``regions_class_order`` (region-based training);
 - a Medical Segmentation Decathlon ``dataset.json`` (``modality``, ``labels`` ``{"0": "background"}``,
   ``training`` / ``test`` lists; multi-channel images are 4D with the channels last);
 - an nnU-Net v2 raw ``dataset.json`` (``channel_names``, ``labels`` ``{"background": 0}``,
-  ``file_ending``; one file per channel, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``...).
+  ``file_ending``; one file per channel, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``...); region labels
+  (``"whole tumor": [1, 2, 3]``) with ``regions_class_order`` train one sigmoid output per region.
 
 What a dataset does not give is derived from its training cases (``dataset.fingerprint``): the
 target spacing (``"median"``) and the window of CT channels.
@@ -22,6 +23,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dataset.labels import LabelManager
 from dataset.laterality import check_lateral_pairs, check_mirror_axes, find_lateral_pairs
 
 __all__ = [
@@ -155,6 +157,9 @@ class DatasetConfig:
             chains, all three for a dataset JSON (nnU-Net's default).
         lateral_pairs: the class values that swap under a left-right flip, ``((2, 3), ...)``; None: found
             from the class names (:attr:`pairs`).
+        regions: nnU-Net's region-based training: ``((name, label values), ...)``, one sigmoid output per
+            region (empty: one softmax output per class); see ``dataset.labels``.
+        regions_class_order: the label value each region paints in the label map, in order.
     """
 
     name: str
@@ -173,6 +178,8 @@ class DatasetConfig:
     background_crops: str = "body"
     mirror_axes: tuple[int, ...] = ()
     lateral_pairs: tuple[tuple[int, int], ...] | None = None
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    regions_class_order: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.normalization) != len(self.channels):
@@ -183,15 +190,31 @@ class DatasetConfig:
         if self.ignore_label is not None and self.ignore_label != len(self.labels):
             classes = len(self.labels)
             raise ValueError(f"ignore label {self.ignore_label}: must be the value after the classes ({classes})")
+        if self.regions or self.regions_class_order:  # regions that do not fit the labels raise ValueError
+            LabelManager(self.labels, dict(self.regions), self.regions_class_order, self.ignore_label)
 
     @property
     def num_classes(self) -> int:
+        """The label values of the label files (background and the classes; the ignore label aside)."""
         return len(self.labels)
 
     @property
+    def label_manager(self) -> LabelManager:
+        """What the network's outputs mean: the classes, or the regions (``dataset.labels``)."""
+        return LabelManager(self.labels, dict(self.regions), self.regions_class_order, self.ignore_label)
+
+    @property
+    def num_outputs(self) -> int:
+        """The network's output channels: one per region, else one per class."""
+        return len(self.regions) or len(self.labels)
+
+    @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
-        """The left/right pairs of class values: given, else found from the class names."""
-        return self.lateral_pairs if self.lateral_pairs is not None else find_lateral_pairs(self.labels)
+        """The left/right pairs of class values: given, else found from the class names (none with regions:
+        a region holds labels of either side)."""
+        if self.lateral_pairs is not None:
+            return self.lateral_pairs
+        return () if self.regions else find_lateral_pairs(self.labels)
 
     @property
     def in_channels(self) -> int:
@@ -336,37 +359,102 @@ def _msd_labels(labels: object, where: str) -> tuple[str, ...]:
     return _labels_by_value(by_value, where)
 
 
-def _nnunet_labels(labels: object, where: str) -> tuple[tuple[str, ...], int | None]:
+def _nnunet_labels(labels: object, where: str) -> tuple[tuple[str, ...], int | None, dict[str, tuple[int, ...]]]:
     """nnU-Net v2 labels: ``{"background": 0, "liver": 1}``, with an optional ``"ignore": N`` (the highest
-    value: unannotated voxels); region-based labels are refused. Returns the class names and the ignore
-    value (None without one)."""
+    value: unannotated voxels), or regions (``"whole tumor": [1, 2, 3]``: any value a list of more than one
+    label, nnU-Net's rule; then every other entry but background and ignore is a region too). Returns the
+    names of the label values 0..N (a value no entry names alone is ``label N``), the ignore value (None
+    without one) and the regions (empty without)."""
     if not isinstance(labels, dict) or not labels:
         raise DatasetError(f'{where}: \'labels\' must be an object such as {{"background": 0, "liver": 1}}')
     labels = dict(labels)
     ignore = labels.pop("ignore", None)
-    if ignore is not None:
-        values = [v for v in labels.values() if isinstance(v, int)]
-        if not isinstance(ignore, int) or isinstance(ignore, bool) or (values and ignore <= max(values)):
-            raise DatasetError(
-                f"{where}: 'ignore' label {ignore!r}: must be an integer above every class value (as nnU-Net requires)"
-            )
-    regions = [name for name, value in labels.items() if isinstance(value, list | tuple)]
-    if regions:
+    if isinstance(ignore, list | tuple):
+        raise DatasetError(f"{where}: 'ignore' label {ignore!r}: must be an integer, not a region (nnU-Net's rule)")
+    entries = {}
+    for name, value in labels.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise DatasetError(f"{where}: label {name!r}: expected an integer or a list of integers, got {value!r}")
+        entries[str(name)] = tuple(sorted(set(values)))
+    if entries.get("background") != (0,):
+        raise DatasetError(f"{where}: 'labels' needs \"background\": 0 (nnU-Net's rule)")
+    has_regions = any(isinstance(value, list | tuple) and len(value) > 1 for value in labels.values())
+    values = sorted({v for group in entries.values() for v in group})
+    if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool) or ignore <= max(values)):
         raise DatasetError(
-            f"{where}: label {regions[0]!r} is a region ({labels[regions[0]]}); region-based training "
-            "(nnU-Net's overlapping regions) is not supported: give each label value its own class"
+            f"{where}: 'ignore' label {ignore!r}: must be an integer above every class value (as nnU-Net requires)"
         )
-    if not all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
-        raise DatasetError(f"{where}: 'labels' values must be integers, got {sorted(map(str, labels.values()))}")
-    by_value = {value: str(name) for name, value in labels.items()}
-    if len(by_value) != len(labels):
-        raise DatasetError(f"{where}: two labels share one value")
-    names = _labels_by_value(by_value, where)
+    if not has_regions:
+        by_value = {}
+        for name, (value, *more) in entries.items():
+            if more or value in by_value:
+                raise DatasetError(f"{where}: two labels share one value")
+            by_value[value] = name
+        names = _labels_by_value(by_value, where)
+        regions = {}
+    else:
+        if values != list(range(len(values))):
+            raise DatasetError(
+                f"{where}: the regions' label values {values} must be consecutive 0..{values[-1]} (nnU-Net's rule)"
+            )
+        regions = {name: group for name, group in entries.items() if name != "background"}
+        zero = [name for name, group in regions.items() if 0 in group]
+        if zero:
+            raise DatasetError(f"{where}: region {zero[0]!r} {list(regions[zero[0]])} holds background 0")
+        alone = {group[0]: name for name, group in regions.items() if len(group) == 1}
+        names = tuple(["background"] + [alone.get(v, f"label {v}") for v in values[1:]])
+        if len(names) < 2:
+            raise DatasetError(f"{where}: 'labels' needs background and at least one class")
     if ignore is not None and ignore != len(names):
         raise DatasetError(
             f"{where}: 'ignore' label {ignore}: must follow the classes 0..{len(names) - 1} directly (use {len(names)})"
         )
-    return names, ignore
+    return names, ignore, regions
+
+
+def _regions_of(content: dict, labels: tuple[str, ...], regions: dict, where: str) -> tuple[tuple, tuple[int, ...]]:
+    """The regions (nnU-Net's, or our JSON's and a Decathlon file's ``"regions": {"whole tumor": [1, 2, 3]}``)
+    and ``regions_class_order``, checked: one label value per region, each a class value."""
+    given = content.get("regions")
+    if given is not None:
+        if regions:
+            raise DatasetError(f"{where}: regions given twice ('regions' and region labels): keep one")
+        if not isinstance(given, dict) or not given:
+            raise DatasetError(f"{where}: 'regions' must be an object such as {{\"whole tumor\": [1, 2, 3]}}")
+        for name, values in given.items():
+            values = values if isinstance(values, list) else [values]
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise DatasetError(f"{where}: region {name!r}: expected a list of label values, got {given[name]!r}")
+            regions[str(name)] = tuple(sorted(set(values)))
+    order = content.get("regions_class_order")
+    if not regions:
+        if order is not None:
+            raise DatasetError(f"{where}: 'regions_class_order' without regions")
+        return (), ()
+    if order is None:
+        raise DatasetError(
+            f"{where}: region-based labels need 'regions_class_order' (the label value each region paints, "
+            f"{counted(len(regions), 'value')}, as nnU-Net requires)"
+        )
+    if not (isinstance(order, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in order)):
+        raise DatasetError(f"{where}: 'regions_class_order' must be a list of label values, got {order!r}")
+    if len(order) != len(regions):
+        raise DatasetError(
+            f"{where}: 'regions_class_order' has {len(order)} values for {len(regions)} regions "
+            f"({', '.join(regions)}): one per region, as nnU-Net requires"
+        )
+    try:
+        LabelManager(labels, regions, order)
+    except ValueError as error:
+        raise DatasetError(f"{where}: {error}") from None
+    covered = {value for values in regions.values() for value in values}
+    uncovered = [value for value in range(1, len(labels)) if value not in covered]
+    if uncovered:  # nnU-Net's labels are those of its regions: a label in none would be neither trained nor scored
+        raise DatasetError(
+            f"{where}: label {uncovered[0]} ({labels[uncovered[0]]}) is in no region; every label must be in one"
+        )
+    return tuple(regions.items()), tuple(order)
 
 
 def parse_lists(content: dict, where: str) -> dict[str, list]:
@@ -472,9 +560,9 @@ def _from_json(path: Path) -> DatasetConfig:
     if "labels" not in content:
         raise DatasetError(f"{where}: missing 'labels'")
     nnunet = "channel_names" in content
-    ignore_label = None
+    ignore_label, regions = None, {}
     if nnunet:
-        labels, ignore_label = _nnunet_labels(content["labels"], where)
+        labels, ignore_label, regions = _nnunet_labels(content["labels"], where)
         channels = _channel_names(content, "channel_names", where)
         file_ending = content.get("file_ending", ".nii.gz")
         if file_ending not in (".nii.gz", ".nii"):
@@ -488,6 +576,7 @@ def _from_json(path: Path) -> DatasetConfig:
         channels = _channel_names(content, "channels", where) or _channel_names(content, "modality", where) or ("CT",)
         file_ending = ".nii.gz"
         normalization = _normalization(content, channels, where)
+    regions, regions_class_order = _regions_of(content, labels, regions, where)
     num_training = content.get("numTraining")
     if num_training is not None and not (
         isinstance(num_training, int) and not isinstance(num_training, bool) and num_training > 0
@@ -499,6 +588,11 @@ def _from_json(path: Path) -> DatasetConfig:
     try:
         pairs = content.get("lateral_pairs")
         pairs = None if pairs is None else check_lateral_pairs(pairs, len(labels), where)
+        if regions and pairs:
+            raise ValueError(
+                f"{where}: 'lateral_pairs' with regions: swapping left/right labels inside regions is not "
+                "supported; leave the pairs out (mirroring then keeps every region as it is)"
+            )
         axes = content.get("mirror_axes", [0, 1, 2])
         axes = check_mirror_axes(axes if isinstance(axes, list) else [axes], where)
     except ValueError as error:
@@ -519,6 +613,8 @@ def _from_json(path: Path) -> DatasetConfig:
         ignore_label=ignore_label,
         mirror_axes=axes,
         lateral_pairs=pairs,
+        regions=regions,
+        regions_class_order=regions_class_order,
     )
 
 

@@ -5,8 +5,9 @@
 
 ``configs/inference.json`` holds the model card's preprocessing (the chain ``test_seg.py`` builds with
 ``dataset.transforms.build_transforms``) and test_seg.py's slab-wise sliding window and inversion to each
-input's geometry; ``scripts/portable.py``, ``scripts/stitching.py`` and ``scripts/input_grid.py`` are this
-repository's ``dataset/portable.py``, ``engine/stitching.py`` and ``engine/input_grid.py``, copied;
+input's geometry; ``scripts/portable.py``, ``scripts/labels.py``, ``scripts/stitching.py`` and
+``scripts/input_grid.py`` are this repository's ``dataset/portable.py``, ``dataset/labels.py``,
+``engine/stitching.py`` and ``engine/input_grid.py``, copied;
 ``models/model.ts`` is the TorchScript deploy form.
 """
 
@@ -21,10 +22,12 @@ import numpy as np
 import scipy
 import torch
 
+import dataset.labels
 import dataset.portable
 import engine.input_grid
 import engine.stitching
 from dataset.description import card_preprocessing
+from dataset.labels import LabelManager
 from dataset.laterality import check_lateral_pairs, describe_axes, describe_pairs
 from dataset.transforms import AXIS_LABELS, ORIENTATION
 
@@ -61,10 +64,6 @@ args=(sys.stdout,)
 [formatter_fullFormatter]
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
-
-
-def _class_names(card: dict) -> list[str]:
-    return list(card.get("classes") or [f"class {i}" for i in range(int(card["out_channels"]))])
 
 
 def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
@@ -134,10 +133,11 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             "shuffle": False,
             "num_workers": 0,
         },
+        "label_manager": {"_target_": "scripts.labels.LabelManager", **_label_entries(card)},
         "inferer": {
             "_target_": "scripts.input_grid.SlabInferer",
             "roi_size": "@roi_size",
-            "num_classes": int(card["out_channels"]),
+            "label_manager": "@label_manager",
             "sw_batch_size": sw_batch_size,
             "overlap": overlap,
         },
@@ -155,9 +155,18 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
     }
 
 
+def _label_entries(card: dict) -> dict:
+    """The arguments of the bundle's ``scripts.labels.LabelManager``: the card's classes and regions."""
+    manager = LabelManager.from_card(card)
+    regions = {name: list(values) for name, values in manager.regions.items()} or None
+    order = list(manager.regions_class_order) if regions else None
+    return {"classes": list(manager.classes), "regions": regions, "regions_class_order": order}
+
+
 def _metadata(card: dict, source: str) -> dict:
     preprocessing = card_preprocessing(card)
-    classes = _class_names(card)
+    manager = LabelManager.from_card(card)
+    outputs = manager.output_names
     ct = all(entry["scheme"] == "ct" for entry in preprocessing["normalization"])
     return {
         "schema": METADATA_SCHEMA,
@@ -169,7 +178,7 @@ def _metadata(card: dict, source: str) -> dict:
         "required_packages_version": {"nibabel": nibabel.__version__, "scipy": scipy.__version__},
         "name": f"{card['network']} {card.get('dataset', '')}".strip(),
         "task": f"{card.get('dataset', 'volume')} segmentation",
-        "description": f"{card['network']} trained with the 3D RepUX-Net repository; {len(classes)} classes",
+        "description": f"{card['network']} trained with the 3D RepUX-Net repository; {manager.describe()}",
         "authors": "whoever trained the weights (see docs/README.md)",
         "copyright": "as the training data's licence allows",
         "network_data_format": {
@@ -190,12 +199,12 @@ def _metadata(card: dict, source: str) -> dict:
                 "pred": {
                     "type": "image",
                     "format": "segmentation",
-                    "num_channels": len(classes),
+                    "num_channels": len(outputs),
                     "spatial_shape": list(card["roi_size"]),
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_patch_data": True,
-                    "channel_def": dict(enumerate(classes)),
+                    "channel_def": dict(enumerate(outputs)),
                 }
             },
         },
@@ -204,7 +213,8 @@ def _metadata(card: dict, source: str) -> dict:
 
 def _readme(card: dict, source: str, config: dict) -> str:
     preprocessing = card_preprocessing(card)
-    classes = _class_names(card)
+    manager = LabelManager.from_card(card)
+    classes = list(manager.classes)
     spacing = preprocessing["spacing"]
     grid = f"{'x'.join(f'{value:g}' for value in spacing)} mm" if spacing else "the native grid"
     return f"""# {card["network"]}: {card.get("dataset", "segmentation")}
@@ -228,21 +238,37 @@ segmentation (uint8, in the input's geometry). Any entry of the config can be se
 ## The model
 
 - input: {int(card.get("in_channels", 1))} channel(s): {", ".join(preprocessing["channels"])}
-- classes: {", ".join(f"{i} {name}" for i, name in enumerate(classes))}
+- {_outputs_note(manager)}
 - preprocessing: reoriented to {ORIENTATION}, resampled to {grid} (bilinear), cropped to the foreground,
   each channel normalised:
   {"; ".join(json.dumps(entry) for entry in preprocessing["normalization"])}
 - sliding window {"x".join(map(str, card["roi_size"]))}, batch {config["inferer"]["sw_batch_size"]}, overlap
-  {config["inferer"]["overlap"]}; the softmax stitched a slab at a time and held in 2 bytes per class and
-  voxel, brought to the input's voxels a slab at a time (trilinear, the crop and the orientation undone),
-  argmax: what the repository's `test_seg.py` does
+  {config["inferer"]["overlap"]}; the {"regions' sigmoid" if manager.has_regions else "softmax"} stitched a slab
+  at a time and held in 2 bytes per output and voxel, brought to the input's voxels a slab at a time
+  (trilinear, the crop and the orientation undone), {_label_map_note(manager)}: what the repository's
+  `test_seg.py` does
 - {_mirroring_note(card, classes)}
 
 `scripts/portable.py` holds the operations MONAI has no transform for (the per-channel normalisation,
-the foreground rule, the image folder's cases and the loop), `scripts/stitching.py` and
-`scripts/input_grid.py` the slab-wise inference; the same files the training repository preprocesses and
-segments with.
+the foreground rule, the image folder's cases and the loop), `scripts/labels.py` what the outputs mean,
+`scripts/stitching.py` and `scripts/input_grid.py` the slab-wise inference; the same files the training
+repository preprocesses and segments with.
 """
+
+
+def _outputs_note(manager: LabelManager) -> str:
+    classes = ", ".join(f"{i} {name}" for i, name in enumerate(manager.classes))
+    if not manager.has_regions:
+        return f"classes: {classes}"
+    regions = "; ".join(f"{name}: labels {', '.join(map(str, values))}" for name, values in manager.regions.items())
+    return f"labels: {classes}; outputs: one sigmoid per region ({regions})"
+
+
+def _label_map_note(manager: LabelManager) -> str:
+    if not manager.has_regions:
+        return "argmax"
+    order = ", ".join(map(str, manager.regions_class_order))
+    return f"each region above 0.5 painted with its label ({order}, in region order; later regions overwrite)"
 
 
 def _mirroring_note(card: dict, classes: list[str]) -> str:
@@ -271,6 +297,7 @@ def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int
         "scripts/__init__.py": b'"""The operations of this bundle that MONAI has no transform for."""\n',
         "configs/logging.conf": LOGGING.encode(),
         "scripts/portable.py": Path(dataset.portable.__file__).read_bytes(),
+        "scripts/labels.py": Path(dataset.labels.__file__).read_bytes(),
         "scripts/stitching.py": Path(engine.stitching.__file__).read_bytes(),
         "scripts/input_grid.py": Path(engine.input_grid.__file__).read_bytes(),
         "docs/README.md": _readme(card, source, config).encode(),

@@ -27,8 +27,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
-#: Model card entries a resumed run must share with its checkpoint (the model, its preprocessing and its
-#: mirroring; the channels' names may change, not their count or normalisation).
+#: Model card entries a resumed run must share with its checkpoint (the model, its preprocessing, its
+#: mirroring and its regions; the channels' names may change, not their count or normalisation).
 CARD_KEPT_ON_RESUME = (
     "network",
     "network_args",
@@ -39,6 +39,8 @@ CARD_KEPT_ON_RESUME = (
     "normalization",
     "mirror_axes",
     "lateral_pairs",
+    "regions",
+    "regions_class_order",
 )
 
 #: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
@@ -160,7 +162,7 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
     before_mirroring = {"mirror_axes": [], "lateral_pairs": card["lateral_pairs"]}
     saved_card = {"in_channels": 1, **before_mirroring, **checkpoint["card"], **card_preprocessing(checkpoint["card"])}
     saved_card = {k: as_json(saved_card.get(k)) for k in CARD_KEPT_ON_RESUME}
-    current_card = {k: as_json(card[k]) for k in CARD_KEPT_ON_RESUME}
+    current_card = {k: as_json(card.get(k)) for k in CARD_KEPT_ON_RESUME}
     differing = [
         f"{k} {saved_card[k]} (flags: {current_card[k]})" for k in saved_card if saved_card[k] != current_card[k]
     ]

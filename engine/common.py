@@ -110,7 +110,12 @@ def parse_card(card: dict, source: str) -> CardModel:
         classes = tuple(str(name) for name in card.get("classes", ()))
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"{source}: not a valid model card ({error})") from None
-    if classes and len(classes) != out_channels:
+    regions = card.get("regions") or {}
+    if not isinstance(regions, dict):
+        raise UsageError(f"{source}: not a valid model card (regions {regions!r})")
+    if regions and len(regions) != out_channels:
+        raise UsageError(f"{source}: not a valid model card ({len(regions)} regions for {out_channels} outputs)")
+    if classes and not regions and len(classes) != out_channels:
         raise UsageError(f"{source}: not a valid model card ({len(classes)} classes for {out_channels} outputs)")
     return CardModel(choice, in_channels, out_channels, roi, classes)
 

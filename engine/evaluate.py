@@ -64,19 +64,22 @@ def evaluate_case(
     prediction: np.ndarray,
     label: np.ndarray,
     spacing: Sequence[float],
-    classes: Sequence[int],
+    classes: Sequence[int] | Mapping[int, Sequence[int]],
     nsd_tolerance: float = 1.0,
     ignore_label: int | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Dice, HD95 (mm) and NSD (tolerance in mm) of each class value in ``classes`` for one case; voxels
-    labelled ``ignore_label`` (unannotated) count in no class, predicted or expected."""
+    """Dice, HD95 (mm) and NSD (tolerance in mm) of each class value in ``classes`` for one case, or of each
+    region of a mapping key -> label values (the region is the voxels of any of its values, in the
+    prediction and in the label: nnU-Net's ``region_or_label_to_mask``); voxels labelled ``ignore_label``
+    (unannotated) count in no class or region, predicted or expected."""
     if prediction.shape != label.shape:
         raise ValueError(f"prediction shape {prediction.shape} differs from label shape {label.shape}")
     diagonal = float(np.linalg.norm(np.array(label.shape) * np.array(spacing, dtype=float)))
     results = {}
     annotated = label != ignore_label if ignore_label is not None else True
-    for value in classes:
-        predicted, expected = (prediction == value) & annotated, label == value
+    groups = classes if isinstance(classes, Mapping) else {value: (value,) for value in classes}
+    for value, values in groups.items():
+        predicted, expected = np.isin(prediction, values) & annotated, np.isin(label, values)
         p, e = int(predicted.sum()), int(expected.sum())
         if p == 0 and e == 0:
             results[value] = {name: math.nan for name in METRICS}

@@ -75,6 +75,8 @@ INFERENCE_ENTRIES = (
     "orientation",
     "mirror_axes",
     "lateral_pairs",
+    "regions",
+    "regions_class_order",
 )
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_INSTALL = "pip install -r requirements-deploy.txt"

@@ -1,6 +1,6 @@
 """The inference pass of test_seg.py: the files or test cases to segment, the model(s) from their cards,
-then per case the averaged softmax (ensemble, mirroring along the axes each model was trained to mirror)
-in the input geometry, labels and probabilities."""
+then per case the averaged probabilities (softmax of classes or sigmoid of regions; ensemble, mirroring along
+the axes each model was trained to mirror) in the input geometry, labels and probabilities."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from atomic_files import replace_atomically
 from dataset.cases import case_files, cases_from_paths, find_cases, label_for, resolve_root
 from dataset.checks import verify_cases
 from dataset.description import MEDIAN, DatasetConfig, counted, load_dataset_config
+from dataset.labels import LabelManager
 from dataset.laterality import (
     LEFT_RIGHT_AXIS,
     check_lateral_pairs,
@@ -77,8 +78,8 @@ def run_inference(args) -> list[Path]:
 
 
 def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
-    """The network, input channels, class count, ROI and dataset settings a model card decides; one line
-    names the flags that say otherwise (the card wins)."""
+    """The network, input channels, class count, ROI, dataset settings and outputs (a :class:`LabelManager`)
+    a model card decides; one line names the flags that say otherwise (the card wins)."""
     choice, in_channels, out_channels, roi, classes = parse_card(card, source)
     try:
         card_config = config.with_preprocessing(card) if "spacing" in card else None
@@ -113,7 +114,19 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
         card_config = config
     if classes and not args.label_map:  # with a label map, the dataset's labels describe the test labels
         card_config = replace(card_config, labels=classes, ignore_label=card.get("ignore_label"))
-    return choice, in_channels, out_channels, roi, card_config
+    try:  # the model's outputs; with a label map, card_config's labels are the test set's
+        named = card_config.labels if card_config.num_classes == out_channels else None
+        outputs = LabelManager.from_card(card, named)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{source}: not a valid model card ({error})") from None
+    if outputs.has_regions:
+        regions = tuple(outputs.regions.items())
+        card_config = replace(
+            card_config, labels=outputs.classes, regions=regions, regions_class_order=outputs.regions_class_order
+        )
+    else:
+        card_config = replace(card_config, regions=(), regions_class_order=())
+    return choice, in_channels, out_channels, roi, card_config, outputs
 
 
 def _preprocessing_differences(config: DatasetConfig, card_config: DatasetConfig) -> list[str]:
@@ -142,9 +155,9 @@ def _text(value) -> str:
 
 def _model_to_run(args, config: DatasetConfig, weights: str):
     """The network, input channels, class count, ROI and dataset settings to segment with, the weights (a
-    state dict, or an exported network: ``model.ts``, ``model.onnx``) and their :class:`TrainedMirroring`:
-    from the model card beside the weights or in a training checkpoint, else from the flags (published
-    state dicts)."""
+    state dict, or an exported network: ``model.ts``, ``model.onnx``), their :class:`TrainedMirroring` and
+    what their outputs mean: from the model card beside the weights or in a training checkpoint, else from
+    the flags (published state dicts)."""
     if weights.endswith(EXPORT_SUFFIXES):
         state, card, source = exported_network(weights, "--trained_weights", args.runtime, float32=args.amp is None)
     else:
@@ -156,16 +169,17 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
                 f"{', '.join(config.to_derive())} to the training data; segment with weights that have their card"
             )
         roi = roi_of(args.roi_size or 96)
-        mirroring = TrainedMirroring(None, config.pairs, None)
-        return network_from_flags(args, roi), config.in_channels, config.num_classes, roi, config, state, mirroring
-    choice, in_channels, out_channels, roi, config = _model_from_card(card, source, args, config)
+        mirroring, outputs = TrainedMirroring(None, config.pairs, None), config.label_manager
+        choice = network_from_flags(args, roi)
+        return choice, config.in_channels, config.num_outputs, roi, config, state, mirroring, outputs
+    choice, in_channels, out_channels, roi, config, outputs = _model_from_card(card, source, args, config)
     print(
-        f"Model card {source}: {choice.name} {choice.overrides}, {out_channels} classes, ROI {_text(roi)}, "
+        f"Model card {source}: {choice.name} {choice.overrides}, {outputs.describe()}, ROI {_text(roi)}, "
         f"{in_channels} input channel{'s' * (in_channels > 1)} "
         f"({config.describe_channels()}), "
         f"spacing {_spacing_text(config.spacing)}"
     )
-    return choice, in_channels, out_channels, roi, config, state, _trained_mirroring(card, source, config)
+    return choice, in_channels, out_channels, roi, config, state, _trained_mirroring(card, source, config), outputs
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,12 @@ class TrainedMirroring:
 def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> TrainedMirroring:
     """The card's mirror axes and lateral pairs (pairs it does not record: found from its class names)."""
     num_classes = int(card["out_channels"])
+    if card.get("regions"):  # a region holds labels of either side: nothing to swap (dataset.description)
+        try:
+            axes = card.get("mirror_axes")
+            return TrainedMirroring(None if axes is None else check_mirror_axes(axes, source), (), source)
+        except ValueError as error:
+            raise UsageError(f"{source}: not a valid model card ({error})") from None
     try:
         axes = card.get("mirror_axes")
         axes = None if axes is None else check_mirror_axes(axes, source)
@@ -225,8 +245,8 @@ def _dataset_of(args) -> str:
 @dataclass(frozen=True)
 class LoadedModel:
     """One model of the ensemble: its weights file, network, channels, classes, ROI, preprocessing
-    (``config``) and state dict, or the exported network of a ``model.ts`` or ``model.onnx``, and what its
-    card says of mirroring."""
+    (``config``) and state dict, or the exported network of a ``model.ts`` or ``model.onnx``, what its
+    card says of mirroring, and what its outputs mean (``outputs``)."""
 
     weights: str
     choice: NetworkChoice
@@ -236,6 +256,7 @@ class LoadedModel:
     config: DatasetConfig
     state: dict | ExportedNetwork
     mirroring: TrainedMirroring
+    outputs: LabelManager
 
     def build(self, device: torch.device) -> nn.Module:
         if isinstance(self.state, ExportedNetwork):
@@ -263,7 +284,10 @@ def _models_to_run(args, config: DatasetConfig) -> list[LoadedModel]:
 def _disagreements(first: LoadedModel, other: LoadedModel) -> list[str]:
     a, b = first.config, other.config
     differences = []
-    if first.out_channels != other.out_channels or a.labels != b.labels:
+    if first.outputs.has_regions or other.outputs.has_regions:
+        if not first.outputs.same_outputs(other.outputs):
+            differences.append(f"outputs: {first.outputs.describe()} vs {other.outputs.describe()}")
+    elif first.out_channels != other.out_channels or a.labels != b.labels:
         differences.append(f"classes {', '.join(a.labels)} vs {', '.join(b.labels)}")
     if first.in_channels != other.in_channels:
         differences.append(f"{first.in_channels} vs {other.in_channels} input channels")
@@ -315,10 +339,11 @@ def _infer(args) -> list[Path]:
     if args.runtime == "openvino" and device.type != "cpu" and any(w.endswith(".onnx") for w in args.trained_weights):
         raise UsageError("--runtime openvino runs model.onnx on the CPU: add --device cpu, or use onnxruntime")
     models = _models_to_run(args, load_dataset_config(_dataset_of(args), args.datalist))
-    config, out_channels = models[0].config, models[0].out_channels
+    config = models[0].config
     cases = _cases_to_segment(args, config)
-    label_map = _label_map_of(args, out_channels, config)
-    keep = _classes_to_keep(args.keep_largest, out_channels)
+    outputs = models[0].outputs
+    label_map = _label_map_of(args, len(outputs.classes) if outputs.has_regions else models[0].out_channels, config)
+    keep = _classes_to_keep(args.keep_largest, outputs, models[0].out_channels)
     verify_cases(
         cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
     )
@@ -466,7 +491,14 @@ def _segment_cases(
         for batch, case in zip(loader, cases, strict=True):
             start = time.perf_counter()
             probabilities = mean_probabilities(
-                batch["image"], networks, out_channels, args.sw_batch_size, args.overlap, autocast, device
+                batch["image"],
+                networks,
+                out_channels,
+                args.sw_batch_size,
+                args.overlap,
+                autocast,
+                device,
+                finish=models[0].outputs.finish,
             )
             paths = _write_case(probabilities, batch["image"], case, keep, args.save_probabilities, models[0], output)
             written.append(paths[0])
@@ -480,7 +512,7 @@ def _segment_cases(
 def _write_case(probabilities, image, case, keep, save_probabilities, model, output: Path) -> list[Path]:
     """A case's probabilities (network grid) brought to the input's voxels slab by slab, its labels (largest
     components kept for ``keep``) written, and with ``save_probabilities`` the probabilities too."""
-    grid, paths = InputGrid.of(image), []
+    grid, paths, label_manager = InputGrid.of(image), [], model.outputs
     try:
         if save_probabilities:
             path = probabilities_path(case["image"], output)
@@ -488,13 +520,13 @@ def _write_case(probabilities, image, case, keep, save_probabilities, model, out
             shape = (model.out_channels, *grid.shape)
 
             def write(tmp: str) -> np.ndarray:
-                with ProbabilitiesFile(tmp, shape, affine, _class_names(model)) as file:
-                    return labels_on_input_grid(probabilities, grid, file)
+                with ProbabilitiesFile(tmp, shape, affine, model.outputs.output_names) as file:
+                    return labels_on_input_grid(probabilities, grid, label_manager, file)
 
             labels = replace_atomically(path, write)
             paths.append(path)
         else:
-            labels = labels_on_input_grid(probabilities, grid)
+            labels = labels_on_input_grid(probabilities, grid, label_manager)
         labels = keep_largest(labels, keep) if keep else labels
         paths.insert(0, write_segmentation(labels, case["image"], output))
     except BaseException:  # Ctrl-C between the two files: neither stays, so no case is half-written
@@ -504,33 +536,37 @@ def _write_case(probabilities, image, case, keep, save_probabilities, model, out
     return paths
 
 
-def _class_names(model: LoadedModel) -> list[str]:
-    """The model's class names (the card's; else those of the dataset when they count as many)."""
-    labels = model.config.labels
-    return list(labels) if len(labels) == model.out_channels else [f"class {i}" for i in range(model.out_channels)]
-
-
-def _classes_to_keep(keep_largest: str | None, out_channels: int) -> list[int]:
-    """``--keep_largest``: comma-separated class values, or ``all`` (every foreground class)."""
+def _classes_to_keep(keep_largest: str | None, label_manager: LabelManager, out_channels: int) -> list:
+    """``--keep_largest``: comma-separated class values (of the model's ``out_channels``), or region numbers
+    (1 the first region) for a region model, or ``all`` (every foreground class or region); for regions,
+    the label values of each, in order."""
     if not keep_largest:
         return []
+    regions = label_manager.scored() if label_manager.has_regions else None
     if keep_largest.strip().lower() == "all":
-        return list(range(1, out_channels))
+        return [values for _, values in regions.values()] if regions else list(range(1, out_channels))
+    what = "region numbers" if regions else "class values"
     try:
-        classes = sorted({int(value) for value in keep_largest.split(",") if value.strip()})
+        chosen = sorted({int(value) for value in keep_largest.split(",") if value.strip()})
     except ValueError:
-        raise UsageError(f"--keep_largest {keep_largest}: expected class values such as 1,3, or all") from None
-    outside = [c for c in classes if not 0 < c < out_channels]
-    if not classes or outside:
+        raise UsageError(f"--keep_largest {keep_largest}: expected {what} such as 1,3, or all") from None
+    if regions:
+        if not chosen or any(c not in regions for c in chosen):
+            names = ", ".join(f"{key} {name}" for key, (name, _) in regions.items())
+            raise UsageError(f"--keep_largest {keep_largest}: the model's regions are {names}")
+        return [regions[c][1] for c in chosen]
+    if not chosen or any(not 0 < c < out_channels for c in chosen):
         raise UsageError(f"--keep_largest {keep_largest}: classes are 1..{out_channels - 1} (0 is background)")
-    return classes
+    return chosen
 
 
 def _report_evaluation(rows: list[dict], config: DatasetConfig, output: Path, count: int) -> None:
-    names = {value: name for value, name in enumerate(config.labels) if value}  # background not scored
+    manager = config.label_manager
+    names = {key: name for key, (name, _) in manager.scored().items()}  # background not scored
     summary = write_reports(rows, names, output)
+    scored = "regions rebuilt from the label maps" if manager.has_regions else "foreground classes"
     print(
-        f"Evaluation in the original geometry ({counted(count, 'case')}; foreground classes, background not scored): "
+        f"Evaluation in the original geometry ({counted(count, 'case')}; {scored}, background not scored): "
         f"{output / 'metrics.csv'}, {output / 'summary.json'}, {output / 'dice_per_class.png'}"
     )
     print(format_summary(summary))
@@ -544,7 +580,6 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
     if label_map is not None:
         prediction = apply_label_map(prediction, label_map)
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
-    results = evaluate_case(
-        prediction, label, spacing, range(1, config.num_classes), tolerance, ignore_label=config.ignore_label
-    )
+    groups = {key: values for key, (_, values) in config.label_manager.scored().items()}
+    results = evaluate_case(prediction, label, spacing, groups, tolerance, ignore_label=config.ignore_label)
     return [{"case": output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]

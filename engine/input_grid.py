@@ -5,12 +5,14 @@ The test chain (``dataset.transforms.build_transforms(..., "test")``) reorients 
 undoes it on the whole probability volume at once, in float64. Here the same mapping is one affine map
 from an input voxel to a point of the resampled grid, sampled trilinearly (the border clamped, as
 ``padding_mode="border"``) from the part of the grid a slab of input voxels needs: memory holds one slab
-of every class, whatever the volume. Outside the crop every class is 0 and background 1, so the
-background keeps the mass the crop removed (as the whole-volume way restores it after ``Invertd``: the
-background gains what the classes' resampled probabilities lack of 1).
+of every output, whatever the volume. Outside the crop the outputs are certain background (the label
+manager's ``outside_probabilities``): for classes every class 0 and background 1, so the background keeps
+the mass the crop removed (as the whole-volume way restores it after ``Invertd``: the background gains
+what the classes' resampled probabilities lack of 1); for regions every region 0.
 
 An exported MONAI bundle carries this module as it is (``scripts/``): it imports PyTorch, NumPy, MONAI and
-``stitching.py`` beside it only.
+``stitching.py`` beside it only; the label manager (``dataset/labels.py``, the bundle's ``scripts/labels.py``)
+is handed in.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 # Relative: an exported bundle carries this module and stitching.py side by side, as scripts/.
-from .stitching import ProbabilityVolume, argmax_of_classes, stitching_device
+from .stitching import ProbabilityVolume, stitching_device
 
 __all__ = ["InputGrid", "SLAB_BYTES", "SlabInferer", "labels_on_input_grid"]
 
@@ -84,16 +86,16 @@ class InputGrid:
         plane = num_classes * self.shape[0] * self.shape[1] * 4
         return int(max(1, min(self.shape[2], SLAB_BYTES // plane)))
 
-    def slabs(self, probabilities: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, values)``: float32 class probabilities (``K, X, Y, stop - start``) of the input's
-        planes ``start:stop`` along its last axis, in order, from ``probabilities`` (``K`` and the network
-        grid, any float type), on their device."""
+    def slabs(self, probabilities: torch.Tensor, outside: Sequence[float]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, values)``: float32 probabilities (``K, X, Y, stop - start``) of the input's planes
+        ``start:stop`` along its last axis, in order, from ``probabilities`` (``K`` and the network grid, any
+        float type), on their device; ``outside``: each output's value outside the foreground crop."""
         step = self.thickness(probabilities.shape[0])
         for start in range(0, self.shape[2], step):
             stop = min(start + step, self.shape[2])
-            yield start, stop, self._sample(probabilities, start, stop)
+            yield start, stop, self._sample(probabilities, start, stop, outside)
 
-    def _sample(self, probabilities: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def _sample(self, probabilities: torch.Tensor, start: int, stop: int, outside: Sequence[float]) -> torch.Tensor:
         device, float64 = probabilities.device, torch.float64
         matrix = torch.as_tensor(self.to_resampled, dtype=float64, device=device)
         upper = torch.tensor(self.resampled_shape, dtype=float64, device=device) - 1
@@ -106,7 +108,7 @@ class InputGrid:
         reached = torch.minimum((corners @ matrix.T)[:, :3].clamp_min(0), upper)
         low = reached.amin(0).floor().long()
         high = torch.minimum(reached.amax(0).floor().long() + 2, upper.long() + 1)
-        block = self._block(probabilities, low.tolist(), high.tolist())
+        block = self._block(probabilities, low.tolist(), high.tolist(), outside)
         # grid_sample's align_corners=True: -1 and 1 are the centres of the block's first and last voxels;
         # an axis of one voxel has every point at 0. Its grid lists (z, y, x) for a volume of (x, y, z).
         extent = (high - low - 1).to(float64)
@@ -123,12 +125,14 @@ class InputGrid:
         sampled = F.grid_sample(block[None], grid[None], mode="bilinear", padding_mode="border", align_corners=True)
         return sampled[0]
 
-    def _block(self, probabilities: torch.Tensor, low: list[int], high: list[int]) -> torch.Tensor:
-        """The resampled grid's voxels ``low:high`` of every class in float32: the network grid's where the
-        crop kept them, else background (1 for class 0, 0 for the others)."""
+    def _block(
+        self, probabilities: torch.Tensor, low: list[int], high: list[int], outside: Sequence[float]
+    ) -> torch.Tensor:
+        """The resampled grid's voxels ``low:high`` of every output in float32: the network grid's where the
+        crop kept them, else ``outside`` (certain background)."""
         shape = [h - lo for lo, h in zip(low, high, strict=True)]
-        block = torch.zeros((probabilities.shape[0], *shape), dtype=torch.float32, device=probabilities.device)
-        block[0] = 1
+        fill = torch.tensor(list(outside), dtype=torch.float32, device=probabilities.device)
+        block = fill.reshape(-1, 1, 1, 1).expand(-1, *shape).clone()
         source, target = [], []
         for axis in range(3):
             first = max(low[axis], self.crop_start[axis])
@@ -156,14 +160,15 @@ def _translation(offset: np.ndarray) -> np.ndarray:
 def labels_on_input_grid(
     probabilities: ProbabilityVolume | torch.Tensor,
     grid: InputGrid,
+    label_manager,
     file=None,
 ) -> np.ndarray:
-    """The label map (argmax, uint8) of ``probabilities`` (network grid) brought to the input's voxels a
-    slab at a time (:class:`InputGrid`); each slab's probabilities also go to ``file.write`` (float16
-    ``K, X, Y, dz``) when given."""
+    """The uint8 label map (``label_manager.label_map``: the argmax of classes, or regions painted in order)
+    of ``probabilities`` (network grid) brought to the input's voxels a slab at a time (:class:`InputGrid`);
+    each slab's probabilities also go to ``file.write`` (float16 ``K, X, Y, dz``) when given."""
     labels = np.empty(grid.shape, dtype=np.uint8)
-    for start, stop, values in grid.slabs(probabilities):
-        labels[..., start:stop] = argmax_of_classes(values).cpu().numpy()
+    for start, stop, values in grid.slabs(probabilities, label_manager.outside_probabilities()):
+        labels[..., start:stop] = label_manager.label_map(values).cpu().numpy()
         if file is not None:
             file.write(values.half().cpu().numpy())
     return labels
@@ -177,23 +182,32 @@ class SlabInferer:
 
     Args:
         roi_size: the sliding-window size.
-        num_classes: the network's output channels.
+        label_manager: what the network's outputs mean (the bundle's ``scripts.labels.LabelManager``).
         sw_batch_size: windows run at a time.
         overlap: the windows' overlap, as test_seg.py's ``--overlap``.
     """
 
-    def __init__(self, roi_size: Sequence[int], num_classes: int, sw_batch_size: int = 4, overlap: float = 0.5) -> None:
-        self.roi_size, self.num_classes = tuple(roi_size), num_classes
+    def __init__(self, roi_size: Sequence[int], label_manager, sw_batch_size: int = 4, overlap: float = 0.5) -> None:
+        self.roi_size, self.label_manager = tuple(roi_size), label_manager
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
 
     def __call__(self, image: MetaTensor, network) -> MetaTensor:
         """The labels of one preprocessed case (channels first, on the device the network runs on)."""
-        device = image.device
-        holder = stitching_device(image.shape[1:], self.num_classes, device)
-        probabilities = ProbabilityVolume(self.num_classes, image.shape[1:], holder)
+        device, outputs = image.device, self.label_manager.num_outputs
+        holder = stitching_device(image.shape[1:], outputs, device)
+        probabilities = ProbabilityVolume(outputs, image.shape[1:], holder)
         plain = torch.autocast(device.type, enabled=False)
-        probabilities.add_pass(image[None], network, self.roi_size, self.sw_batch_size, self.overlap, plain, device)
-        labels = torch.from_numpy(labels_on_input_grid(probabilities, InputGrid.of(image)))
+        probabilities.add_pass(
+            image[None],
+            network,
+            self.roi_size,
+            self.sw_batch_size,
+            self.overlap,
+            plain,
+            device,
+            finish=self.label_manager.finish,
+        )
+        labels = torch.from_numpy(labels_on_input_grid(probabilities, InputGrid.of(image), self.label_manager))
         affine = torch.as_tensor(np.asarray(image.meta["original_affine"]), dtype=torch.float64)
         meta = {key: value for key, value in image.meta.items() if key != "affine"}  # the file's, for SaveImaged
         return MetaTensor(labels[None], affine=affine, meta=meta)

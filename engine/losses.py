@@ -1,5 +1,5 @@
 """The training loss: MONAI's Dice + cross-entropy as published, over the annotated voxels only when the
-dataset has nnU-Net's ignore label."""
+dataset has nnU-Net's ignore label; for regions, nnU-Net's soft Dice + binary cross-entropy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-__all__ = ["AnnotatedDiceCELoss", "segmentation_loss"]
+from dataset.labels import LabelManager
+
+__all__ = ["AnnotatedDiceCELoss", "RegionDiceBCELoss", "segmentation_loss"]
 
 
 class AnnotatedDiceCELoss(nn.Module):
@@ -38,8 +40,51 @@ class AnnotatedDiceCELoss(nn.Module):
         return dice + cross_entropy
 
 
-def segmentation_loss(ignore_label: int | None) -> nn.Module:
-    """The published loss, or its annotated-voxels form for a dataset with an ignore label."""
-    if ignore_label is None:
+class RegionDiceBCELoss(nn.Module):
+    """nnU-Net v2's ``DC_and_BCE_loss`` of region-based training, plus 1: binary cross-entropy of each region's
+    logit (``BCEWithLogitsLoss``, mean over voxels and regions) plus 1 - soft Dice (``MemoryEfficientSoftDiceLoss``
+    on the sigmoid, per crop and region, smooth 1e-5, the mean over both). nnU-Net adds -Dice; 1 - Dice keeps
+    the logged loss positive, as MONAI's Dice losses do, with the same gradients. Its Dice is per crop
+    (nnU-Net's ``batch_dice`` False, as MONAI's DiceCE of the class loss). Voxels labelled ``ignore_label``
+    are left out of both terms (nnU-Net's loss mask).
+
+    Args:
+        label_manager: the regions (their label values) and the ignore label.
+    """
+
+    SMOOTH = 1e-5
+
+    def __init__(self, label_manager: LabelManager) -> None:
+        super().__init__()
+        if not label_manager.has_regions:
+            raise ValueError("RegionDiceBCELoss needs regions")
+        self.label_manager = label_manager
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        label = label[:, 0] if label.dim() == logits.dim() else label
+        logits = logits.float()
+        target = self.label_manager.region_masks(label).to(logits.dtype)
+        annotated = self.label_manager.annotated(label)
+        mask = None if annotated is None else annotated.unsqueeze(1).to(logits.dtype)
+        probabilities = torch.sigmoid(logits)
+        axes = tuple(range(2, logits.dim()))
+        if mask is None:
+            intersection, predicted = (probabilities * target).sum(axes), probabilities.sum(axes)
+            truth = target.sum(axes)
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            intersection, predicted = (probabilities * target * mask).sum(axes), (probabilities * mask).sum(axes)
+            truth = (target * mask).sum(axes)
+            voxels = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask
+            bce = voxels.sum() / mask.sum().clamp_min(1e-8)
+        dice = (2 * intersection + self.SMOOTH) / (truth + predicted + self.SMOOTH).clamp_min(1e-8)
+        return bce + 1 - dice.mean()
+
+
+def segmentation_loss(label_manager: LabelManager) -> nn.Module:
+    """The published loss, its annotated-voxels form for a dataset with an ignore label, or the region loss."""
+    if label_manager.has_regions:
+        return RegionDiceBCELoss(label_manager)
+    if label_manager.ignore_label is None:
         return DiceCELoss(to_onehot_y=True, softmax=True)
-    return AnnotatedDiceCELoss(ignore_label)
+    return AnnotatedDiceCELoss(label_manager.ignore_label)

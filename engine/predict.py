@@ -1,10 +1,11 @@
-"""One case's prediction: the softmax averaged over models and mirrorings (lateral pairs swapped back), its
-label map and the files written in the input image's geometry."""
+"""One case's prediction: the probabilities (softmax of classes, or sigmoid of regions) averaged over models
+and mirrorings (lateral pairs swapped back), its label map and the files written in the input image's
+geometry."""
 
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,11 @@ def mean_probabilities(
     autocast: torch.autocast,
     device: torch.device,
     output_device: torch.device | None = None,
+    finish: Callable[[torch.Tensor], torch.Tensor] = lambda logits: torch.softmax(logits, dim=0),
 ) -> ProbabilityVolume:
-    """The ``num_classes`` class probabilities (``K, X, Y, Z``) of a preprocessed ``image`` (``1, C, X, Y,
-    Z``): for each model (with its sliding-window ROI), the mean softmax over its passes, each mirrored
+    """The ``num_classes`` output probabilities (``K, X, Y, Z``) of a preprocessed ``image`` (``1, C, X, Y,
+    Z``): for each model (with its sliding-window ROI), the mean of its passes' ``finish``-ed logits (the
+    label manager's: softmax of classes, sigmoid of regions), each mirrored
     pass flipped back and, where it flipped the left-right axis, its lateral pairs' channels exchanged;
     then the mean over the models, each weighing the same.
 
@@ -81,18 +84,21 @@ def mean_probabilities(
             swapped = LEFT_RIGHT_AXIS in axes and model.lateral_pairs
             order = lateral_order(model.lateral_pairs, num_classes) if swapped else None
             total.add_pass(
-                image, model.network, model.roi, sw_batch_size, overlap, autocast, device, weight, axes, order
+                image, model.network, model.roi, sw_batch_size, overlap, autocast, device, weight, axes, order, finish
             )
     return total
 
 
-def keep_largest(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+def keep_largest(labels: np.ndarray, classes: Sequence[int | Sequence[int]]) -> np.ndarray:
     """``labels`` with only the largest connected component (26-connectivity) of each of ``classes`` kept,
     the rest of that class background: MONAI's KeepLargestConnectedComponent, which needs scikit-image on
-    the CPU; scipy.ndimage here."""
+    the CPU; scipy.ndimage here. An entry that is a group of values is one region (its voxels of any of
+    them), whose smaller components become background, as nnU-Net's ``remove_all_but_largest_component``
+    treats regions; groups are taken in order."""
     kept = labels.copy()
     for value in classes:
-        components, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))
+        inside = np.isin(kept, value) if isinstance(value, Sequence) else kept == value
+        components, count = ndimage.label(inside, structure=np.ones((3, 3, 3)))
         if count > 1:
             sizes = np.bincount(components.ravel())[1:]
             kept[(components > 0) & (components != 1 + int(sizes.argmax()))] = 0
@@ -129,9 +135,10 @@ def probabilities_path(image: str | Sequence[str], output: Path) -> Path:
 
 class ProbabilitiesFile:
     """``<case>_probabilities.npz`` written as it comes, slab by slab along the last axis: ``probabilities``
-    (float16, ``K, X, Y, Z``: channel k is class k, on the input's voxel grid; stored in Fortran order so
-    that slabs are written whole, read by ``np.load`` as any array), ``affine`` (the input's) and
-    ``classes`` (names, index = label value). A context manager; closing it checks that every plane came."""
+    (float16, ``K, X, Y, Z``: channel k is class k, or region k, on the input's voxel grid; stored in Fortran
+    order so that slabs are written whole, read by ``np.load`` as any array), ``affine`` (the input's) and
+    ``classes`` (the channels' names: classes, index = label value, or regions). A context manager; closing it
+    checks that every plane came."""
 
     def __init__(self, path: str | Path, shape: Sequence[int], affine: np.ndarray, classes: Sequence[str]) -> None:
         self.archive = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)

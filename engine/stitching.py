@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ProbabilityVolume", "Slab", "WindowPlan", "argmax_of_classes", "stitched_slabs", "stitching_device"]
+__all__ = ["ProbabilityVolume", "Slab", "WindowPlan", "stitched_slabs", "stitching_device"]
 
 
 @dataclass(frozen=True)
@@ -116,19 +116,8 @@ def _finished(total, count, base, stop, offset, shape, finish) -> Slab:
     return Slab(first - z0, last - z0, finish(mean))
 
 
-def argmax_of_classes(values: torch.Tensor) -> torch.Tensor:
-    """``values.argmax(dim=0)`` as uint8 (the first class on ties), class by class: a reduction over the
-    outermost axis is 6-9x slower on the CPU than these whole-volume comparisons (BENCHMARKS.md)."""
-    best, labels = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
-    for value in range(1, values.shape[0]):
-        higher = values[value] > best
-        labels.masked_fill_(higher, value)
-        best = torch.where(higher, values[value], best)
-    return labels
-
-
 class ProbabilityVolume:
-    """Class probabilities ``K, X, Y, Z`` held in 2 bytes per class and voxel: fixed point in steps of
+    """Probabilities ``K, X, Y, Z`` (of classes or regions) held in 2 bytes per class and voxel: fixed point in steps of
     1/65535 (int16 codes offset by 32768). The size of float16 (half of float32's), and finer than float16
     where labels are decided: float16 rounds 0.4 by up to 1.2e-4, these codes any value by 7.6e-6.
     Indexing reads float32."""
@@ -169,15 +158,17 @@ class ProbabilityVolume:
         weight: float = 1.0,
         mirror_axes: Sequence[int] = (),
         channel_order: Sequence[int] | None = None,
+        finish: Callable[[torch.Tensor], torch.Tensor] = lambda logits: torch.softmax(logits, dim=0),
     ) -> None:
-        """Add ``weight`` times the softmax of one sliding-window pass over ``image`` (``1, C, X, Y, Z``),
-        slab by slab (:func:`stitched_slabs`): the image flipped along the spatial ``mirror_axes`` and each
+        """Add ``weight`` times the probabilities (``finish`` of the mean logits: a softmax, or a region's
+        sigmoid) of one sliding-window pass over ``image`` (``1, C, X, Y, Z``), slab by slab
+        (:func:`stitched_slabs`): the image flipped along the spatial ``mirror_axes`` and each
         slab flipped back; with ``channel_order``, the pass's class c added to class ``channel_order[c]``
         (a permutation that is its own inverse, such as the swap of left/right pairs)."""
         depth = image.shape[-1]
         flipped = image.flip([axis + 2 for axis in mirror_axes]) if mirror_axes else image
         order = None if channel_order is None else torch.tensor(list(channel_order), device=device)
-        for slab in stitched_slabs(flipped, network, roi, sw_batch_size, overlap, autocast, device):
+        for slab in stitched_slabs(flipped, network, roi, sw_batch_size, overlap, autocast, device, finish):
             values = slab.values.flip([axis + 1 for axis in mirror_axes]) if mirror_axes else slab.values
             if order is not None:
                 values = values[order]

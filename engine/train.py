@@ -129,8 +129,8 @@ def _initial_model(args, choice, config: DatasetConfig, pretrained: dict | None,
     """The network to train, for the dataset's channels and classes: initialised by ``--seed``, or the
     pretrained weights (fine-tuning: with a new output head for the dataset's classes)."""
     if pretrained is None:
-        return choice.build(config.in_channels, config.num_classes)
-    loaded_classes = (getattr(args, "pretrain_classes", None) if finetune else None) or config.num_classes
+        return choice.build(config.in_channels, config.num_outputs)
+    loaded_classes = (getattr(args, "pretrain_classes", None) if finetune else None) or config.num_outputs
     model = choice.build(config.in_channels, loaded_classes)
     channels = _input_channels_of(pretrained, model)
     if channels is not None and channels != config.in_channels:
@@ -141,9 +141,12 @@ def _initial_model(args, choice, config: DatasetConfig, pretrained: dict | None,
         )
     load_into(model, pretrained, args.pretrained_weights, "--pretrained_weights", choice.name)
     if finetune:
-        replace_head(model, choice.name, config.num_classes)
+        replace_head(model, choice.name, config.num_outputs)
     if main:
-        print(f"Loaded {args.pretrained_weights} ({loaded_classes} classes); output head for {config.num_classes}")
+        print(
+            f"Loaded {args.pretrained_weights} ({loaded_classes} outputs); output head for "
+            f"{config.label_manager.describe()}"
+        )
     return model
 
 
@@ -209,7 +212,7 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
     if main:
         print(
             f"Dataset {config.name}: {len(train_cases)} training and {counted(len(val_cases), 'validation case')}, "
-            f"{config.num_classes} classes ({', '.join(config.labels)}), {config.in_channels} input channel"
+            f"{config.label_manager.describe()}, {config.in_channels} input channel"
             f"{'s' * (config.in_channels > 1)} ({config.describe_channels()}), "
             f"spacing {','.join(f'{v:g}' for v in config.spacing) + ' mm' if config.spacing else 'native'}"
         )
@@ -441,23 +444,22 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         run.val_loader,
         run.roi,
         args.sw_batch_size,
-        run.config.num_classes,
+        run.config.label_manager,
         run.device,
         args.amp,
         run.main,
         snapshot,
-        run.config.ignore_label,
     )
     peak = peak_text(run.device)
     scores = torch.cat(run.distributed.gather(scores))
     dice, per_class = summarise_scores(scores)
-    foreground = foreground_dice(scores)
+    foreground = foreground_dice(scores, run.config.label_manager)
     improved = dice > progress["best_dice"]
     if improved:
         progress["best_dice"], progress["best_step"] = dice, step
     if not run.main:
         return
-    _report(writer, bar, run.config.labels, step, dice, foreground, per_class, progress, improved, peak)
+    _report(writer, bar, run.config.label_manager, step, dice, foreground, per_class, progress, improved, peak)
     if "overlay" in snapshot:
         writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
     # The checkpoint first: it also holds what the best weights hold, so that a run killed between the two
@@ -533,7 +535,7 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     output.mkdir(parents=True, exist_ok=True)
     if main and data.derivation is not None:
         save_json(data.derivation, output / FINGERPRINT_FILE)
-    loss_function = segmentation_loss(data.config.ignore_label)
+    loss_function = segmentation_loss(data.config.label_manager)
     return Run(
         args=args,
         distributed=distributed,
@@ -576,8 +578,8 @@ def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
         "network": choice.name,
         "network_args": choice.overrides,
         "in_channels": config.in_channels,
-        "out_channels": config.num_classes,
-        "classes": list(config.labels),
+        "out_channels": config.num_outputs,
+        **config.label_manager.to_card(),
         "dataset": config.name,
         **config.preprocessing(),
         "derived": data.derivation["derived"] if data.derivation else {},
@@ -701,15 +703,17 @@ def _describe(bar: tqdm, step: int, max_iter: int, loss: float, progress: dict, 
     bar.set_description(f"Training ({step} / {max_iter} Steps) (loss={loss:2.5f}{best})", refresh=refresh)
 
 
-def _report(writer, bar, labels, step, dice, foreground, per_class, progress, improved, peak: str) -> None:
+def _report(writer, bar, label_manager, step, dice, foreground, per_class, progress, improved, peak: str) -> None:
+    names = label_manager.output_names
     writer.add_scalar("val/mean_dice", dice, step)
     writer.add_scalar("val/mean_dice_foreground", foreground, step)
-    for name, value in zip(labels, per_class, strict=True):
+    for name, value in zip(names, per_class, strict=True):
         writer.add_scalar(f"val/dice_{name.replace(' ', '_')}", value, step)
     verdict = "saved new best model" if improved else "not improved"
-    classes = ", ".join(f"{n} {v:.4f}" for n, v in zip(labels, per_class, strict=True))
+    scores = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, per_class, strict=True))
+    mean = "over the regions" if label_manager.has_regions else "background included, as published"
     bar.write(
-        f"step {step}: mean Dice {dice:.4f} (background included, as published; {verdict}; best "
+        f"step {step}: mean Dice {dice:.4f} ({mean}; {verdict}; best "
         f"{progress['best_dice']:.4f} at step {progress['best_step']}), foreground mean Dice {foreground:.4f}; "
-        f"per class: {classes}" + (f"; validation {peak}" if peak else "")
+        f"per {'region' if label_manager.has_regions else 'class'}: {scores}" + (f"; validation {peak}" if peak else "")
     )

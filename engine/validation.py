@@ -1,4 +1,5 @@
-"""Validation during training: Dice of sliding-window predictions per case and class, and its summaries."""
+"""Validation during training: Dice of sliding-window predictions per case and class (or region), and its
+summaries."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dataset.labels import REGION_THRESHOLD, LabelManager
 from engine.common import autocast_for
-from engine.stitching import argmax_of_classes, stitched_slabs
+from engine.stitching import stitched_slabs
 
-__all__ = ["dice_per_class", "foreground_dice", "overlay_slice", "summarise_scores", "validation_scores"]
+__all__ = [
+    "dice_per_class",
+    "dice_per_region",
+    "foreground_dice",
+    "overlay_slice",
+    "summarise_scores",
+    "validation_scores",
+]
 
 
 def validation_scores(
@@ -18,38 +27,56 @@ def validation_scores(
     loader,
     roi,
     sw_batch_size: int,
-    num_classes: int,
+    label_manager: LabelManager,
     device: torch.device,
     amp: str | None = None,
     progress: bool = True,
     snapshot: dict | None = None,
-    ignore_label: int | None = None,
     overlap: float = 0.25,
 ) -> torch.Tensor:
-    """Per-case, per-class Dice (cases x classes, NaN where a class is absent from the label) of the
-    argmax of sliding-window predictions, background included; ``0 x classes`` for a loader without
-    cases. Nothing is gathered across processes: the caller collects every process's cases once. Voxels
-    labelled ``ignore_label`` (nnU-Net's unannotated voxels) count in no class, predicted or expected.
+    """Per-case Dice of each output (cases x outputs, NaN where a class or region is absent from the label) of
+    sliding-window predictions: of each class in the argmax, background included, or of each region above
+    0.5 (nnU-Net's pseudo-Dice of regions during training); ``0 x outputs`` for a loader without cases.
+    Nothing is gathered across processes: the caller collects every process's cases once. Voxels labelled
+    the ignore label (nnU-Net's unannotated voxels) count nowhere, predicted or expected.
 
     The windows are stitched slab by slab as in inference (:func:`engine.stitching.stitched_slabs`), each
-    slab turned into labels at once: memory holds the label map, never every class's logits.
+    slab turned into labels (or region masks) at once: memory never holds every output's logits.
 
     With ``snapshot``, its ``"overlay"`` receives the first case's middle axial slice: image, image with
-    label, image with prediction (H x W x 3, uint8)."""
+    label, image with the predicted label map (H x W x 3, uint8)."""
     was_training = model.training
     model.eval()
-    scores = [torch.empty(0, num_classes)]
+    outputs = label_manager.num_outputs
+    scores = [torch.empty(0, outputs)]
     autocast = autocast_for(amp, device)
+    regions = label_manager.has_regions
+
+    def finish(logits: torch.Tensor) -> torch.Tensor:
+        """A slab's label map, and for regions each region's mask below it (uint8, ``1 + R, ...``)."""
+        if not regions:  # the argmax of the logits is the softmax's
+            return label_manager.label_map(logits)[None]
+        probabilities = label_manager.finish(logits)
+        above = (probabilities > REGION_THRESHOLD).to(torch.uint8)
+        return torch.cat([label_manager.label_map(probabilities)[None], above])
+
     with torch.no_grad():
         for batch in tqdm(loader, desc="Validate", dynamic_ncols=True, leave=False, disable=not progress):
             image, label = batch["image"], torch.as_tensor(batch["label"])[0, 0].long()
             prediction = torch.empty(label.shape, dtype=torch.uint8)
-            slabs = stitched_slabs(image, model, roi, sw_batch_size, overlap, autocast, device, argmax_of_classes)
+            inside = torch.empty((outputs, *label.shape), dtype=torch.bool) if regions else None
+            slabs = stitched_slabs(image, model, roi, sw_batch_size, overlap, autocast, device, finish)
             for slab in slabs:
-                prediction[..., slab.start : slab.stop] = slab.values.cpu()
+                prediction[..., slab.start : slab.stop] = slab.values[0].cpu()
+                if regions:
+                    inside[..., slab.start : slab.stop] = slab.values[1:].cpu().bool()
             if snapshot is not None and len(scores) == 1:
                 snapshot["overlay"] = overlay_slice(image[0, 0].numpy(), label.numpy(), prediction.numpy())
-            scores.append(dice_per_class(prediction, label, num_classes, ignore_label)[None])
+            if regions:
+                expected = label_manager.region_masks(label[None])[0]
+                scores.append(dice_per_region(inside, expected, label_manager.annotated(label))[None])
+            else:
+                scores.append(dice_per_class(prediction, label, outputs, label_manager.ignore_label)[None])
     model.train(was_training)
     return torch.cat(scores)
 
@@ -69,17 +96,30 @@ def dice_per_class(
     return torch.where(truth > 0, dice, torch.nan).float()
 
 
+def dice_per_region(
+    predicted: torch.Tensor, expected: torch.Tensor, annotated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The Dice of each region between predicted and expected masks (``R, ...`` booleans; NaN where the
+    region is absent from ``expected``); voxels outside ``annotated`` left out."""
+    if annotated is not None:
+        predicted, expected = predicted & annotated, expected & annotated
+    axes = tuple(range(1, predicted.dim()))
+    truth, found = expected.sum(axes).double(), predicted.sum(axes).double()
+    dice = 2 * (predicted & expected).sum(axes).double() / (truth + found)
+    return torch.where(truth > 0, dice, torch.nan).float()
+
+
 def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
-    """The mean Dice over every (case, class) pair whose class is present in the label, background
-    included, as the published training selects its best model; and the Dice of each class (mean over
-    the cases where it is present)."""
+    """The mean Dice over every (case, output) pair whose class (background included, as the published
+    training selects its best model) or region is present in the label; and the Dice of each output (mean
+    over the cases where it is present)."""
     return float(torch.nanmean(scores)), torch.nanmean(scores, dim=0).tolist()
 
 
-def foreground_dice(scores: torch.Tensor) -> float:
-    """The mean Dice over the (case, class) pairs of the foreground classes (background left out), as
-    test_seg.py's evaluation reports it."""
-    return float(torch.nanmean(scores[:, 1:]))
+def foreground_dice(scores: torch.Tensor, label_manager: LabelManager) -> float:
+    """The mean Dice over the (case, output) pairs of the foreground classes (background left out) or of
+    the regions, as test_seg.py's evaluation reports it."""
+    return float(torch.nanmean(scores if label_manager.has_regions else scores[:, 1:]))
 
 
 # Distinct colours for label values 1, 2, ... (value 0 is background).

@@ -99,7 +99,7 @@ def write_json(path: Path, content: dict) -> str:
     [
         (
             {"channel_names": {"0": "T1"}, "labels": {"background": 0, "tumour": [1, 2]}, "file_ending": ".nii.gz"},
-            r"label 'tumour' is a region \(\[1, 2\]\); region-based training .* is not supported",
+            r"region-based labels need 'regions_class_order' \(the label value each region paints, 1 value, as",
         ),
         (
             {"channel_names": {"0": "T1"}, "labels": {"background": 0, "a": 1}, "file_ending": ".mha"},

@@ -131,7 +131,9 @@ def test_deploy_form_has_no_fft_and_no_prior_and_the_same_weights():
     assert relative_difference(output, reference) < 1e-5
 
 
-@pytest.mark.parametrize("script", ["dataset/portable.py", "engine/stitching.py", "engine/input_grid.py"])
+@pytest.mark.parametrize(
+    "script", ["dataset/portable.py", "dataset/labels.py", "engine/stitching.py", "engine/input_grid.py"]
+)
 def test_the_bundles_scripts_import_nothing_of_this_repository(script):
     source = Path(__file__).resolve().parents[1] / script
     modules = set()
@@ -225,6 +227,7 @@ def test_a_trained_model_segments_identically_through_pth_torchscript_onnx_openv
         "__init__.py",
         "inference.json",
         "input_grid.py",
+        "labels.py",
         "logging.conf",
         "metadata.json",
         "model.ts",

@@ -15,7 +15,7 @@ from monai.inferers import sliding_window_inference
 
 import main_train
 import test_seg
-from dataset.description import load_dataset_config
+from dataset.description import PRESETS, load_dataset_config
 from dataset.transforms import build_transforms
 from engine.predict import ModelPasses, keep_largest, mean_probabilities
 from networks import build_network
@@ -244,9 +244,9 @@ def test_tta_mirrors_along_the_axes_of_training_with_the_card_pairs(phantom, wei
     trained = with_card(weights[0], tmp_path, mirror_axes=[0, 2], lateral_pairs=[[1, 3]])
     seen = []
 
-    def recording(image, models, *rest):
+    def recording(image, models, *rest, **options):
         seen.append([(m.mirror_axes, m.lateral_pairs) for m in models])
-        return mean_probabilities(image, models, *rest)
+        return mean_probabilities(image, models, *rest, **options)
 
     monkeypatch.setattr(engine.infer, "mean_probabilities", recording)
     case = sorted((phantom / "imagesTs").glob("*.nii.gz"))[0]
@@ -324,7 +324,7 @@ def test_slab_inference_gives_the_whole_volume_labels_in_any_geometry(phantom, w
             held = mean_probabilities(batch["image"], models, 5, 4, 0.5, autocast, cpu)
             grid = InputGrid.of(batch["image"])
             with ProbabilitiesFile(tmp_path / "p.npz", (5, *grid.shape), np.eye(4), ["c"] * 5) as file:
-                labels = labels_on_input_grid(held, grid, file)
+                labels = labels_on_input_grid(held, grid, config.label_manager, file)
         saved = np.load(tmp_path / "p.npz")["probabilities"]
         assert labels.shape == saved.shape[1:] == nib.load(path).shape, name
         np.testing.assert_allclose(saved, expected.numpy(), rtol=0, atol=1e-3, err_msg=name)
@@ -392,7 +392,9 @@ def test_validation_scores_are_those_of_the_whole_volume_argmax(phantom, weights
     _, val_transforms = build_transforms(config, "train", (32, 32, 32))
     cases = find_cases(config, phantom, "validation") + find_cases(config, phantom, "test")
     loader = DataLoader(Dataset(cases, val_transforms), batch_size=1)
-    scores = validation_scores(model, loader, (32, 32, 32), 2, 5, torch.device("cpu"), progress=False)
+    scores = validation_scores(
+        model, loader, (32, 32, 32), 2, PRESETS["flare"].label_manager, torch.device("cpu"), progress=False
+    )
     expected = []
     with torch.no_grad():
         for batch in loader:
@@ -422,7 +424,7 @@ def test_a_case_over_the_memory_limit_is_refused_before_any_is_segmented(phantom
 
 
 def test_argmax_of_classes_is_torch_argmax_with_ties_to_the_first():
-    from engine.stitching import argmax_of_classes
+    from dataset.labels import argmax_of_classes
 
     values = torch.randint(0, 3, (5, 7, 6, 4)).float()  # many ties
     np.testing.assert_array_equal(argmax_of_classes(values).numpy(), values.argmax(dim=0).numpy())

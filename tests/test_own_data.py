@@ -23,6 +23,7 @@ from dataset.cases import cases_from_paths, find_cases
 from dataset.checks import verify_cases
 from dataset.description import ChannelNorm, DatasetError, load_dataset_config
 from dataset.fingerprint import FOREGROUND_SAMPLES_TOTAL, compute_fingerprint, derive_settings, target_spacing
+from dataset.labels import LabelManager
 from dataset.transforms import CropCentres, LoadCased, NormalizeChannelsd, build_transforms
 from engine.evaluate import evaluate_case
 from engine.losses import AnnotatedDiceCELoss
@@ -129,7 +130,8 @@ def test_metrics_leave_out_the_ignore_label():
             return torch.nn.functional.one_hot(torch.where(truth == 2, 1, truth), 2).movedim(-1, 1).float()
 
     loader = [{"image": torch.zeros(1, 1, 8, 8, 8), "label": torch.as_tensor(label[None, None])}]
-    scores = validation_scores(Perfect(), loader, (8, 8, 8), 1, 2, torch.device("cpu"), progress=False, ignore_label=2)
+    manager = LabelManager(("background", "liver"), ignore_label=2)
+    scores = validation_scores(Perfect(), loader, (8, 8, 8), 1, manager, torch.device("cpu"), progress=False)
     assert scores.tolist() == [[1.0, 1.0]]
 
 

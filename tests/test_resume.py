@@ -336,7 +336,7 @@ def test_two_process_run_reports_the_dice_of_the_saved_weights(tmp_path):
     from monai.data import DataLoader, Dataset
 
     from dataset.cases import find_cases
-    from dataset.description import load_dataset_config
+    from dataset.description import PRESETS, load_dataset_config
     from dataset.transforms import build_transforms
     from engine.validation import foreground_dice, summarise_scores, validation_scores
     from networks import build_network
@@ -349,12 +349,13 @@ def test_two_process_run_reports_the_dice_of_the_saved_weights(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): same summation order
     try:
-        scores = validation_scores(model, loader, (32, 32, 32), 2, 5, torch.device("cpu"), progress=False)
+        manager = PRESETS["flare"].label_manager
+        scores = validation_scores(model, loader, (32, 32, 32), 2, manager, torch.device("cpu"), progress=False)
     finally:
         torch.set_num_threads(threads)
     assert scores.shape == (3, 5)
     assert summarise_scores(scores)[0] == pytest.approx(card["best_metric"], abs=1e-6)
-    assert foreground_dice(scores) == pytest.approx(card["best_metric_foreground"], abs=1e-6)
+    assert foreground_dice(scores, manager) == pytest.approx(card["best_metric_foreground"], abs=1e-6)
 
 
 def test_resume_with_a_longer_run_stretches_the_schedule(phantom, tmp_path, capsys):
