@@ -166,13 +166,13 @@ def write_reports(rows: Sequence[dict], class_names: Mapping[int, str], output: 
     return summary
 
 
-def format_summary(summary: dict) -> str:
-    """The summary as a markdown table (mean ± std)."""
+def format_summary(summary: dict, scored: str = "class") -> str:
+    """The summary as a markdown table (mean ± std), one row per ``scored`` (class or region)."""
 
     def cell(stats: dict) -> str:
         return "n/a" if stats["mean"] is None else f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
-    lines = ["| class | Dice | HD95 (mm) | NSD |", "|---|---|---|---|"]
+    lines = [f"| {scored} | Dice | HD95 (mm) | NSD |", "|---|---|---|---|"]
     for name, metrics in summary["classes"].items():
         lines.append(f"| {name} | " + " | ".join(cell(metrics[m]) for m in METRICS) + " |")
     lines.append("| **foreground mean** | " + " | ".join(cell(summary["overall"][m]) for m in METRICS) + " |")

@@ -569,7 +569,7 @@ def _report_evaluation(rows: list[dict], config: DatasetConfig, output: Path, co
         f"Evaluation in the original geometry ({counted(count, 'case')}; {scored}, background not scored): "
         f"{output / 'metrics.csv'}, {output / 'summary.json'}, {output / 'dice_per_class.png'}"
     )
-    print(format_summary(summary))
+    print(format_summary(summary, "region" if manager.has_regions else "class"))
 
 
 def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: float) -> list[dict]:

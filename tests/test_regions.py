@@ -269,7 +269,8 @@ def test_a_region_model_segments_and_scores_per_region(brats, tmp_path, capsys):
     segmented = segment([weights], root, output, ("--evaluate",))
     assert len(segmented) == 2
     printed = capsys.readouterr().out
-    assert "regions rebuilt from the label maps" in printed and "| whole tumor |" in printed
+    assert "regions rebuilt from the label maps" in printed and "| region | Dice |" in printed
+    assert "| whole tumor |" in printed
     summary = json.loads((output / "summary.json").read_text())
     assert list(summary["classes"]) == list(BRATS_REGIONS)
     rows = (output / "metrics.csv").read_text().splitlines()
