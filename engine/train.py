@@ -337,7 +337,9 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
             writer.close()
     distributed.barrier()
     if run.main and not run.validates:
-        print(f"Training finished (--fold all, no validation): final weights in {run.final_path}")
+        skipped = run.progress["nonfinite_in_a_row"]
+        note = f" (of step {args.max_iter - skipped}: the last {counted(skipped, 'step')} skipped as non-finite)"
+        print(f"Training finished (--fold all, no validation): final weights in {run.final_path}{note * bool(skipped)}")
     elif run.main:
         print(
             f"Training finished: best mean Dice {run.progress['best_dice']:.4f} at step "
@@ -473,14 +475,18 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
 
 
 def _save_without_validation(run: Run, step: int) -> None:
-    """A run without validation (``--fold all``): the checkpoint at every ``--eval_step``; at the end, the
-    final weights and their model card, which are the model."""
-    if not run.main or run.progress["nonfinite_in_a_row"]:
+    """A run without validation (``--fold all``): the checkpoint at every ``--eval_step`` (during non-finite
+    steps, the last good one is kept); at the end, the final weights and their model card, which are the
+    model: a skipped step changes no weight, so after non-finite last steps they are those of the last good
+    step, which the card's ``final_step`` names."""
+    if not run.main:
         return
-    run.save_last()
+    if not run.progress["nonfinite_in_a_row"]:
+        run.save_last()
     if step == run.args.max_iter:
         save_torch(run.model.state_dict(), run.final_path)
-        save_json({**run.card, "final_step": step}, model_card_path(run.final_path))
+        good_step = step - run.progress["nonfinite_in_a_row"]
+        save_json({**run.card, "final_step": good_step}, model_card_path(run.final_path))
 
 
 def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device) -> Run:

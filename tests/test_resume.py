@@ -156,6 +156,20 @@ def test_a_single_nonfinite_loss_is_skipped_and_counted(phantom, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
+def test_fold_all_whose_last_step_is_nonfinite_writes_the_last_good_weights(phantom, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "last_nan"
+    monkeypatch.setattr(engine.train, "segmentation_loss", lambda label_manager: NaNAfter(bad=[4]))
+    train(phantom, output, max_iter=4, eval_step=2, fold="all")
+    printed = capsys.readouterr().out
+    final = output / "final_model.pth"
+    assert f"final weights in {final} (of step 3: the last 1 step skipped as non-finite)" in printed
+    weights = load_state(final)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert json.loads((output / "final_model.pth.json").read_text())["final_step"] == 3
+    checkpoint = load_state(output / "checkpoint_last.pth")
+    assert checkpoint["progress"]["step"] == 2  # the last good checkpoint, kept
+
+
 def test_a_skipped_step_leaves_batchnorm_statistics_untouched(phantom, tmp_path, monkeypatch):
     output = tmp_path / "first_nan"
     monkeypatch.setattr(engine.train, "segmentation_loss", lambda ignore_label: NaNAfter(bad=[1]))
