@@ -15,7 +15,9 @@ __all__ = ["AnnotatedDiceCELoss", "RegionDiceBCELoss", "segmentation_loss"]
 
 class AnnotatedDiceCELoss(nn.Module):
     """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (Dice and cross-entropy, each of weight 1) over
-    the voxels whose label is not ``ignore_label``: they add nothing to either term, as in nnU-Net.
+    the voxels whose label is not ``ignore_label``: they add nothing to either term, as in nnU-Net. The Dice
+    term is the mean over the crops that have annotated voxels: a crop of unannotated voxels only (a sparse
+    annotation's common case) has no Dice to learn from, and counting it as 0 would shrink the others'.
 
     Args:
         ignore_label: the label value of unannotated voxels (the value after the classes).
@@ -24,7 +26,8 @@ class AnnotatedDiceCELoss(nn.Module):
     def __init__(self, ignore_label: int) -> None:
         super().__init__()
         self.ignore_label = ignore_label
-        self.dice = DiceLoss(include_background=True)  # MONAI's DiceCELoss defaults, on the masked inputs
+        # MONAI's DiceCELoss defaults, on the masked inputs; per crop and class, averaged over annotated crops
+        self.dice = DiceLoss(include_background=True, reduction="none")
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         label = label[:, 0].long() if label.dim() == logits.dim() else label.long()
@@ -33,9 +36,10 @@ class AnnotatedDiceCELoss(nn.Module):
         mask = annotated.unsqueeze(1).to(logits.dtype)
         probabilities = torch.softmax(logits, 1) * mask
         one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype) * mask
-        dice = self.dice(probabilities, one_hot)
-        if not annotated.any():  # a crop of unannotated voxels only: nothing to learn from its labels
-            return dice * 0 + logits.sum() * 0
+        crops = annotated.flatten(1).any(1)
+        if not crops.any():  # unannotated voxels only: nothing to learn from these labels
+            return logits.sum() * 0
+        dice = self.dice(probabilities, one_hot).flatten(1)[crops].mean()
         cross_entropy = F.cross_entropy(logits, label, ignore_index=self.ignore_label)
         return dice + cross_entropy
 

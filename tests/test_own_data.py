@@ -113,6 +113,11 @@ def test_loss_leaves_out_the_ignore_label_and_equals_monai_without_it():
     assert AnnotatedDiceCELoss(3)(logits, label) == pytest.approx(alone.item(), rel=1e-5)
     everything_ignored = torch.full_like(label, 3)
     assert AnnotatedDiceCELoss(3)(logits.requires_grad_(), everything_ignored).item() == 0
+    # a crop of unannotated voxels only beside an annotated one: the loss of the annotated crop alone
+    pair = AnnotatedDiceCELoss(3)(
+        torch.cat([logits, torch.randn(1, 3, 6, 6, 6)]), torch.cat([label, everything_ignored])
+    )
+    assert pair.item() == pytest.approx(AnnotatedDiceCELoss(3)(logits, label).item(), rel=1e-6)
 
 
 def test_metrics_leave_out_the_ignore_label():
