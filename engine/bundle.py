@@ -167,7 +167,8 @@ def _metadata(card: dict, source: str) -> dict:
     preprocessing = card_preprocessing(card)
     manager = LabelManager.from_card(card)
     outputs = manager.output_names
-    ct = all(entry["scheme"] == "ct" for entry in preprocessing["normalization"])
+    # The modality is the channels' (a FeTA T2w scaled by a fixed window, the "ct" scheme, is still MR).
+    modalities = sorted({"CT" if name.strip().lower() == "ct" else "MR" for name in preprocessing["channels"]})
     return {
         "schema": METADATA_SCHEMA,
         "version": BUNDLE_VERSION,
@@ -185,8 +186,8 @@ def _metadata(card: dict, source: str) -> dict:
             "inputs": {
                 "image": {
                     "type": "image",
-                    "format": "hounsfield" if ct else "magnitude",
-                    "modality": "CT" if ct else "MR",
+                    "format": "hounsfield" if modalities == ["CT"] else "magnitude",
+                    "modality": "/".join(modalities),
                     "num_channels": int(card.get("in_channels", 1)),
                     "spatial_shape": list(card["roi_size"]),
                     "dtype": "float32",

@@ -23,6 +23,7 @@ import export
 import main_train
 import test_seg
 from dataset.portable import case_images
+from engine.bundle import bundle_files
 from networks import build_network, get_spec
 from networks.deploy import deploy_form, repository_modules
 from networks.dwconv import use_algorithm
@@ -145,6 +146,31 @@ def test_the_bundles_scripts_import_nothing_of_this_repository(script):
     allowed = {"__future__", "re", "math", "collections", "dataclasses", "pathlib", "typing"}
     allowed |= {"torch", "monai", "scipy", "numpy", "scripts.stitching"}
     assert modules <= allowed, modules - allowed
+
+
+@pytest.mark.parametrize(
+    "channels, normalization, modality, value_format",
+    [
+        (["CT"], [{"scheme": "ct", "window": [-125.0, 275.0]}], "CT", "hounsfield"),
+        (["T2w"], [{"scheme": "ct", "window": [0.0, 1000.0]}], "MR", "magnitude"),  # FeTA: a fixed window
+        (["CT", "T1"], [{"scheme": "ct", "window": [-100.0, 240.0]}, "zscore"], "CT/MR", "magnitude"),
+    ],
+)
+def test_the_bundle_metadata_takes_the_modality_from_the_channel_names(channels, normalization, modality, value_format):
+    card = {
+        "network": "REPUXNET",
+        "network_args": {},
+        "in_channels": len(channels),
+        "out_channels": 2,
+        "classes": ["background", "brain"],
+        "roi_size": [32, 32, 32],
+        "channels": channels,
+        "normalization": normalization,
+        "spacing": None,
+    }
+    files = bundle_files(card, b"", "model.pth", 4, 0.5)
+    image = json.loads(files["configs/metadata.json"])["network_data_format"]["inputs"]["image"]
+    assert (image["modality"], image["format"]) == (modality, value_format)
 
 
 def test_case_images_groups_channel_files_and_names_a_missing_one(tmp_path):
