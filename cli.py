@@ -153,7 +153,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         help="dataset folder (imagesTr, labelsTr, imagesVal, ...; default: the folder of a dataset JSON given as "
         "--dataset)",
     )
-    parser.add_argument("--output", required=True, help="folder for weights, logs or predictions")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder for the segmentations (with --evaluate, the reports too)"
+        if card
+        else "folder for the run: weights and their model card, checkpoint_last.pth, TensorBoard logs",
+    )
     parser.add_argument(
         "--dataset",
         default=None if card else "flare",
@@ -173,12 +179,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         default=None if card else "REPUXNET",
         help=card.get("network", f"one of: {', '.join(available_networks())}"),
     )
-    parser.add_argument("--mode", default=mode, choices=[mode], help=f"kept for the published scripts ({mode})")
+    parser.add_argument("--mode", default=mode, choices=[mode], help=argparse.SUPPRESS)  # the published flag
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index")
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available, else CPU"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    # Inference draws nothing at random: test_seg.py accepts the published --seed without showing it.
+    seed_help = argparse.SUPPRESS if card else "random seed (initialisation, data order, augmentation)"
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument(
         "--roi_size",
         type=roi_size,
@@ -212,7 +220,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         const="bf16",
         default=None,
         choices=["bf16", "fp16"],
-        help="mixed precision: --amp (bf16, CPU or CUDA) or --amp fp16 (CUDA, with a gradient scaler); default: fp32",
+        help="mixed precision of the network: --amp (bf16, CPU or CUDA) or --amp fp16 (CUDA); default: fp32"
+        if card
+        else "mixed precision: --amp (bf16, CPU or CUDA) or --amp fp16 (CUDA, with a gradient scaler); default: fp32",
     )
     parser.add_argument(
         "--dwconv",
@@ -220,7 +230,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         choices=["auto", "native", "fft"],
         help="depthwise large-kernel convolution algorithm (auto: per device and kernel)",
     )
-    parser.add_argument("--cache_rate", type=unit_interval(), default=0.1, help="fraction of cases cached in memory")
+    parser.add_argument(
+        "--cache_rate",
+        type=unit_interval(),
+        default=0.1,
+        help="fraction of the cases to segment held in memory once preprocessed"
+        if card
+        else "fraction of the training cases cached in memory, preprocessed",
+    )
     parser.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
 
 

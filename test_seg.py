@@ -3,7 +3,7 @@
 The images: --input (NIfTI files and folders, no dataset layout needed) or the test cases of a dataset
 (--root, --dataset). With a model card beside the weights (written by training), the card decides the
 network, its classes, the ROI and the preprocessing (channels, normalisation, spacing). Several
---trained_weights make an ensemble (softmax averaged), exports (model.ts, model.onnx) among them; --tta
+--trained_weights make an ensemble (probabilities averaged), exports (model.ts, model.onnx) among them; --tta
 adds the mirrorings each model was trained with (left/right class pairs swapped back).
 """
 
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
         required=True,
         nargs="+",
         help="weights to segment with (best_metric_model.pth, or export.py's model.ts or model.onnx with their card); "
-        "several: an ensemble, their softmax averaged",
+        "several: an ensemble, their probabilities averaged",
     )
     parser.add_argument(
         "--input",
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         "--tta",
         action="store_true",
         help="test-time mirroring along the axes each model was mirrored along in training (its model card's; "
-        "every combination a pass, softmax averaged, left/right class pairs swapped back); none for a model "
+        "every combination a pass, probabilities averaged, left/right class pairs swapped back); none for a model "
         "trained without mirroring",
     )
     parser.add_argument(
@@ -57,12 +57,13 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--save_probabilities",
         action="store_true",
-        help="also write <case>_probabilities.npz: float16 class probabilities in the input's geometry",
+        help="also write <case>_probabilities.npz: float16 class (or region) probabilities in the input's geometry",
     )
     parser.add_argument(
         "--keep_largest",
         default=None,
-        help="keep the largest connected component of these classes, e.g. 1,3, or all (default: none)",
+        help="keep the largest connected component of these classes, e.g. 1,3 (of a region model: region numbers, "
+        "1 the first), or all (default: none)",
     )
     parser.add_argument(
         "--runtime",
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--evaluate",
         action="store_true",
-        help="with labels (labelsTs or a labelled test list): Dice, HD95 and NSD per case and class, in mm",
+        help="with labels (labelsTs or a labelled test list): Dice, HD95 and NSD per case and class (or region), in mm",
     )
     parser.add_argument(
         "--label_map",

@@ -3,6 +3,7 @@
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,22 @@ def test_help_says_what_the_model_card_and_the_weights_decide(capsys):
     assert "required unless --pretrain false" in finetune["--pretrained_weights"]
 
 
+def test_each_script_describes_the_flags_it_uses_in_its_own_words(capsys, tmp_path):
+    inference, training = option_help(test_seg.main, capsys), option_help(main_train.main, capsys)
+    finetune = option_help(main_finetune.main, capsys)
+    assert "segmentations" in inference["--output"] and "weights" not in inference["--output"]
+    assert "checkpoint_last.pth" in training["--output"]
+    assert "scaler" not in inference["--amp"] and "gradient scaler" in training["--amp"]
+    assert "training" not in inference["--cache_rate"] and "training" in training["--cache_rate"]
+    assert "--seed" not in inference and "--seed" in training
+    assert "--mode" not in finetune and "--mode" not in inference
+    test_seg_args = ["--output", str(tmp_path), "--trained_weights", str(tmp_path / "w.pth"), "--seed", "1"]
+    test_seg_args += ["--mode", "test"]
+    with pytest.raises(SystemExit):  # the published flags are still accepted (the run fails on w.pth)
+        test_seg.main(test_seg_args)
+    assert "unrecognized arguments" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_atomic_writes_use_the_umask_and_reach_the_disk_before_the_rename(tmp_path, monkeypatch, umask):
     calls = []
@@ -113,3 +130,25 @@ def test_documented_finetune_command_matches_the_published_one():
     cli.add_common_arguments(parser, "train")
     cli.add_training_arguments(parser, finetune=True)
     assert parser.get_default("max_iter") == 60000
+
+
+@pytest.mark.parametrize("fresh, start", [(None, ["--resume", "auto"]), ("1", ["--overwrite"])])
+def test_demo_continues_its_run_and_starts_over_only_when_asked(tmp_path, fresh, start):
+    """demo.sh run again resumes (a finished run then trains no further); FRESH=1 starts over. A stand-in
+    ``python`` records the commands instead of running them."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (bin_dir / "python").chmod(0o755)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text("{}")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DATA": str(tmp_path / "data")}
+    env["RUN"] = str(tmp_path / "run")
+    env.pop("FRESH", None)
+    if fresh:
+        env["FRESH"] = fresh
+    subprocess.run(["bash", str(REPO / "demo.sh")], env=env, check=True)
+    training, segmenting = calls.read_text().splitlines()
+    assert training.startswith("main_train.py") and segmenting.startswith("test_seg.py")
+    flags = training.split()
+    assert flags[-len(start) :] == start and ("--overwrite" in flags) == (fresh == "1")
