@@ -146,8 +146,12 @@ PALETTE = np.array(
 )
 
 
-def overlay_slice(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The middle axial slice (last axis, RAS) of a volume: image | image + label | image + prediction."""
+def overlay_slice(
+    image: np.ndarray, label: np.ndarray, prediction: np.ndarray, alpha: float = 0.45, min_height: int = 256
+) -> np.ndarray:
+    """The middle axial slice (last axis, RAS) of a volume: image | image + label | image + prediction, each
+    voxel repeated (nearest neighbour, by one integer factor) until the panels are ``min_height`` pixels high
+    or more: a 96-voxel slice is too small to read in TensorBoard."""
     z = image.shape[-1] // 2
     gray = np.repeat(np.clip(np.rot90(image[..., z]), 0, 1)[..., None] * 255, 3, axis=-1)
 
@@ -156,4 +160,6 @@ def overlay_slice(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, 
         colours = PALETTE[mask % len(PALETTE)]
         return np.where((mask > 0)[..., None], (1 - alpha) * gray + alpha * colours, gray)
 
-    return np.concatenate([gray, blend(label), blend(prediction)], axis=1).astype(np.uint8)
+    panels = np.concatenate([gray, blend(label), blend(prediction)], axis=1).astype(np.uint8)
+    scale = max(1, -(-min_height // panels.shape[0]))
+    return panels.repeat(scale, axis=0).repeat(scale, axis=1)

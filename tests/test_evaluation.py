@@ -106,7 +106,9 @@ def test_overlay_slice_panels():
     label[4:8, 4:8, :] = 1
     prediction[4:8, 4:8, :] = 2
     overlay = overlay_slice(image, label, prediction)
-    assert overlay.shape == (12, 48, 3) and overlay.dtype == np.uint8
+    assert overlay.shape == (12 * 22, 48 * 22, 3) and overlay.dtype == np.uint8  # 256 pixels high at least
+    np.testing.assert_array_equal(overlay[::22, ::22], overlay_slice(image, label, prediction, min_height=0))
+    overlay = overlay[::22, ::22]
     gray, with_label, with_prediction = overlay[:, :16], overlay[:, 16:32], overlay[:, 32:]
     assert (gray[..., 0] == gray[..., 1]).all()  # the plain image panel is gray
     assert not np.array_equal(with_label, gray) and not np.array_equal(with_label, with_prediction)
@@ -133,7 +135,7 @@ def test_folds_training_writes_overlay_images_and_cv_summary(phantom, tmp_path, 
     events.Reload()
     assert events.Tags()["images"] == ["val/overlay"]
     image = events.Images("val/overlay")[0]
-    assert image.step == 2 and image.width > image.height  # three panels side by side
+    assert image.step == 2 and image.width > image.height >= 256  # three panels side by side, readable
     cv_summary.main([str(o) for o in outputs] + ["--json", str(tmp_path / "cv.json")])
     summary = json.loads((tmp_path / "cv.json").read_text())
     dice = [json.loads((o / "best_metric_model.pth.json").read_text())["best_metric"] for o in outputs]
