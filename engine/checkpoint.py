@@ -57,6 +57,15 @@ APPLIED_ON_RESUME = {
 }
 
 
+def _rates(scheduler: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
+    """The rates of the schedule's current step for its base rates: what ``get_lr`` computes, without the
+    warning it gives outside ``step()`` (the constant schedule is a LambdaLR, the other has ``lr_at``)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        pairs = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        return [lr * factor(scheduler.last_epoch) for lr, factor in pairs]
+    return [scheduler.lr_at(lr, scheduler.last_epoch) for lr in scheduler.base_lrs]
+
+
 def rng_states() -> dict:
     """Python, NumPy, torch and CUDA random states, as tensors and plain values (``weights_only`` loads)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
@@ -215,7 +224,7 @@ def restore_training_state(
     scheduler.load_state_dict(scheduler_state)
     if lr is not None and scheduler.base_lrs != [lr] * len(scheduler.base_lrs):
         scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-        for group, value in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
+        for group, value in zip(optimizer.param_groups, _rates(scheduler), strict=True):
             group["initial_lr"], group["lr"] = lr, value
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if max_iter is not None and hasattr(scheduler, "max_iter"):

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -415,7 +416,11 @@ def _record_step(run: Run, step: int, loss: float, problem: str | None, writer, 
         writer.add_scalar("train/loss", loss, step)
         writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
         writer.add_scalar("train/nonfinite_steps", progress["nonfinite_steps"], step)
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step never called optimizer.step(); it counts on purpose
+        warnings.filterwarnings(
+            "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning
+        )
+        run.scheduler.step()
     progress["step"] = step
     # The first step is shown at once (tqdm otherwise redraws at most every 0.1 s, and may skip it).
     _describe(bar, step, run.args.max_iter, loss, progress, refresh=step == 1)
