@@ -66,9 +66,8 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
 
-def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
-    """``configs/inference.json`` of the model ``card`` describes."""
-    preprocessing = card_preprocessing(card)
+def _preprocessing_transforms(preprocessing: dict) -> list[dict]:
+    """The test chain of ``dataset.transforms.build_transforms`` as MONAI config entries."""
     transforms = [
         {
             "_target_": "LoadImaged",
@@ -92,20 +91,29 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
         {"_target_": "scripts.portable.NormalizeChannelsd", "keys": "image", "normalization": "@normalization"},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$numpy.float32", "track_meta": True},
     ]
-    postprocessing = [
-        {
-            "_target_": "SaveImaged",
-            "keys": "pred",
-            "output_dir": "@output_dir",
-            "output_postfix": "seg",
-            "output_ext": ".nii.gz",
-            "output_dtype": "$numpy.uint8",
-            "resample": False,
-            "separate_folder": False,
-            "output_name_formatter": {"_target_": "scripts.portable.output_name", "_mode_": "callable"},
-            "print_log": True,
-        },
-    ]
+    return transforms
+
+
+#: The bundle's postprocessing: each case's labels written as test_seg.py names them.
+POSTPROCESSING = [
+    {
+        "_target_": "SaveImaged",
+        "keys": "pred",
+        "output_dir": "@output_dir",
+        "output_postfix": "seg",
+        "output_ext": ".nii.gz",
+        "output_dtype": "$numpy.uint8",
+        "resample": False,
+        "separate_folder": False,
+        "output_name_formatter": {"_target_": "scripts.portable.output_name", "_mode_": "callable"},
+        "print_log": True,
+    },
+]
+
+
+def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
+    """``configs/inference.json`` of the model ``card`` describes."""
+    preprocessing = card_preprocessing(card)
     return {
         "imports": ["$import os", "$import numpy", "$import torch"],
         "bundle_root": ".",
@@ -124,7 +132,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             "folder": "@dataset_dir",
             "in_channels": "@in_channels",
         },
-        "preprocessing": {"_target_": "Compose", "transforms": transforms},
+        "preprocessing": {"_target_": "Compose", "transforms": _preprocessing_transforms(preprocessing)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {
             "_target_": "DataLoader",
@@ -141,7 +149,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             "sw_batch_size": sw_batch_size,
             "overlap": overlap,
         },
-        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
+        "postprocessing": {"_target_": "Compose", "transforms": POSTPROCESSING},
         "run": [
             {
                 "_target_": "scripts.portable.segment_all",
