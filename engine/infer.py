@@ -339,6 +339,11 @@ def _infer(args) -> list[Path]:
     if args.runtime == "openvino" and device.type != "cpu" and any(w.endswith(".onnx") for w in args.trained_weights):
         raise UsageError("--runtime openvino runs model.onnx on the CPU: add --device cpu, or use onnxruntime")
     models = _models_to_run(args, load_dataset_config(_dataset_of(args), args.datalist))
+    if args.amp and args.runtime == "onnxruntime" and any(w.endswith(".onnx") for w in args.trained_weights):
+        print(
+            "note: --amp: model.onnx runs in float32 on ONNX Runtime (the export is float32); the other routes, "
+            "and model.onnx with --runtime openvino, run in reduced precision"
+        )
     config = models[0].config
     cases = _cases_to_segment(args, config)
     outputs = models[0].outputs

@@ -289,6 +289,14 @@ def test_an_ensemble_may_mix_weights_and_exports(ct, tmp_path):
     assert_same_segmentations(expected, mixed)
 
 
+def test_amp_says_that_onnx_runtime_runs_float32(ct, tmp_path, capsys):
+    root, _, exported = ct
+    segment([exported / "model.onnx"], root, tmp_path / "onnx", ("--amp",))
+    assert "note: --amp: model.onnx runs in float32 on ONNX Runtime" in capsys.readouterr().out
+    segment([exported / "model.ts"], root, tmp_path / "ts", ("--amp",))
+    assert "note: --amp" not in capsys.readouterr().out
+
+
 def test_every_route_mirrors_along_the_card_axes_with_its_pairs(ct, tmp_path, capsys):
     root, weights, _ = ct
     mirrored = tmp_path / "mirrored.pth"
