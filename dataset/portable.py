@@ -138,15 +138,15 @@ def case_images(folder: str | Path, in_channels: int) -> list[dict]:
     one case (3D, or 4D with ``in_channels`` channels); with several input channels, files named
     ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... are one case, a file per channel in channel order.
 
-    Raises ValueError for a folder without NIfTI files, or a case whose channel files are not
-    ``_0000`` to ``_{in_channels - 1}``.
+    Raises ValueError for a folder without NIfTI files, a case whose channel files are not ``_0000`` to
+    ``_{in_channels - 1}``, or two cases whose outputs would take one name (:func:`case_output_name`).
     """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise ValueError(f"{folder}: no .nii or .nii.gz images")
     if in_channels == 1:
-        return [{"image": str(path)} for path in files]
+        return _named_apart([{"image": str(path)} for path in files])
     cases: dict[str, list[Path] | Path] = {}
     for path in files:
         match = CHANNEL_FILE.match(path.name)
@@ -166,17 +166,32 @@ def case_images(folder: str | Path, in_channels: int) -> list[dict]:
                 f"{folder}: case {case} has channel files {', '.join(found)}; expected {', '.join(expected)}"
             )
         items.append({"image": [str(path) for path in paths]})
+    return _named_apart(items)
+
+
+def _named_apart(items: list[dict]) -> list[dict]:
+    """``items``, refused (ValueError naming both files) where two would write one output."""
+    named: dict[str, str] = {}
+    for item in items:
+        first = item["image"] if isinstance(item["image"], str) else item["image"][0]
+        other = named.setdefault(case_output_name(first), first)
+        if other != first:
+            raise ValueError(f"{other} and {first} would both be written as {case_output_name(first)}_seg.nii.gz")
     return items
 
 
-def output_name(metadata: dict, saver: object = None) -> dict:
-    """MONAI ``SaveImage``'s ``output_name_formatter``: a case's output is named after its image file (its
-    first channel file), less ``.nii.gz`` and nnU-Net's ``_0000`` channel suffix, as ``test_seg.py``
-    names a case."""
-    name = Path(str(metadata.get("filename_or_obj", "case"))).name
+def case_output_name(path: str | Path) -> str:
+    """The name a case's outputs take (``<name>_seg.nii.gz``), in ``test_seg.py`` and the bundle alike: its
+    image file's (its first channel file's) less ``.nii.gz`` or ``.nii`` and nnU-Net's ``_0000`` channel
+    suffix, as nnU-Net names a case's prediction."""
+    name = Path(str(path)).name
     match = CHANNEL_FILE.match(name)
-    stem = match["case"] if match and match["channel"] == "0000" else name.removesuffix(".gz").removesuffix(".nii")
-    return {"subject": stem, "idx": None}
+    return match["case"] if match and match["channel"] == "0000" else name.removesuffix(".gz").removesuffix(".nii")
+
+
+def output_name(metadata: dict, saver: object = None) -> dict:
+    """MONAI ``SaveImage``'s ``output_name_formatter``: :func:`case_output_name` of the case's file."""
+    return {"subject": case_output_name(metadata.get("filename_or_obj", "case")), "idx": None}
 
 
 def segment_all(dataloader, network, inferer, postprocessing, device: torch.device | str) -> int:

@@ -319,6 +319,7 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
         root = resolve_root(config, args.root)
         cases = find_cases(config, root, "test")
         where = f"a labelsTs folder in {root} or a test list with labels"
+    _check_output_names(cases)
     if not args.evaluate:
         return [{"image": case["image"]} for case in cases]
     unlabelled = [output_name(case["image"]) for case in cases if "label" not in case]
@@ -330,6 +331,16 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
             f"{', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''}"
         )
     return cases
+
+
+def _check_output_names(cases: list[dict]) -> None:
+    """Refuse, before any work, two cases whose outputs would take one name (one would overwrite the other)."""
+    named: dict[str, dict] = {}
+    for case in cases:
+        other = named.setdefault(output_name(case["image"]), case)
+        if other is not case:
+            first, second = (case_files({"image": c["image"]})[0] for c in (other, case))
+            raise UsageError(f"{first} and {second} would both be written as {output_name(case['image'])}_seg.nii.gz")
 
 
 def _infer(args) -> list[Path]:

@@ -16,8 +16,9 @@ from scipy import ndimage
 from torch import nn
 
 from atomic_files import replace_atomically
-from dataset.cases import case_files, case_name
+from dataset.cases import case_files
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
+from dataset.portable import case_output_name
 from engine.stitching import ProbabilityVolume, stitching_device
 
 __all__ = [
@@ -106,11 +107,9 @@ def keep_largest(labels: np.ndarray, classes: Sequence[int | Sequence[int]]) -> 
 
 
 def output_name(image: str | Sequence[str]) -> str:
-    """The name a case's outputs take: its image file's without ``.nii.gz`` or ``.nii``, or for one file
-    per channel the case name (without ``_0000``)."""
-    if not isinstance(image, str):
-        return case_name(image)
-    return Path(image).name.removesuffix(".gz").removesuffix(".nii")
+    """The name a case's outputs take, as the bundle names them (``dataset.portable.case_output_name``: the
+    first channel file's name without ``.nii.gz`` and nnU-Net's ``_0000``)."""
+    return case_output_name(image if isinstance(image, str) else image[0])
 
 
 def write_segmentation(labels: np.ndarray, image: str | Sequence[str], output: Path) -> Path:

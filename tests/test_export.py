@@ -289,6 +289,26 @@ def test_an_ensemble_may_mix_weights_and_exports(ct, tmp_path):
     assert_same_segmentations(expected, mixed)
 
 
+def test_test_seg_and_the_bundle_name_outputs_alike_and_refuse_two_inputs_of_one_name(ct, tmp_path):
+    root, weights, exported = ct
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted((root / "imagesTs").glob("*.nii.gz"))[0]
+    shutil.copy(source, images / "case_0000.nii.gz")  # nnU-Net's name of a single-channel case
+    argv = flags(output=tmp_path / "pth", **PREDICT) + ["--input", str(images), "--trained_weights", str(weights)]
+    test_seg.main(argv)
+    run_bundle(exported / "bundle", images, tmp_path / "bundle", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "pth").glob("*_seg.nii.gz")) == ["case_seg.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "bundle").glob("*_seg.nii.gz")) == ["case_seg.nii.gz"]
+    shutil.copy(source, images / "case.nii.gz")  # would be written as case_seg.nii.gz too
+    argv = flags(output=tmp_path / "two", **PREDICT) + ["--input", str(images), "--trained_weights", str(weights)]
+    message = exit_message(test_seg.main, argv)
+    assert "case.nii.gz and" in message and "case_0000.nii.gz would both be written as case_seg.nii.gz" in message
+    assert not (tmp_path / "two").exists() or not any((tmp_path / "two").iterdir())
+    with pytest.raises(ValueError, match="would both be written as case_seg.nii.gz"):
+        case_images(images, 1)
+
+
 def test_amp_says_that_onnx_runtime_runs_float32(ct, tmp_path, capsys):
     root, _, exported = ct
     segment([exported / "model.onnx"], root, tmp_path / "onnx", ("--amp",))
