@@ -1,7 +1,8 @@
 """The image operations that must run identically inside and outside this repository.
 
-Per-channel normalisation, the foreground the crop keeps, the cases of an image folder and the loop that
-segments them. This module imports MONAI, PyTorch, NumPy and SciPy only, never this repository: an
+Loading a case's channel files, per-channel normalisation, the foreground the crop keeps, the cases of an
+image folder and the loop that segments them. This module imports MONAI, PyTorch, NumPy, SciPy and nibabel
+only, never this repository: an
 exported MONAI bundle carries it, file for file, as ``scripts/portable.py``, so that the bundle
 preprocesses exactly as training and ``test_seg.py`` do (``engine/stitching.py`` and
 ``engine/input_grid.py`` go with it, for the same inference).
@@ -13,19 +14,24 @@ non-zero region rather than every voxel); see ``dataset.description.ChannelNorm`
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import nibabel
+import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import decollate_batch
-from monai.transforms import MapTransform, ScaleIntensityRange
+from monai.data import MetaTensor, decollate_batch
+from monai.transforms import LoadImage, MapTransform, ScaleIntensityRange
 from scipy import ndimage
 
 __all__ = [
     "AnyChannelForeground",
+    "LoadCased",
     "NormalizeChannelsd",
     "case_images",
     "nonzero_region",
@@ -129,14 +135,56 @@ class AnyChannelForeground:
         )
 
 
+class LoadCased(MapTransform):
+    """Load the files under ``keys``, channels first: a path, or a list of one 3D file per channel stacked
+    on the geometry of channel 0 (files whose affines differ by float noise are one image, where MONAI's
+    ``LoadImaged`` refuses them; a real difference, beyond 1e-4, raises ValueError naming both files).
+
+    Each thread has its own reader: MONAI's readers keep the names of the files they last read, and a
+    list of channel files read while another thread reads a label came out with one channel.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:  # the per-thread readers stay behind (worker processes, cache hashing)
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _load(self, path: str) -> MetaTensor:
+        if not hasattr(self._local, "loader"):
+            self._local.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+        return self._local.loader(path)
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            paths = data[key]
+            if isinstance(paths, str | os.PathLike):
+                data[key] = self._load(paths)
+                continue
+            channels = [self._load(path) for path in paths]
+            for path, channel in zip(paths[1:], channels[1:], strict=True):
+                affine, reference = np.asarray(channel.affine), np.asarray(channels[0].affine)
+                if channel.shape[1:] != channels[0].shape[1:] or not np.allclose(affine, reference, atol=1e-4):
+                    raise ValueError(f"{path}: another geometry than {paths[0]} (shape or affine)")
+            data[key] = MetaTensor(torch.cat([c.as_tensor() for c in channels]), meta=channels[0].meta)
+        return data
+
+
 #: A file of one channel of a case, nnU-Net's naming: ``<case>_0000.nii.gz`` is channel 0.
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 
 
 def case_images(folder: str | Path, in_channels: int) -> list[dict]:
-    """The cases of an image folder, as ``{"image": ...}`` items for MONAI's ``LoadImaged``: each NIfTI file
-    one case (3D, or 4D with ``in_channels`` channels); with several input channels, files named
-    ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... are one case, a file per channel in channel order.
+    """The cases of an image folder, as ``{"image": ...}`` items for :class:`LoadCased`: each NIfTI file
+    one case (3D, or 4D with ``in_channels`` channels, whatever its name); with several input channels,
+    files named ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... are one case, a file per channel in
+    channel order.
 
     Raises ValueError for a folder without NIfTI files, a case whose channel files are not ``_0000`` to
     ``_{in_channels - 1}``, or two cases whose outputs would take one name (:func:`case_output_name`).
@@ -156,8 +204,8 @@ def case_images(folder: str | Path, in_channels: int) -> list[dict]:
             cases.setdefault(match["case"], []).append(path)
     items = []
     for case, paths in cases.items():
-        if isinstance(paths, Path):
-            items.append({"image": str(paths)})
+        if isinstance(paths, Path) or (len(paths) == 1 and _is_4d(paths[0])):
+            items.append({"image": str(paths if isinstance(paths, Path) else paths[0])})  # a 4D file, any name
             continue
         found = [CHANNEL_FILE.match(path.name)["channel"] for path in paths]
         expected = [f"{c:04d}" for c in range(in_channels)]
@@ -167,6 +215,14 @@ def case_images(folder: str | Path, in_channels: int) -> list[dict]:
             )
         items.append({"image": [str(path) for path in paths]})
     return _named_apart(items)
+
+
+def _is_4d(path: Path) -> bool:
+    """Whether a NIfTI file's header says 4D (an unreadable file is not: its loading says what is wrong)."""
+    try:
+        return nibabel.load(path).ndim == 4
+    except Exception:  # nibabel raises several types for truncated or foreign files
+        return False
 
 
 def _named_apart(items: list[dict]) -> list[dict]:

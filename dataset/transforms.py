@@ -3,20 +3,16 @@ foreground crop, per-channel normalisation, then for training the balanced crops
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
-    LoadImage,
     MapTransform,
     Orientationd,
     RandAffined,
@@ -29,7 +25,7 @@ from monai.transforms import (
 
 from dataset.description import DatasetConfig
 from dataset.laterality import LEFT_RIGHT_AXIS, check_mirror_axes, swap_lateral_labels
-from dataset.portable import AnyChannelForeground, NormalizeChannelsd, nonzero_region
+from dataset.portable import AnyChannelForeground, LoadCased, NormalizeChannelsd, nonzero_region
 
 #: The orientation every image is brought to before resampling, and the axis labels that name it.
 ORIENTATION = "RAS"
@@ -47,43 +43,6 @@ __all__ = [
     "build_transforms",
     "nonzero_region",
 ]
-
-
-class LoadCased(MapTransform):
-    """Load the files under ``keys``, channels first: a path, or a list of one 3D file per channel stacked
-    on the geometry of channel 0 (files whose affines differ by float noise are one image; the
-    read-through refuses a real difference before this runs).
-
-    Each thread has its own reader: MONAI's readers keep the names of the files they last read, and a
-    list of channel files read while another thread reads a label came out with one channel.
-    """
-
-    def __init__(self, keys: KeysCollection) -> None:
-        super().__init__(keys)
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict:  # the per-thread readers stay behind (worker processes, cache hashing)
-        return {key: value for key, value in self.__dict__.items() if key != "_local"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _load(self, path: str) -> MetaTensor:
-        if not hasattr(self._local, "loader"):
-            self._local.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
-        return self._local.loader(path)
-
-    def __call__(self, data: dict) -> dict:
-        data = dict(data)
-        for key in self.key_iterator(data):
-            paths = data[key]
-            if isinstance(paths, str | os.PathLike):
-                data[key] = self._load(paths)
-                continue
-            channels = [self._load(path) for path in paths]
-            data[key] = MetaTensor(torch.cat([c.as_tensor() for c in channels]), meta=channels[0].meta)
-        return data
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,7 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 def _preprocessing_transforms(preprocessing: dict) -> list[dict]:
     """The test chain of ``dataset.transforms.build_transforms`` as MONAI config entries."""
     transforms = [
-        {
-            "_target_": "LoadImaged",
-            "keys": "image",
-            "reader": "NibabelReader",
-            "image_only": True,
-            "ensure_channel_first": True,
-        },
+        {"_target_": "scripts.portable.LoadCased", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": ORIENTATION, "labels": [list(p) for p in AXIS_LABELS]},
     ]
     if preprocessing["spacing"] is not None:
@@ -239,10 +233,11 @@ python -m monai.bundle run --bundle_root BUNDLE --config_file BUNDLE/configs/inf
 ```
 
 needs PyTorch, MONAI with its command line (`pip install "monai[fire]"`), nibabel and SciPy only.
-Every `.nii`/`.nii.gz` in `IMAGES` is a case (with several input channels: a 4D file, or
-`<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one file per channel); `OUT/<case>_seg.nii.gz` is its
-segmentation (uint8, in the input's geometry). Any entry of the config can be set for one run, e.g.
-`--inferer#overlap 0.7`.
+Every `.nii`/`.nii.gz` in `IMAGES` is a case (with several input channels: a 4D file, whatever its name,
+or `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one file per channel, stacked on channel 0's geometry
+when their affines differ by float noise); `OUT/<case>_seg.nii.gz` is its segmentation (uint8, in the
+input's geometry; `<case>` without nnU-Net's `_0000`, as the repository's `test_seg.py` names it). Any
+entry of the config can be set for one run, e.g. `--inferer#overlap 0.7`.
 
 ## The model
 

@@ -144,7 +144,7 @@ def test_the_bundles_scripts_import_nothing_of_this_repository(script):
         elif isinstance(node, ast.ImportFrom):  # a relative import (level 1) names a sibling the bundle carries
             modules.add(node.module.split(".")[0] if node.level == 0 else f"scripts.{node.module}")
     allowed = {"__future__", "re", "math", "collections", "dataclasses", "pathlib", "typing"}
-    allowed |= {"torch", "monai", "scipy", "numpy", "scripts.stitching"}
+    allowed |= {"os", "threading", "torch", "monai", "scipy", "numpy", "nibabel", "scripts.stitching"}
     assert modules <= allowed, modules - allowed
 
 
@@ -428,3 +428,19 @@ def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_pat
     assert len(expected) == 2
     run_bundle(exported / "bundle", root / "imagesTs", tmp_path / "bundle", cwd=tmp_path)
     assert_same_segmentations(expected, Segmentations(tmp_path / "bundle"))
+    # As tolerant as test_seg.py: channel files whose affines differ by float noise, a 4D file named _0001.
+    images, (first, second) = tmp_path / "odd", sorted({p.name[:11] for p in (root / "imagesTs").glob("*.nii.gz")})
+    images.mkdir()
+    shutil.copy(root / "imagesTs" / f"{first}_0000.nii.gz", images / f"{first}_0000.nii.gz")
+    channel = nib.load(root / "imagesTs" / f"{first}_0001.nii.gz")
+    noisy = channel.affine + 2e-6
+    nib.save(nib.Nifti1Image(np.asarray(channel.dataobj), noisy, channel.header), images / f"{first}_0001.nii.gz")
+    channels = [nib.load(root / "imagesTs" / f"{second}_{c:04d}.nii.gz") for c in (0, 1)]
+    stacked = np.stack([np.asarray(c.dataobj) for c in channels], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, channels[0].affine), images / f"{second}_0001.nii.gz")
+    argv = flags(output=tmp_path / "odd_pth", **PREDICT) + ["--input", str(images), "--trained_weights", str(weights)]
+    test_seg.main(argv + ["--save_probabilities"])
+    run_bundle(exported / "bundle", images, tmp_path / "odd_bundle", cwd=tmp_path)
+    odd = Segmentations(tmp_path / "odd_pth")
+    assert sorted(odd) == [f"{first}_seg.nii.gz", f"{second}_0001_seg.nii.gz"]
+    assert_same_segmentations(odd, Segmentations(tmp_path / "odd_bundle"))
