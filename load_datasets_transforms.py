@@ -12,6 +12,7 @@ from dataclasses import replace
 from dataset.cases import find_cases, resolve_root
 from dataset.checks import check_cases
 from dataset.description import load_dataset_config
+from dataset.fingerprint import derive_from_data
 from dataset.transforms import build_transforms
 from engine.common import roi_of
 
@@ -39,8 +40,13 @@ def data_loader(args) -> tuple:
 
 
 def data_transforms(args):
-    """The published entry point: ``(train_transforms, val_transforms)`` or the test transforms."""
+    """The published entry point: ``(train_transforms, val_transforms)`` or the test transforms. What a
+    dataset JSON leaves to the data (spacing, CT windows, z-score masks) is derived from its training cases
+    under ``args.root``, as training derives it (``dataset.fingerprint.derive_from_data``, remembered)."""
     config = load_dataset_config(args.dataset, getattr(args, "datalist", None))
+    if config.to_derive():
+        training = find_cases(config, resolve_root(config, getattr(args, "root", None)), "training")
+        config, _ = derive_from_data(config, training, getattr(args, "num_workers", 0) or 1)
     if getattr(args, "mirror_axes", None) is not None:
         config = replace(config, mirror_axes=tuple(args.mirror_axes))
     roi = roi_of(getattr(args, "roi_size", 96))

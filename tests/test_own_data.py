@@ -461,3 +461,20 @@ def test_channel_files_keep_every_channel_when_cached_on_threads(mri):
     for _ in range(20):
         cached = CacheDataset(cases, LoadCased(["image", "label"]), cache_rate=1, num_workers=2, progress=False)
         assert [tuple(item["image"].shape[:1]) for item in cached] == [(2,)] * len(cases)
+
+
+def test_the_published_data_transforms_derive_what_a_dataset_json_leaves_to_the_data(mri):
+    from argparse import Namespace
+
+    from monai.transforms import Spacingd
+
+    from dataset.fingerprint import derive_from_data
+    from load_datasets_transforms import data_transforms
+
+    dataset = str(mri / "dataset.json")
+    config = load_dataset_config(dataset)
+    assert config.to_derive()  # spacing and z-score masks
+    derived, _ = derive_from_data(config, find_cases(config, None, "training"), 1)
+    chain = data_transforms(Namespace(dataset=dataset, root=None, mode="test", datalist=None))
+    spacing = next(t for t in chain.transforms if isinstance(t, Spacingd)).spacing_transform.pixdim
+    np.testing.assert_allclose(spacing, derived.spacing)
