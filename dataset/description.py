@@ -422,6 +422,7 @@ def _regions_of(content: dict, labels: tuple[str, ...], regions: dict, where: st
             raise DatasetError(f"{where}: regions given twice ('regions' and region labels): keep one")
         if not isinstance(given, dict) or not given:
             raise DatasetError(f"{where}: 'regions' must be an object such as {{\"whole tumor\": [1, 2, 3]}}")
+        regions = {}
         for name, values in given.items():
             values = values if isinstance(values, list) else [values]
             if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):

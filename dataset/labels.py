@@ -8,15 +8,13 @@ nnU-Net's overlapping regions, the ignore label, and how outputs become probabil
   ``regions_class_order`` (later regions overwrite earlier ones), background elsewhere.
 
 The loss, validation, inference (every route and the MONAI bundle, which carries this file as
-``scripts/labels.py``), evaluation and export ask a :class:`LabelManager`. This module imports torch and
-numpy only.
+``scripts/labels.py``), evaluation and export ask a :class:`LabelManager`. This module imports torch only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 __all__ = ["LabelManager", "argmax_of_classes"]
@@ -90,10 +88,6 @@ class LabelManager:
         """What each output channel is: a region's name, else a class's."""
         return list(self.regions) if self.regions else list(self.classes)
 
-    @property
-    def kind(self) -> str:
-        return "regions" if self.regions else "classes"
-
     def describe(self) -> str:
         """``3 regions (whole tumor [1, 2, 3], ...; painted 1, 2, 3)`` or ``5 classes (background, ...)``."""
         if not self.regions:
@@ -108,7 +102,8 @@ class LabelManager:
         return mine == (other.classes, tuple(other.regions.items()), other.regions_class_order)
 
     def to_card(self) -> dict:
-        """The model card's entries (``classes``; with regions, ``regions`` and ``regions_class_order``)."""
+        """The model card's entries (``classes``; with regions, ``regions`` and ``regions_class_order``): also
+        the constructor's arguments (the bundle's config builds its manager from them)."""
         card = {"classes": list(self.classes)}
         if self.regions:
             card["regions"] = {name: list(values) for name, values in self.regions.items()}
@@ -164,7 +159,3 @@ class LabelManager:
     def annotated(self, label: torch.Tensor) -> torch.Tensor | None:
         """Where a label map is annotated (not the ignore label), or None without an ignore label."""
         return None if self.ignore_label is None else label != self.ignore_label
-
-    def masks_of(self, label_map: np.ndarray) -> dict[int, np.ndarray]:
-        """Each scored key's boolean mask in a NumPy label map (:meth:`scored`)."""
-        return {key: np.isin(label_map, values) for key, (_, values) in self.scored().items()}

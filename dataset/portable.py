@@ -2,10 +2,9 @@
 
 Loading a case's channel files, per-channel normalisation, the foreground the crop keeps, the cases of an
 image folder and the loop that segments them. This module imports MONAI, PyTorch, NumPy, SciPy and nibabel
-only, never this repository: an
-exported MONAI bundle carries it, file for file, as ``scripts/portable.py``, so that the bundle
-preprocesses exactly as training and ``test_seg.py`` do (``engine/stitching.py`` and
-``engine/input_grid.py`` go with it, for the same inference).
+only, never this repository: an exported MONAI bundle carries it, file for file, as ``scripts/portable.py``,
+so that the bundle preprocesses exactly as training and ``test_seg.py`` do (``dataset/labels.py``,
+``engine/stitching.py`` and ``engine/input_grid.py`` go with it, for the same inference).
 
 A channel's normalisation is given as a mapping or an object with ``scheme`` (``ct``, ``zscore`` or
 ``none``), ``window`` (``ct``: ``[a_min, a_max]``) and ``nonzero_mask`` (``zscore``: standardise over the
@@ -34,6 +33,8 @@ __all__ = [
     "LoadCased",
     "NormalizeChannelsd",
     "case_images",
+    "case_output_name",
+    "named_apart",
     "nonzero_region",
     "output_name",
     "segment_all",
@@ -187,14 +188,14 @@ def case_images(folder: str | Path, in_channels: int) -> list[dict]:
     channel order.
 
     Raises ValueError for a folder without NIfTI files, a case whose channel files are not ``_0000`` to
-    ``_{in_channels - 1}``, or two cases whose outputs would take one name (:func:`case_output_name`).
+    ``_{in_channels - 1}``, or two cases whose outputs would take one name (:func:`named_apart`).
     """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise ValueError(f"{folder}: no .nii or .nii.gz images")
     if in_channels == 1:
-        return _named_apart([{"image": str(path)} for path in files])
+        return named_apart([{"image": str(path)} for path in files])
     cases: dict[str, list[Path] | Path] = {}
     for path in files:
         match = CHANNEL_FILE.match(path.name)
@@ -214,7 +215,7 @@ def case_images(folder: str | Path, in_channels: int) -> list[dict]:
                 f"{folder}: case {case} has channel files {', '.join(found)}; expected {', '.join(expected)}"
             )
         items.append({"image": [str(path) for path in paths]})
-    return _named_apart(items)
+    return named_apart(items)
 
 
 def _is_4d(path: Path) -> bool:
@@ -225,8 +226,9 @@ def _is_4d(path: Path) -> bool:
         return False
 
 
-def _named_apart(items: list[dict]) -> list[dict]:
-    """``items``, refused (ValueError naming both files) where two would write one output."""
+def named_apart(items: list[dict]) -> list[dict]:
+    """``items`` (cases, ``{"image": path or channel paths, ...}``), refused (ValueError naming both files)
+    where two would write one output (:func:`case_output_name`): test_seg.py's check and the bundle's."""
     named: dict[str, str] = {}
     for item in items:
         first = item["image"] if isinstance(item["image"], str) else item["image"][0]

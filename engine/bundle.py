@@ -135,7 +135,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             "shuffle": False,
             "num_workers": 0,
         },
-        "label_manager": {"_target_": "scripts.labels.LabelManager", **_label_entries(card)},
+        "label_manager": {"_target_": "scripts.labels.LabelManager", **LabelManager.from_card(card).to_card()},
         "inferer": {
             "_target_": "scripts.input_grid.SlabInferer",
             "roi_size": "@roi_size",
@@ -155,14 +155,6 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             }
         ],
     }
-
-
-def _label_entries(card: dict) -> dict:
-    """The arguments of the bundle's ``scripts.labels.LabelManager``: the card's classes and regions."""
-    manager = LabelManager.from_card(card)
-    regions = {name: list(values) for name, values in manager.regions.items()} or None
-    order = list(manager.regions_class_order) if regions else None
-    return {"classes": list(manager.classes), "regions": regions, "regions_class_order": order}
 
 
 def _metadata(card: dict, source: str) -> dict:

@@ -31,6 +31,7 @@ from dataset.laterality import (
     find_lateral_pairs,
     mirrorings,
 )
+from dataset.portable import named_apart
 from dataset.transforms import build_transforms
 from engine.common import (
     NetworkChoice,
@@ -195,15 +196,11 @@ class TrainedMirroring:
 def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> TrainedMirroring:
     """The card's mirror axes and lateral pairs (pairs it does not record: found from its class names)."""
     num_classes = int(card["out_channels"])
-    if card.get("regions"):  # a region holds labels of either side: nothing to swap (dataset.description)
-        try:
-            axes = card.get("mirror_axes")
-            return TrainedMirroring(None if axes is None else check_mirror_axes(axes, source), (), source)
-        except ValueError as error:
-            raise UsageError(f"{source}: not a valid model card ({error})") from None
     try:
         axes = card.get("mirror_axes")
         axes = None if axes is None else check_mirror_axes(axes, source)
+        if card.get("regions"):  # a region holds labels of either side: nothing to swap (dataset.description)
+            return TrainedMirroring(axes, (), source)
         pairs = card.get("lateral_pairs")
         if pairs is not None:
             pairs = check_lateral_pairs(pairs, num_classes, source)
@@ -319,7 +316,10 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
         root = resolve_root(config, args.root)
         cases = find_cases(config, root, "test")
         where = f"a labelsTs folder in {root} or a test list with labels"
-    _check_output_names(cases)
+    try:
+        named_apart(cases)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if not args.evaluate:
         return [{"image": case["image"]} for case in cases]
     unlabelled = [output_name(case["image"]) for case in cases if "label" not in case]
@@ -331,16 +331,6 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
             f"{', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''}"
         )
     return cases
-
-
-def _check_output_names(cases: list[dict]) -> None:
-    """Refuse, before any work, two cases whose outputs would take one name (one would overwrite the other)."""
-    named: dict[str, dict] = {}
-    for case in cases:
-        other = named.setdefault(output_name(case["image"]), case)
-        if other is not case:
-            first, second = (case_files({"image": c["image"]})[0] for c in (other, case))
-            raise UsageError(f"{first} and {second} would both be written as {output_name(case['image'])}_seg.nii.gz")
 
 
 def _infer(args) -> list[Path]:
@@ -358,8 +348,8 @@ def _infer(args) -> list[Path]:
     config = models[0].config
     cases = _cases_to_segment(args, config)
     outputs = models[0].outputs
-    label_map = _label_map_of(args, len(outputs.classes) if outputs.has_regions else models[0].out_channels, config)
-    keep = _classes_to_keep(args.keep_largest, outputs, models[0].out_channels)
+    label_map = _label_map_of(args, len(outputs.classes), config)
+    keep = _classes_to_keep(args.keep_largest, outputs)
     verify_cases(
         cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
     )
@@ -552,15 +542,16 @@ def _write_case(probabilities, image, case, keep, save_probabilities, model, out
     return paths
 
 
-def _classes_to_keep(keep_largest: str | None, label_manager: LabelManager, out_channels: int) -> list:
-    """``--keep_largest``: comma-separated class values (of the model's ``out_channels``), or region numbers
-    (1 the first region) for a region model, or ``all`` (every foreground class or region); for regions,
-    the label values of each, in order."""
+def _classes_to_keep(keep_largest: str | None, label_manager: LabelManager) -> list:
+    """``--keep_largest``: comma-separated class values of the model, or region numbers (1 the first region)
+    for a region model, or ``all`` (every foreground class or region); for regions, the label values of
+    each, in order."""
     if not keep_largest:
         return []
+    num_classes = len(label_manager.classes)
     regions = label_manager.scored() if label_manager.has_regions else None
     if keep_largest.strip().lower() == "all":
-        return [values for _, values in regions.values()] if regions else list(range(1, out_channels))
+        return [values for _, values in regions.values()] if regions else list(range(1, num_classes))
     what = "region numbers" if regions else "class values"
     try:
         chosen = sorted({int(value) for value in keep_largest.split(",") if value.strip()})
@@ -571,8 +562,8 @@ def _classes_to_keep(keep_largest: str | None, label_manager: LabelManager, out_
             names = ", ".join(f"{key} {name}" for key, (name, _) in regions.items())
             raise UsageError(f"--keep_largest {keep_largest}: the model's regions are {names}")
         return [regions[c][1] for c in chosen]
-    if not chosen or any(not 0 < c < out_channels for c in chosen):
-        raise UsageError(f"--keep_largest {keep_largest}: classes are 1..{out_channels - 1} (0 is background)")
+    if not chosen or any(not 0 < c < num_classes for c in chosen):
+        raise UsageError(f"--keep_largest {keep_largest}: classes are 1..{num_classes - 1} (0 is background)")
     return chosen
 
 

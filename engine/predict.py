@@ -19,7 +19,7 @@ from atomic_files import replace_atomically
 from dataset.cases import case_files
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
 from dataset.portable import case_output_name
-from engine.stitching import ProbabilityVolume, stitching_device
+from engine.stitching import ProbabilityVolume, softmax_of_classes, stitching_device
 
 __all__ = [
     "ModelPasses",
@@ -64,7 +64,7 @@ def mean_probabilities(
     autocast: torch.autocast,
     device: torch.device,
     output_device: torch.device | None = None,
-    finish: Callable[[torch.Tensor], torch.Tensor] = lambda logits: torch.softmax(logits, dim=0),
+    finish: Callable[[torch.Tensor], torch.Tensor] = softmax_of_classes,
 ) -> ProbabilityVolume:
     """The ``num_classes`` output probabilities (``K, X, Y, Z``) of a preprocessed ``image`` (``1, C, X, Y,
     Z``): for each model (with its sliding-window ROI), the mean of its passes' ``finish``-ed logits (the

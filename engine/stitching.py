@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ProbabilityVolume", "Slab", "WindowPlan", "stitched_slabs", "stitching_device"]
+__all__ = ["ProbabilityVolume", "Slab", "WindowPlan", "softmax_of_classes", "stitched_slabs", "stitching_device"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ class Slab:
     values: torch.Tensor
 
 
+def softmax_of_classes(logits: torch.Tensor) -> torch.Tensor:
+    """The class probabilities of logits ``K, ...`` (channels first): what a pass adds unless told otherwise."""
+    return torch.softmax(logits, dim=0)
+
+
 def stitched_slabs(
     image: torch.Tensor,
     network: Callable[[torch.Tensor], torch.Tensor],
@@ -66,7 +71,7 @@ def stitched_slabs(
     overlap: float,
     autocast: torch.autocast,
     device: torch.device,
-    finish: Callable[[torch.Tensor], torch.Tensor] = lambda logits: torch.softmax(logits, dim=0),
+    finish: Callable[[torch.Tensor], torch.Tensor] = softmax_of_classes,
 ) -> Iterator[Slab]:
     """The mean logits of the windows over ``image`` (``1, C, X, Y, Z``), ``finish``-ed (default: softmax
     over the classes) slab by slab along Z, in order, on ``device``; padding to the ROI removed.
@@ -117,8 +122,8 @@ def _finished(total, count, base, stop, offset, shape, finish) -> Slab:
 
 
 class ProbabilityVolume:
-    """Probabilities ``K, X, Y, Z`` (of classes or regions) held in 2 bytes per class and voxel: fixed point in steps of
-    1/65535 (int16 codes offset by 32768). The size of float16 (half of float32's), and finer than float16
+    """Probabilities ``K, X, Y, Z`` (of classes or regions) held in 2 bytes per output and voxel: fixed point
+    in steps of 1/65535 (int16 codes offset by 32768). The size of float16 (half of float32's), and finer than float16
     where labels are decided: float16 rounds 0.4 by up to 1.2e-4, these codes any value by 7.6e-6.
     Indexing reads float32."""
 
@@ -158,7 +163,7 @@ class ProbabilityVolume:
         weight: float = 1.0,
         mirror_axes: Sequence[int] = (),
         channel_order: Sequence[int] | None = None,
-        finish: Callable[[torch.Tensor], torch.Tensor] = lambda logits: torch.softmax(logits, dim=0),
+        finish: Callable[[torch.Tensor], torch.Tensor] = softmax_of_classes,
     ) -> None:
         """Add ``weight`` times the probabilities (``finish`` of the mean logits: a softmax, or a region's
         sigmoid) of one sliding-window pass over ``image`` (``1, C, X, Y, Z``), slab by slab
