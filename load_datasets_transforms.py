@@ -41,7 +41,7 @@ def data_loader(args) -> tuple:
 
 def data_transforms(args):
     """The published entry point: ``(train_transforms, val_transforms)`` or the test transforms. What a
-    dataset JSON leaves to the data (spacing, CT windows, z-score masks) is derived from its training cases
+    dataset JSON leaves to the data (spacing, CT normalisations, z-score masks) is derived from its training cases
     under ``args.root``, as training derives it (``dataset.fingerprint.derive_from_data``, remembered)."""
     config = load_dataset_config(args.dataset, getattr(args, "datalist", None))
     if config.to_derive():

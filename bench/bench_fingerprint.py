@@ -1,6 +1,6 @@
-"""Time of a dataset's first check and fingerprint (derived spacing and CT window).
+"""Time of a dataset's first check and fingerprint (derived spacing and CT normalisation).
 
-Writes ``--cases`` two-channel cases in the nnU-Net layout (a CT-named first channel, so that a window
+Writes ``--cases`` two-channel cases in the nnU-Net layout (a CT-named first channel, so that its normalisation
 is derived too) to a temporary folder: phantom cases (about 0.25 M voxels), or with ``--shape`` cases of
 that size (noise around an ellipsoid label, int16, as large as clinical CT). Then times, with
 ``--num_workers`` threads and with one: the read-through check of every file (``check_cases``) and the

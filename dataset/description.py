@@ -13,7 +13,8 @@ Four ways to say it, each a :class:`DatasetConfig`:
   (``"whole tumor": [1, 2, 3]``) with ``regions_class_order`` train one sigmoid output per region.
 
 What a dataset does not give is derived from its training cases (``dataset.fingerprint``): the
-target spacing (``"median"``) and the window of CT channels.
+target spacing (``"median"``), the foreground statistics of CT channels (nnU-Net's CT normalisation, where
+no window is given) and the z-score region of the others.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ __all__ = [
 #: ``spacing`` of a dataset whose target spacing is the median spacing of its training cases.
 MEDIAN = "median"
 #: Normalisation schemes of an input channel (see :class:`ChannelNorm`).
-SCHEMES = ("ct", "zscore", "none")
+SCHEMES = ("ct", "ct_zscore", "zscore", "none")
 #: The splits a dataset may list, each with its published image and label folders.
 SPLITS = {
     "training": ("imagesTr", "labelsTr"),
@@ -72,32 +73,53 @@ class ChannelNorm:
 
     Args:
         scheme: ``ct``: clip to ``window`` and scale it to [0, 1] (the published preprocessing, also used
-            with FeTA's 0..1000 window); ``zscore``: subtract the mean and divide by the standard deviation
-            (nnU-Net's default for every channel but CT); ``none``.
-        window: ``(a_min, a_max)`` of ``ct``; None until derived from the training cases' foreground.
+            with FeTA's 0..1000 window; the window is always given); ``ct_zscore``: nnU-Net's
+            ``CTNormalization``, clip to ``window`` (the 0.5 and 99.5 percentiles of the training cases'
+            foreground) then subtract ``mean`` and divide by ``std`` (the foreground's); ``zscore``:
+            subtract the channel's mean and divide by its standard deviation (nnU-Net's default for every
+            channel but CT); ``none``.
+        window: ``(a_min, a_max)`` of ``ct`` and ``ct_zscore``; of ``ct_zscore`` None until derived.
         nonzero_mask: of ``zscore``: standardise over the region where any channel is non-zero (holes
             filled; the voxels outside stay 0) rather than every voxel; None until derived (nnU-Net's rule,
             see ``dataset.fingerprint``).
+        mean, std: of ``ct_zscore``: the training cases' foreground mean and standard deviation; None until
+            derived (with the window).
     """
 
     scheme: str
     window: tuple[float, float] | None = None
     nonzero_mask: bool | None = None
+    mean: float | None = None
+    std: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"normalization {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
+        if self.scheme == "ct" and self.window is None:
+            raise ValueError(
+                "normalization 'ct' needs its window [a_min, a_max] (or the dataset's intensity); to derive the "
+                "normalisation of a CT from the data, use 'ct_zscore' (nnU-Net's)"
+            )
         if self.window is not None:
-            if self.scheme != "ct":
-                raise ValueError(f"normalization {self.scheme!r}: only 'ct' takes a window")
+            if self.scheme not in ("ct", "ct_zscore"):
+                raise ValueError(f"normalization {self.scheme!r}: only 'ct' and 'ct_zscore' take a window")
             if not self.window[1] > self.window[0]:
                 raise ValueError(f"window {list(self.window)}: a_max must be greater than a_min")
         if self.nonzero_mask is not None and self.scheme != "zscore":
             raise ValueError(f"normalization {self.scheme!r}: only 'zscore' takes nonzero_mask")
+        statistics = (self.window, self.mean, self.std)
+        if (self.mean is not None or self.std is not None) and self.scheme != "ct_zscore":
+            raise ValueError(f"normalization {self.scheme!r}: only 'ct_zscore' takes mean and std")
+        if self.scheme == "ct_zscore" and any(v is None for v in statistics) and any(v is not None for v in statistics):
+            raise ValueError("normalization 'ct_zscore': give window, mean and std together, or none (derived)")
+        if self.std is not None and not self.std >= 0:
+            raise ValueError(f"normalization 'ct_zscore': std {self.std!r} must not be negative")
 
     def to_json(self) -> dict:
         if self.scheme == "ct":
             return {"scheme": self.scheme, "window": list(self.window)}
+        if self.scheme == "ct_zscore":
+            return {"scheme": self.scheme, "window": list(self.window), "mean": self.mean, "std": self.std}
         if self.scheme == "zscore":
             return {"scheme": self.scheme, "nonzero_mask": self.nonzero_mask}
         return {"scheme": self.scheme}
@@ -105,7 +127,8 @@ class ChannelNorm:
     @classmethod
     def from_json(cls, value: object) -> ChannelNorm:
         """``"zscore"``, ``{"scheme": "zscore", "nonzero_mask": true}``, ``{"scheme": "ct", "window": [a_min,
-        a_max]}`` (window and nonzero_mask optional: derived)."""
+        a_max]}``, ``"ct_zscore"``, ``{"scheme": "ct_zscore", "window": [a_min, a_max], "mean": m, "std": s}``
+        (nonzero_mask and the statistics of ct_zscore optional: derived)."""
         if isinstance(value, str):
             return cls(value)
         if not isinstance(value, dict) or not isinstance(value.get("scheme"), str):
@@ -118,14 +141,22 @@ class ChannelNorm:
         nonzero_mask = value.get("nonzero_mask")
         if nonzero_mask is not None and not isinstance(nonzero_mask, bool):
             raise ValueError(f"nonzero_mask {nonzero_mask!r}: expected true or false")
-        return cls(value["scheme"], window, nonzero_mask)
+        mean, std = value.get("mean"), value.get("std")
+        for name, number in (("mean", mean), ("std", std)):
+            if number is not None and not _is_number(number):
+                raise ValueError(f"{name} {number!r}: expected a number")
+        return cls(value["scheme"], window, nonzero_mask, *(None if v is None else float(v) for v in (mean, std)))
 
     def describe(self) -> str:
         if self.scheme == "zscore" and self.nonzero_mask is not None:
             return f"zscore ({'non-zero region' if self.nonzero_mask else 'all voxels'})"
+        if self.scheme == "ct_zscore":
+            if self.window is None:
+                return "ct_zscore (to derive)"
+            return f"ct_zscore {self.window[0]:g}..{self.window[1]:g}, mean {self.mean:g}, std {self.std:g}"
         if self.scheme != "ct":
             return self.scheme
-        return f"ct {self.window[0]:g}..{self.window[1]:g}" if self.window else "ct (window to derive)"
+        return f"ct {self.window[0]:g}..{self.window[1]:g}"
 
 
 @dataclass(frozen=True)
@@ -225,11 +256,12 @@ class DatasetConfig:
         return ", ".join(f"{c} {n.describe()}" for c, n in zip(self.channels, self.normalization, strict=True))
 
     def to_derive(self) -> list[str]:
-        """The settings the training cases must give: ``spacing``, ``window of <channel>``."""
+        """The settings the training cases must give: ``spacing``, ``foreground statistics of <channel>``
+        (of ``ct_zscore``), ``z-score mask of <channel>``."""
         derived = ["spacing"] if self.spacing == MEDIAN else []
         for name, norm in zip(self.channels, self.normalization, strict=True):
-            if norm.scheme == "ct" and norm.window is None:
-                derived.append(f"window of {name}")
+            if norm.scheme == "ct_zscore" and norm.window is None:
+                derived.append(f"foreground statistics of {name}")
             elif norm.scheme == "zscore" and norm.nonzero_mask is None:
                 derived.append(f"z-score mask of {name}")
         return derived
@@ -512,11 +544,17 @@ def _spacing(content: dict, where: str) -> tuple[float, float, float] | None | s
 
 
 def _default_norm(channel: str, window: tuple[float, float] | None) -> ChannelNorm:
-    """A channel named CT gets the CT window (``intensity``'s, else derived); every other one z-scores."""
-    return ChannelNorm("ct", window) if channel.strip().lower() == "ct" else ChannelNorm("zscore")
+    """A channel named CT gets ``intensity``'s window scaled to [0, 1] (``ct``, the published way) when the
+    dataset gives one, else nnU-Net's CT normalisation (``ct_zscore``, derived); every other one z-scores."""
+    if channel.strip().lower() != "ct":
+        return ChannelNorm("zscore")
+    return ChannelNorm("ct", window) if window is not None else ChannelNorm("ct_zscore")
 
 
-def _normalization(content: dict, channels: tuple[str, ...], where: str) -> tuple[ChannelNorm, ...]:
+def _normalization(content: dict, channels: tuple[str, ...], where: str, nnunet: bool) -> tuple[ChannelNorm, ...]:
+    """Each channel's normalisation: ``normalization`` as given (``ct`` entries without a window take
+    ``intensity``'s), else by the channel's name (:func:`_default_norm`; an nnU-Net dataset's ``noNorm``
+    is ``none``, as nnU-Net reads it)."""
     window = None
     if "intensity" in content:
         intensity = content["intensity"]
@@ -527,32 +565,38 @@ def _normalization(content: dict, channels: tuple[str, ...], where: str) -> tupl
         window = (float(intensity["a_min"]), float(intensity["a_max"]))
     given = content.get("normalization")
     if given is None:
-        return tuple(_default_norm(channel, window) for channel in channels)
+        return tuple(
+            _named_norm(channel, window, where) if nnunet else _default_norm(channel, window) for channel in channels
+        )
     entries = [given] * len(channels) if isinstance(given, str) else given
     if not isinstance(entries, list) or len(entries) != len(channels):
         raise DatasetError(
             f"{where}: 'normalization' must be one scheme or a list of {len(channels)} (one per channel: "
             f"{', '.join(channels)}), got {given!r}"
         )
+    if window is not None:
+        entries = [
+            {"scheme": "ct", "window": list(window)}
+            if entry == "ct" or (isinstance(entry, dict) and entry.get("scheme") == "ct" and "window" not in entry)
+            else entry
+            for entry in entries
+        ]
     try:
-        norms = [ChannelNorm.from_json(entry) for entry in entries]
+        return tuple(ChannelNorm.from_json(entry) for entry in entries)
     except ValueError as error:
         raise DatasetError(f"{where}: 'normalization': {error}") from None
-    return tuple(replace(n, window=window) if n.scheme == "ct" and n.window is None else n for n in norms)
 
 
-def _nnunet_normalization(channels: tuple[str, ...], where: str) -> tuple[ChannelNorm, ...]:
-    """nnU-Net reads the normalisation from the channel name: CT, noNorm, anything else z-score."""
-    norms = []
-    for channel in channels:
-        lowered = channel.strip().lower()
-        if lowered in ("rescale_to_0_1", "rgb_to_0_1"):
-            raise DatasetError(
-                f"{where}: channel {channel!r}: nnU-Net's {channel} normalisation is not supported; add "
-                '"normalization": ["ct" with a window, "zscore" or "none" per channel] to the file'
-            )
-        norms.append(ChannelNorm("none") if lowered == "nonorm" else _default_norm(channel, None))
-    return tuple(norms)
+def _named_norm(channel: str, window: tuple[float, float] | None, where: str) -> ChannelNorm:
+    """nnU-Net reads the normalisation from the channel name: CT (its CTNormalization), noNorm, anything else
+    z-score."""
+    lowered = channel.strip().lower()
+    if lowered in ("rescale_to_0_1", "rgb_to_0_1"):
+        raise DatasetError(
+            f"{where}: channel {channel!r}: nnU-Net's {channel} normalisation is not supported; add "
+            '"normalization": ["ct" with a window, "ct_zscore", "zscore" or "none" per channel] to the file'
+        )
+    return ChannelNorm("none") if lowered == "nonorm" else _default_norm(channel, window)
 
 
 def _from_json(path: Path) -> DatasetConfig:
@@ -568,15 +612,12 @@ def _from_json(path: Path) -> DatasetConfig:
         file_ending = content.get("file_ending", ".nii.gz")
         if file_ending not in (".nii.gz", ".nii"):
             raise DatasetError(f"{where}: file_ending {file_ending!r}: only NIfTI (.nii.gz, .nii) is read")
-        if "normalization" not in content:
-            normalization = _nnunet_normalization(channels, where)
-        else:
-            normalization = _normalization(content, channels, where)
+        normalization = _normalization(content, channels, where, nnunet=True)
     else:
         labels = _msd_labels(content["labels"], where)
         channels = _channel_names(content, "channels", where) or _channel_names(content, "modality", where) or ("CT",)
         file_ending = ".nii.gz"
-        normalization = _normalization(content, channels, where)
+        normalization = _normalization(content, channels, where, nnunet=False)
     regions, regions_class_order = _regions_of(content, labels, regions, where)
     num_training = content.get("numTraining")
     if num_training is not None and not (

@@ -6,9 +6,10 @@ not give them, by nnU-Net v2's rules (``DatasetFingerprintExtractor``, ``Experim
 - target spacing: the median spacing; but where one axis is anisotropic (its median spacing above 3
   times the largest other one, and its median size after cropping below a third of the smallest other
   one), that axis takes the 10th percentile of its spacings (never below the other axes' largest);
-- CT window: the 0.5 and 99.5 percentiles of the foreground intensities (label > 0), pooled from the same
-  number of samples of every case, drawn with replacement (``numpy.random.RandomState(1234)`` per case,
-  as nnU-Net): :data:`FOREGROUND_SAMPLES_TOTAL` over the dataset, divided evenly between its cases;
+- CT normalisation (``ct_zscore``, nnU-Net's ``CTNormalization``): the 0.5 and 99.5 percentiles, the mean
+  and the standard deviation of the foreground intensities (label > 0), pooled from the same number of
+  samples of every case, drawn with replacement (``numpy.random.RandomState(1234)`` per case, as
+  nnU-Net): :data:`FOREGROUND_SAMPLES_TOTAL` over the dataset, divided evenly between its cases;
 - z-score: over the non-zero region (holes filled) when the crop keeps, in the median case, less than
   three quarters of the volume; else over every voxel.
 
@@ -55,7 +56,7 @@ FINGERPRINT_VERSION = 2
 FOREGROUND_SAMPLES_TOTAL = 10**6
 #: nnU-Net's seed of every case's foreground sample.
 SAMPLE_SEED = 1234
-#: The percentiles of the foreground intensities that make a derived CT window.
+#: The percentiles of the foreground intensities that a derived CT normalisation clips to.
 WINDOW_PERCENTILES = (0.5, 99.5)
 #: nnU-Net's ANISO_THRESHOLD: an axis this many times coarser (and shorter) than the others is anisotropic.
 ANISOTROPY_THRESHOLD = 3
@@ -195,8 +196,8 @@ def compute_fingerprint(
 
 def derive_settings(config: DatasetConfig, fingerprint: dict) -> tuple[DatasetConfig, dict]:
     """``config`` with the settings it leaves to the data filled in from ``fingerprint``; and those
-    settings (``{"spacing": [...], "window of CT": [a_min, a_max], "z-score mask of T1": "non-zero region"}``,
-    empty when none were derived)."""
+    settings (``{"spacing": [...], "foreground statistics of CT": {"window": [a_min, a_max], "mean": m, "std":
+    s}, "z-score mask of T1": "non-zero region"}``, empty when none were derived)."""
     derived: dict = {}
     spacing = config.spacing
     if spacing == MEDIAN:
@@ -205,15 +206,15 @@ def derive_settings(config: DatasetConfig, fingerprint: dict) -> tuple[DatasetCo
     use_mask = fingerprint["median_relative_size_after_crop"] < NONZERO_MASK_SHARE
     normalization = []
     for name, norm, statistics in zip(config.channels, config.normalization, fingerprint["channels"], strict=True):
-        if norm.scheme == "ct" and norm.window is None:
+        if norm.scheme == "ct_zscore" and norm.window is None:
             low, high = statistics["percentile_00_5"], statistics["percentile_99_5"]
             if not high > low:
                 raise ValueError(
-                    f"channel {name}: its foreground intensities are all {low:g}, no window can be derived; give "
-                    "one in the dataset JSON (intensity or normalization)"
+                    f"channel {name}: its foreground intensities are all {low:g}, no normalisation can be derived; "
+                    "give a window in the dataset JSON (intensity or normalization)"
                 )
-            norm = replace(norm, window=(low, high))
-            derived[f"window of {name}"] = [low, high]
+            norm = replace(norm, window=(low, high), mean=statistics["mean"], std=statistics["std"])
+            derived[f"foreground statistics of {name}"] = {"window": [low, high], "mean": norm.mean, "std": norm.std}
         elif norm.scheme == "zscore" and norm.nonzero_mask is None:
             norm = replace(norm, nonzero_mask=bool(use_mask))
             derived[f"z-score mask of {name}"] = "non-zero region" if use_mask else "all voxels"
@@ -231,7 +232,7 @@ def _fingerprint_path(cases: Sequence[dict]) -> Path:
 def derive_from_data(
     config: DatasetConfig, cases: Sequence[dict], workers: int, main: bool = True
 ) -> tuple[DatasetConfig, dict | None]:
-    """``config`` with what it leaves to the data (spacing, CT windows, z-score masks) derived from the
+    """``config`` with what it leaves to the data (spacing, CT normalisations, z-score masks) derived from the
     labelled training ``cases`` (see the module docstring), and ``{"fingerprint": ..., "derived":
     ...}`` to record (None when nothing was to derive). A fingerprint is computed once for a set of
     files (progress bar on ``main``) and reused by later runs over the same files."""
@@ -240,7 +241,7 @@ def derive_from_data(
     path = _fingerprint_path(cases)
     fingerprint = load_record(path)
     if fingerprint.get("version") != FINGERPRINT_VERSION:
-        ct_channels = [norm.scheme == "ct" for norm in config.normalization]
+        ct_channels = [norm.scheme in ("ct", "ct_zscore") for norm in config.normalization]
         fingerprint = compute_fingerprint(cases, config.channels, workers, main, ct_channels)
         try:
             save_json(fingerprint, path)
@@ -261,12 +262,14 @@ def _explained(name: str, value, fingerprint: dict) -> str:
     if name.startswith("z-score mask"):
         share = fingerprint["median_relative_size_after_crop"]
         return f"{name}: {value} (cropping to the non-zero region keeps {share:.0%} of the median case)"
-    numbers = ",".join(f"{v:g}" for v in value)
-    if name == "spacing":
-        rule = (
-            "the median"
-            if value == [round(s, 4) for s in fingerprint["median_spacing"]]
-            else "nnU-Net's anisotropy rule"
+    if name.startswith("foreground statistics"):
+        low, high = value["window"]
+        return (
+            f"{name}: clip {low:g}..{high:g}, mean {value['mean']:g}, std {value['std']:g} (0.5 and 99.5 "
+            "percentiles, mean and standard deviation of the foreground)"
         )
-        return f"spacing {numbers} mm ({rule})"
-    return f"{name} {numbers} (0.5 and 99.5 percentiles of the foreground)"
+    numbers = ",".join(f"{v:g}" for v in value)  # the spacing
+    rule = (
+        "the median" if value == [round(s, 4) for s in fingerprint["median_spacing"]] else "nnU-Net's anisotropy rule"
+    )
+    return f"spacing {numbers} mm ({rule})"

@@ -6,9 +6,10 @@ only, never this repository: an exported MONAI bundle carries it, file for file,
 so that the bundle preprocesses exactly as training and ``test_seg.py`` do (``dataset/labels.py``,
 ``engine/stitching.py`` and ``engine/input_grid.py`` go with it, for the same inference).
 
-A channel's normalisation is given as a mapping or an object with ``scheme`` (``ct``, ``zscore`` or
-``none``), ``window`` (``ct``: ``[a_min, a_max]``) and ``nonzero_mask`` (``zscore``: standardise over the
-non-zero region rather than every voxel); see ``dataset.description.ChannelNorm``.
+A channel's normalisation is given as a mapping or an object with ``scheme`` (``ct``, ``ct_zscore``,
+``zscore`` or ``none``), ``window`` (``ct`` and ``ct_zscore``: ``[a_min, a_max]``), ``mean`` and ``std``
+(``ct_zscore``) and ``nonzero_mask`` (``zscore``: standardise over the non-zero region rather than every
+voxel); see ``dataset.description.ChannelNorm``.
 """
 
 from __future__ import annotations
@@ -47,26 +48,40 @@ class Norm(NamedTuple):
     scheme: str
     window: tuple[float, float] | None = None
     nonzero_mask: bool | None = None
+    mean: float | None = None
+    std: float | None = None
 
 
 def _norm(entry: Any) -> Norm:
     if isinstance(entry, Mapping):
         window = entry.get("window")
-        return Norm(entry["scheme"], None if window is None else tuple(window), entry.get("nonzero_mask"))
-    return Norm(entry.scheme, entry.window, entry.nonzero_mask)
+        window = None if window is None else tuple(window)
+        return Norm(entry["scheme"], window, entry.get("nonzero_mask"), entry.get("mean"), entry.get("std"))
+    return Norm(entry.scheme, entry.window, entry.nonzero_mask, entry.mean, entry.std)
+
+
+#: Where a CT (HU) is the body, for the foreground crop of ``ct_zscore``: air is -1000, fat about -100, and the
+#: lungs (-900..-500) lie inside the body's box; independent of the window, which may start inside the organs.
+BODY_HU = -500.0
+#: nnU-Net's floor of a standard deviation it divides by.
+STD_FLOOR = 1e-8
 
 
 class NormalizeChannelsd(MapTransform):
     """Normalise each channel of the images under ``keys`` by its own scheme: ``ct`` clips to the window
-    and scales it to [0, 1], ``zscore`` standardises the channel over every voxel or, with
+    and scales it to [0, 1], ``ct_zscore`` clips to the window then subtracts ``mean`` and divides by ``std``
+    (nnU-Net's ``CTNormalization``: the dataset's foreground statistics, the same for every case),
+    ``zscore`` standardises the channel over every voxel or, with
     ``nonzero_mask``, over the region where any channel is non-zero, holes filled (nnU-Net's
     ``create_nonzero_mask``; the voxels outside stay 0), ``none`` leaves it."""
 
     def __init__(self, keys: KeysCollection, normalization: Sequence[Any]) -> None:
         super().__init__(keys)
         self.normalization = tuple(_norm(entry) for entry in normalization)
-        if any(norm.scheme == "ct" and norm.window is None for norm in self.normalization):
-            raise ValueError("a ct channel needs its window (derive it from the dataset first)")
+        if any(norm.scheme in ("ct", "ct_zscore") and norm.window is None for norm in self.normalization):
+            raise ValueError("a ct or ct_zscore channel needs its window (derive it from the dataset first)")
+        if any(norm.scheme == "ct_zscore" and None in (norm.mean, norm.std) for norm in self.normalization):
+            raise ValueError("a ct_zscore channel needs its mean and std (derive them from the dataset first)")
         if any(norm.scheme == "zscore" and norm.nonzero_mask is None for norm in self.normalization):
             raise ValueError("a zscore channel needs its nonzero_mask (derive it from the dataset first)")
         self.transforms = [
@@ -87,6 +102,8 @@ class NormalizeChannelsd(MapTransform):
                 channel = image[c : c + 1]
                 if transform is not None:
                     channel = transform(channel)
+                elif norm.scheme == "ct_zscore":
+                    channel = (channel.float().clamp(*norm.window) - norm.mean) / max(norm.std, STD_FLOOR)
                 elif norm.scheme == "zscore":
                     channel = _zscore(channel, region if norm.nonzero_mask else None)
                 channels.append(channel)
@@ -107,7 +124,7 @@ def _zscore(channel: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
     values = channel[0][region] if region is not None else channel
     if values.numel() == 0:
         return channel
-    mean, std = values.mean(), values.std(unbiased=False).clamp_min(1e-8)
+    mean, std = values.mean(), values.std(unbiased=False).clamp_min(STD_FLOOR)
     if region is None:
         return (channel - mean) / std
     result = channel.clone()
@@ -118,7 +135,8 @@ def _zscore(channel: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
 class AnyChannelForeground:
     """``select_fn`` of the foreground crop, on raw intensities: a voxel is foreground where any channel
     shows it, above the window's low end for a ``ct`` channel (the published crop of the windowed image),
-    non-zero for the others (MRI background)."""
+    above :data:`BODY_HU` for a ``ct_zscore`` one (the body, where nnU-Net keeps a CT whole: its crop to
+    the non-zero region), non-zero for the others (MRI background)."""
 
     def __init__(self, normalization: Sequence[Any]) -> None:
         self.normalization = tuple(_norm(entry) for entry in normalization)
@@ -127,13 +145,17 @@ class AnyChannelForeground:
         return f"AnyChannelForeground({list(self.normalization)})"
 
     def __call__(self, image) -> torch.Tensor:
-        image = torch.as_tensor(image)
-        return torch.stack(
-            [
-                image[c] > norm.window[0] if norm.scheme == "ct" else image[c] != 0
-                for c, norm in enumerate(self.normalization)
-            ]
-        )
+        channels = torch.as_tensor(image)
+        return torch.stack([_shows(channel, norm) for channel, norm in zip(channels, self.normalization, strict=True)])
+
+
+def _shows(channel: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Where one channel shows the foreground (see :class:`AnyChannelForeground`)."""
+    if norm.scheme == "ct":
+        return channel > norm.window[0]
+    if norm.scheme == "ct_zscore":
+        return channel > BODY_HU
+    return channel != 0
 
 
 class LoadCased(MapTransform):

@@ -29,6 +29,7 @@ import engine.stitching
 from dataset.description import card_preprocessing
 from dataset.labels import LabelManager
 from dataset.laterality import check_lateral_pairs, describe_axes, describe_pairs
+from dataset.portable import BODY_HU
 from dataset.transforms import AXIS_LABELS, ORIENTATION
 
 __all__ = ["bundle_files", "inference_config"]
@@ -206,6 +207,27 @@ def _metadata(card: dict, source: str) -> dict:
     }
 
 
+#: What each normalisation scheme does (``dataset.portable``), for the bundle README.
+SCHEME_TEXT = {
+    "ct": "clipped to the window and scaled to [0, 1]; the crop keeps where it is above the window's low end",
+    "ct_zscore": (
+        "clipped to the window, minus the mean, divided by the standard deviation (nnU-Net's CT "
+        f"normalisation, the training cases' foreground statistics); the crop keeps the body (above {BODY_HU:g} HU)"
+    ),
+    "zscore": (
+        "minus its mean, divided by its standard deviation, in each case on its own (with nonzero_mask over "
+        "the non-zero region only); the crop keeps where it is non-zero"
+    ),
+    "none": "as it is; the crop keeps where it is non-zero",
+}
+
+
+def _schemes_note(normalization: list) -> str:
+    """What each normalisation scheme a model uses does, as the bundle README's list items."""
+    schemes = dict.fromkeys(entry if isinstance(entry, str) else entry["scheme"] for entry in normalization)
+    return "\n".join(f"  - `{scheme}`: {SCHEME_TEXT[scheme]}" for scheme in schemes)
+
+
 def _readme(card: dict, source: str, config: dict) -> str:
     preprocessing = card_preprocessing(card)
     manager = LabelManager.from_card(card)
@@ -235,9 +257,10 @@ entry of the config can be set for one run, e.g. `--inferer#overlap 0.7`.
 
 - input: {int(card.get("in_channels", 1))} channel(s): {", ".join(preprocessing["channels"])}
 - {_outputs_note(manager)}
-- preprocessing: reoriented to {ORIENTATION}, resampled to {grid} (bilinear), cropped to the foreground,
-  each channel normalised:
+- preprocessing: reoriented to {ORIENTATION}, resampled to {grid} (bilinear), cropped to the foreground
+  (the box of the voxels where any channel shows it), each channel normalised:
   {"; ".join(json.dumps(entry) for entry in preprocessing["normalization"])}
+{_schemes_note(preprocessing["normalization"])}
 - sliding window {"x".join(map(str, card["roi_size"]))}, batch {config["inferer"]["sw_batch_size"]}, overlap
   {config["inferer"]["overlap"]}; the {"regions' sigmoid" if manager.has_regions else "softmax"} stitched a slab
   at a time and held in 2 bytes per output and voxel, brought to the input's voxels a slab at a time

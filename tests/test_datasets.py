@@ -79,8 +79,8 @@ def test_decathlon_dataset_json_is_read_as_published(decathlon):
 def test_nnunet_dataset_json_groups_channel_files_by_case(nnunet):
     config = load_dataset_config(str(nnunet / "dataset.json"))
     assert config.layout == "nnunet" and config.channels == ("CT", "T2")
-    assert config.normalization == (ChannelNorm("ct"), ChannelNorm("zscore"))  # CT window: to derive
-    assert config.to_derive() == ["spacing", "window of CT", "z-score mask of T2"]
+    assert config.normalization == (ChannelNorm("ct_zscore"), ChannelNorm("zscore"))  # nnU-Net's CT rule: to derive
+    assert config.to_derive() == ["spacing", "foreground statistics of CT", "z-score mask of T2"]
     cases = find_cases(config, nnunet, "training")
     assert len(cases) == 4
     assert [Path(p).name for p in cases[1]["image"]] == ["phantom_001_0000.nii.gz", "phantom_001_0001.nii.gz"]
@@ -119,7 +119,7 @@ def write_json(path: Path, content: dict) -> str:
         ),
         (
             {"labels": {"0": "bg", "1": "a"}, "normalization": [{"scheme": "zscore", "window": [0, 1]}]},
-            r"'normalization': normalization 'zscore': only 'ct' takes a window",
+            r"'normalization': normalization 'zscore': only 'ct' and 'ct_zscore' take a window",
         ),
         (
             {"labels": {"0": "bg", "1": "a"}, "spacing": [1, 0, 1]},
@@ -230,8 +230,15 @@ def test_fingerprint_is_the_median_spacing_and_foreground_percentiles(nnunet):
     assert [ct["percentile_00_5"], ct["percentile_99_5"]] == pytest.approx(expected, rel=0.02)
     derived_config, derived = derive_settings(config, fingerprint)
     assert derived["spacing"] == [round(s, 4) for s in fingerprint["target_spacing"]]
-    assert derived["window of CT"] == [ct["percentile_00_5"], ct["percentile_99_5"]]
-    assert derived_config.normalization[0].window == tuple(derived["window of CT"])
+    statistics = derived["foreground statistics of CT"]
+    assert statistics == {
+        "window": [ct["percentile_00_5"], ct["percentile_99_5"]],
+        "mean": ct["mean"],
+        "std": ct["std"],
+    }
+    assert derived_config.normalization[0] == ChannelNorm(
+        "ct_zscore", tuple(statistics["window"]), None, ct["mean"], ct["std"]
+    )
     assert not derived_config.to_derive()
 
 
@@ -370,7 +377,7 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
 ):
     """Train, then segment with nothing but --root and the weights: every setting comes from the model
     card (checked on the transforms inference builds), the segmentations land in each test image's
-    geometry. The nnU-Net variant derives a CT window and lowers a cache rate that would not fit."""
+    geometry. The nnU-Net variant derives nnU-Net's CT normalisation and lowers a cache rate that would not fit."""
     import engine.infer
     import engine.loading
 
@@ -382,7 +389,7 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
     card = json.loads((output / "best_metric_model.pth.json").read_text())
     if layout == "nnunet":
         assert card["channels"] == ["CT", "T2"] and card["normalization"][1]["scheme"] == "zscore"
-        assert card["normalization"][0]["window"] == card["derived"]["window of CT"]
+        assert card["normalization"][0] == {"scheme": "ct_zscore", **card["derived"]["foreground statistics of CT"]}
         assert re.search(r"note: --cache_rate 1 would hold .* MiB .* 1.0 MiB is available: caching 0.0\d of", printed)
     (root / "dataset.json").unlink()  # nothing but the card can say how to preprocess
     shutil.rmtree(Path(user_cache()) / "fingerprints")
@@ -449,7 +456,7 @@ def test_the_fingerprint_is_computed_once_per_set_of_files(nnunet, tmp_path, mon
     first, record = dataset.fingerprint.derive_from_data(config, cases, workers=1, main=False)
     again, _ = dataset.fingerprint.derive_from_data(config, cases, workers=1, main=False)  # the next run
     assert computed == [1] and again == first and not first.to_derive()
-    assert record["derived"]["window of CT"] == list(first.normalization[0].window)
+    assert record["derived"]["foreground statistics of CT"]["window"] == list(first.normalization[0].window)
     label = Path(cases[0]["label"])
     save_like(label, np.asarray(nib.load(label).dataobj))  # a rewritten file: another set of files
     dataset.fingerprint.derive_from_data(config, cases, workers=1, main=False)

@@ -16,13 +16,16 @@ import openvino
 import pytest
 import torch
 from conftest import TINY, TINY_RUN, exit_message, flags
+from monai.bundle import ConfigParser
 from torch import nn
 
 import engine.export
 import export
 import main_train
 import test_seg
+from dataset.description import load_dataset_config
 from dataset.portable import case_images
+from dataset.transforms import build_transforms
 from engine.bundle import bundle_files
 from networks import build_network, get_spec
 from networks.deploy import deploy_form, repository_modules
@@ -39,10 +42,10 @@ def relative_difference(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def saved_with_card(
-    folder: Path, name: str, overrides: dict, roi: int, out_channels: int = 3
+    folder: Path, name: str, overrides: dict, roi: int, out_channels: int = 3, preprocessing: dict = CT_CARD
 ) -> tuple[Path, nn.Module]:
-    """A network's weights and the model card training would write beside them; the weights' path and
-    the network."""
+    """A network's weights and the model card training would write beside them (with ``preprocessing``'s
+    channels, normalization and spacing); the weights' path and the network."""
     model = build_network(name, 1, out_channels, **overrides).eval()
     weights = folder / "weights.pth"
     torch.save(model.state_dict(), weights)
@@ -53,7 +56,7 @@ def saved_with_card(
         out_channels=out_channels,
         classes=[f"class {i}" for i in range(out_channels)],
         roi_size=[roi] * 3,
-        **CT_CARD,
+        **preprocessing,
     )
     Path(f"{weights}.json").write_text(json.dumps(card))
     return weights, model
@@ -409,6 +412,40 @@ def test_export_needs_the_card_and_says_what_to_install(ct, tmp_path, monkeypatc
     onnx_flags = flags(root=root, output=tmp_path / "seg", trained_weights=exported / "model.onnx", runtime="openvino")
     message = exit_message(test_seg.main, onnx_flags)
     assert "on OpenVINO needs openvino (pip install -r requirements-deploy.txt)" in message
+
+
+def test_the_bundle_preprocesses_an_nnunet_ct_as_test_seg_does(tmp_path, monkeypatch):
+    """nnU-Net's CT normalisation (ct_zscore) and the body crop, from the model card: the bundle's
+    preprocessing chain gives test_seg.py's (and training's) input, voxel for voxel."""
+    norm = {"scheme": "ct_zscore", "window": [-60.0, 100.0], "mean": 45.0, "std": 48.0}
+    preprocessing = dict(channels=["CT"], normalization=[norm], spacing=[2.0, 2.0, 2.5])
+    weights, _ = saved_with_card(tmp_path, "UNet", dict(channels=(4, 8, 8, 8, 8)), 32, 5, preprocessing)
+    export.main(flags(trained_weights=weights, output=tmp_path / "export") + ["--formats", "bundle"])
+    bundle = tmp_path / "export" / "bundle"
+    images = tmp_path / "images"
+    write_dataset(images, num_train=1, num_test=1, seed=5, layout="nnunet")
+    (image,) = (images / "imagesTs").glob("*.nii.gz")
+    card = json.loads(Path(f"{weights}.json").read_text())
+    expected = build_transforms(load_dataset_config("flare").with_preprocessing(card), "test")({"image": str(image)})
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser["bundle_root"] = str(bundle)
+    monkeypatch.syspath_prepend(str(bundle))
+    for name in [name for name in sys.modules if name.split(".")[0] == "scripts"]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        actual = parser.get_parsed_content("preprocessing")({"image": str(image)})
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "scripts"]:
+            del sys.modules[name]
+    assert actual["image"].shape == expected["image"].shape
+    assert torch.allclose(actual["image"].as_tensor(), expected["image"].as_tensor(), atol=1e-6)
+    assert np.allclose(actual["image"].affine, expected["image"].affine)
+    values = expected["image"].as_tensor()
+    assert float(values.min()) == pytest.approx((-60 - 45) / 48, abs=1e-5)  # clipped, then standardised
+    assert float(values.max()) == pytest.approx((100 - 45) / 48, abs=1e-5)
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "`ct_zscore`: clipped to the window, minus the mean, divided by the standard deviation" in readme
 
 
 def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_path):

@@ -74,13 +74,13 @@ def test_background_centres_cover_the_body_with_zscore_and_derived_windows(mri, 
     published = derived.__class__(**{**derived.__dict__, "background_crops": "published"})
     body, above_mean = centre_share(derived, cases[0]), centre_share(published, cases[0])
     assert body > 0.5 and above_mean < body * 0.6
-    # a derived CT window: background centres everywhere but the labelled organs
+    # a derived CT normalisation: background centres everywhere but the labelled organs
     ct_root = tmp_path / "ct"
     write_dataset(ct_root, num_train=3, num_test=1, seed=1, layout="nnunet")
     ct = load_dataset_config(str(ct_root / "dataset.json"))
     ct_cases = find_cases(ct, None, "training")
     ct, _ = derive_settings(ct, compute_fingerprint(ct_cases, ct.channels))
-    assert ct.normalization[0].window[0] > -90  # the window starts above fat: most of the body is below it
+    assert ct.normalization[0].window[0] > -90  # the clip starts above fat: most of the body is below it
     label = torch.as_tensor(np.asarray(nib.load(ct_cases[0]["label"]).dataobj))
     assert centre_share(ct, ct_cases[0]) > 0.5 > float((label > 0).float().mean())
 
@@ -221,9 +221,10 @@ def test_channel_files_are_not_merged_across_folders(tmp_path):
 # ---- 5. nnU-Net's fingerprint rules, against independent implementations ----
 
 
-def nnunet_window(cases: list[dict]) -> tuple[float, float]:
-    """nnU-Net v2's CT window, written from its rule: each case cropped to its non-zero box, the same
-    number of foreground samples drawn with replacement by RandomState(1234), pooled, 0.5/99.5 percentiles."""
+def nnunet_ct_statistics(cases: list[dict]) -> dict:
+    """nnU-Net v2's foreground statistics of a CT channel, written from its rule: each case cropped to its
+    non-zero box, the same number of foreground samples drawn with replacement by RandomState(1234),
+    pooled; their 0.5/99.5 percentiles, mean and standard deviation (np.mean, np.std)."""
     samples = FOREGROUND_SAMPLES_TOTAL // len(cases)
     pooled = []
     for case in sorted(cases, key=lambda c: c["image"]):
@@ -232,7 +233,44 @@ def nnunet_window(cases: list[dict]) -> tuple[float, float]:
         box = ndimage.find_objects(ndimage.binary_fill_holes(image != 0).astype(int))[0]
         values = image[box][label[box] > 0]
         pooled.append(np.random.RandomState(1234).choice(values, samples, replace=True))
-    return tuple(np.percentile(np.concatenate(pooled), (0.5, 99.5)))
+    pooled = np.concatenate(pooled).astype(np.float64)
+    low, high = np.percentile(pooled, (0.5, 99.5))
+    return {"window": (low, high), "mean": pooled.mean(), "std": pooled.std()}
+
+
+def nnunet_ct_normalization(image: np.ndarray, statistics: dict) -> np.ndarray:
+    """nnU-Net v2's CTNormalization, written from its rule: clip to the percentiles, subtract the mean,
+    divide by the standard deviation (at least 1e-8)."""
+    clipped = np.clip(image.astype(np.float32), *statistics["window"])
+    return (clipped - statistics["mean"]) / max(statistics["std"], 1e-8)
+
+
+def test_a_ct_channel_of_an_nnunet_dataset_is_normalised_as_nnunet_does_and_cropped_to_the_body(tmp_path):
+    root = tmp_path / "ct"
+    write_dataset(root, num_train=3, num_test=1, seed=4, layout="nnunet")
+    description = json.loads((root / "dataset.json").read_text())
+    write_json(root / "dataset.json", {**description, "spacing": None})  # no resampling: the crop and the intensities
+    config = load_dataset_config(str(root / "dataset.json"))
+    assert config.normalization == (ChannelNorm("ct_zscore"),)
+    cases = find_cases(config, None, "training")
+    derived, settings = derive_settings(config, compute_fingerprint(cases, config.channels, ct_channels=[True]))
+    expected = nnunet_ct_statistics(cases)
+    norm = derived.normalization[0]
+    assert norm.window == pytest.approx(expected["window"], rel=1e-6)
+    assert (norm.mean, norm.std) == pytest.approx((expected["mean"], expected["std"]), rel=1e-6)
+    statistics = {"window": list(norm.window), "mean": norm.mean, "std": norm.std}
+    assert settings["foreground statistics of CT"] == statistics
+    assert derived.preprocessing()["normalization"] == [{"scheme": "ct_zscore", **statistics}]  # the model card's
+    (case,) = find_cases(config, None, "test")
+    preprocessed = build_transforms(derived, "test")({"image": case["image"]})["image"]
+    raw = nib.as_closest_canonical(nib.load(case["image"])).get_fdata(dtype=np.float32)  # RAS, as the chain
+    body = ndimage.find_objects((raw > -500).astype(int))[0]  # air is -1000 HU: the body's box
+    window_crop = ndimage.find_objects((raw > norm.window[0]).astype(int))[0]  # a crop at the clip's low end
+    assert preprocessed.shape[1:] == raw[body].shape
+    outside = np.ones(raw.shape, dtype=bool)
+    outside[window_crop] = False
+    assert (raw[outside] > -500).sum() > 1000  # which would lose part of the body
+    assert preprocessed[0].numpy() == pytest.approx(nnunet_ct_normalization(raw[body], expected), abs=1e-4)
 
 
 def test_ct_window_pools_the_same_number_of_samples_from_every_case(tmp_path):
@@ -252,8 +290,9 @@ def test_ct_window_pools_the_same_number_of_samples_from_every_case(tmp_path):
         )
     fingerprint = compute_fingerprint(cases, ["CT"], ct_channels=[True])
     ct = fingerprint["channels"][0]
-    expected = nnunet_window(cases)
-    assert (ct["percentile_00_5"], ct["percentile_99_5"]) == pytest.approx(expected, rel=1e-6)
+    expected = nnunet_ct_statistics(cases)
+    assert (ct["percentile_00_5"], ct["percentile_99_5"]) == pytest.approx(expected["window"], rel=1e-6)
+    assert (ct["mean"], ct["std"]) == pytest.approx((expected["mean"], expected["std"]), rel=1e-6)
     # each case weighs the same: the smallest lesion (intensity ~100) still sets the low end
     assert 60 < ct["percentile_00_5"] < 100
 
