@@ -1,4 +1,9 @@
-"""Command-line flags shared by main_train.py, main_finetune.py and test_seg.py."""
+"""Command-line flags shared by main_train.py, main_finetune.py and test_seg.py.
+
+The scripts parse their flags before PyTorch and MONAI are loaded (``--help`` in well under a second):
+this module imports the registry's names only, and the checks that need the dataset or engine modules
+import them when they run.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,6 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from dataset.description import DatasetError
-from dataset.laterality import check_mirror_axes
-from engine import RunStopped, UsageError
-from engine.common import roi_of
 from networks import available_networks
 
 __all__ = ["add_common_arguments", "add_training_arguments", "parser_for", "run_or_exit", "str2bool"]
@@ -18,6 +19,9 @@ __all__ = ["add_common_arguments", "add_training_arguments", "parser_for", "run_
 def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
     """Run a script's command; a problem the user must fix ends it with one ``error:`` line and exit 1,
     a run stopped on purpose with its message and exit code (130 for Ctrl-C)."""
+    from dataset.description import DatasetError
+    from engine.common import RunStopped, UsageError
+
     try:
         command(args)
     except (DatasetError, UsageError) as error:
@@ -55,6 +59,8 @@ def int_list(count: int):
 def mirror_axes(value: str) -> tuple[int, ...]:
     """``--mirror_axes`` / ``--tta_axes``: comma-separated spatial axes (0, 1, 2; after reorientation to RAS),
     or ``none``."""
+    from dataset.laterality import check_mirror_axes
+
     if value.strip().lower() == "none":
         return ()
     try:
@@ -67,7 +73,9 @@ def mirror_axes(value: str) -> tuple[int, ...]:
 
 
 def roi_size(value: str) -> tuple[int, int, int]:
-    """``--roi_size``: one or three positive integers (see :func:`load_datasets_transforms.roi_of`)."""
+    """``--roi_size``: one or three positive integers (see :func:`engine.common.roi_of`)."""
+    from engine.common import roi_of
+
     try:
         return roi_of(value)
     except ValueError as error:

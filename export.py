@@ -3,8 +3,9 @@ MONAI bundle (bundle/), each the network's deploy form (BFR kernels folded, ever
 native conv3d) with its model card beside it. Every export is checked against the training-form network
 on random inputs before anything is written."""
 
+import engine
 from cli import parser_for, positive_int, run_or_exit, unit_interval
-from engine.export import FORMATS, OPSET, TOLERANCE, run_export
+from engine.formats import FORMATS, OPSET, TOLERANCE
 
 
 def main(argv=None) -> None:
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
         f"An export whose output differs from the training form's by more than {TOLERANCE:g} relative is not written."
     )
     args = parser.parse_args(argv)
-    run_or_exit(run_export, args)
+    run_or_exit(engine.run_export, args)  # the engine, PyTorch with it, loads only now
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ The weights to start from are needed (--pretrained_weights); --pretrain false tr
 
 import functools
 
+import engine
 from cli import add_common_arguments, add_training_arguments, parser_for, run_or_exit
-from engine import run_training
 
 
 def main(argv=None) -> None:
@@ -15,7 +15,7 @@ def main(argv=None) -> None:
     add_training_arguments(parser, finetune=True)
     parser.set_defaults(dataset="amos")
     args = parser.parse_args(argv)
-    run_or_exit(functools.partial(run_training, finetune=True), args)
+    run_or_exit(functools.partial(engine.run_training, finetune=True), args)  # the engine loads only now
 
 
 if __name__ == "__main__":

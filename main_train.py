@@ -1,7 +1,7 @@
 """Train a segmentation network from scratch (FLARE 2021 by default), as the published main_train.py."""
 
+import engine
 from cli import add_common_arguments, add_training_arguments, parser_for, run_or_exit
-from engine import run_training
 
 
 def main(argv=None) -> None:
@@ -9,7 +9,7 @@ def main(argv=None) -> None:
     add_common_arguments(parser, mode="train")
     add_training_arguments(parser)
     args = parser.parse_args(argv)
-    run_or_exit(run_training, args)
+    run_or_exit(engine.run_training, args)  # the engine, PyTorch with it, loads only now
 
 
 if __name__ == "__main__":

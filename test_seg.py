@@ -7,6 +7,7 @@ network, its classes, the ROI and the preprocessing (channels, normalisation, sp
 adds the mirrorings each model was trained with (left/right class pairs swapped back).
 """
 
+import engine
 from cli import (
     add_common_arguments,
     mirror_axes,
@@ -16,8 +17,7 @@ from cli import (
     run_or_exit,
     unit_interval,
 )
-from engine import run_inference
-from engine.export import ONNX_RUNTIMES
+from engine.formats import ONNX_RUNTIMES
 
 
 def main(argv=None) -> None:
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
         "(default: the memory available to this process, the container's limit included)",
     )
     args = parser.parse_args(argv)
-    run_or_exit(run_inference, args)
+    run_or_exit(engine.run_inference, args)  # the engine, PyTorch with it, loads only now
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from engine.common import (
     model_card_path,
     parse_card,
 )
+from engine.formats import FORMATS, ONNX_RUNTIMES, OPSET, TOLERANCE
 from networks import get_spec
 from networks.deploy import deploy_form, repository_modules
 
@@ -49,13 +50,6 @@ __all__ = [
     "run_export",
 ]
 
-FORMATS = ("torchscript", "onnx", "bundle")
-#: The runtimes that run a ``model.onnx`` in test_seg.py.
-ONNX_RUNTIMES = ("onnxruntime", "openvino")
-#: The ONNX operator set of ``model.onnx`` (its card states it too).
-OPSET = 18
-#: The largest relative difference (see :func:`_differences`) an export may have to the training form.
-TOLERANCE = 1e-4
 TORCHSCRIPT_FILE, ONNX_FILE, BUNDLE_FOLDER = "model.ts", "model.onnx", "bundle"
 EXPORT_SUFFIXES = (".ts", ".onnx")
 #: Where an exported file holds its model card: a TorchScript extra file, an ONNX metadata entry.

@@ -2,12 +2,14 @@
 
 ``build_network("REPUXNET", in_channels=1, out_channels=5)`` returns the paper's RepUX-Net; overrides
 replace constructor arguments of the published configuration.
+
+Each network is registered by the path of its class and imported when first built, and the BFR names are
+imported when first used: ``import networks`` and :func:`available_networks` need no PyTorch (the
+scripts' ``--help`` lists the networks in well under a second).
 """
 
-from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet
+import importlib
 
-from networks.bfr import BFRConv3d, frequency_prior, switch_to_deploy
-from networks.nnFormer.nnformer import nnFormer
 from networks.registry import (
     NetworkSpec,
     available_networks,
@@ -18,9 +20,6 @@ from networks.registry import (
     register_network,
     replace_head,
 )
-from networks.RepUXNet_3D.network_backbone import REPUXNET
-from networks.TransBTS.transbts import TransBTS
-from networks.UXNet_3D.network_backbone import UXNET
 
 __all__ = [
     "BFRConv3d",
@@ -38,15 +37,39 @@ __all__ = [
     "switch_to_deploy",
 ]
 
+#: The names this package gives from its modules, each imported when first used (PEP 562).
+_LAZY = {
+    "BFRConv3d": "networks.bfr",
+    "frequency_prior": "networks.bfr",
+    "switch_to_deploy": "networks.bfr",
+    "REPUXNET": "networks.RepUXNet_3D.network_backbone",
+    "UXNET": "networks.UXNet_3D.network_backbone",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'networks' has no attribute {name!r}")
+
+
 UX_FLAGS = {"feat_size": "feat_size", "kernel_size": "ks", "hidden_size": "hidden_size"}
 # Their bottleneck is 1/16 of the input, instance-normalised: 16 would leave it a single voxel.
-register_network("REPUXNET", NetworkSpec(REPUXNET, "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS))
-register_network("3DUXNET", NetworkSpec(UXNET, "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS))
+register_network(
+    "REPUXNET",
+    NetworkSpec(
+        "networks.RepUXNet_3D.network_backbone:REPUXNET", "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS
+    ),
+)
+register_network(
+    "3DUXNET",
+    NetworkSpec("networks.UXNet_3D.network_backbone:UXNET", "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS),
+)
 # The published benchmark's configurations for 96^3 patches.
 register_network(
     "UNETR",
     NetworkSpec(
-        UNETR,
+        "monai.networks.nets:UNETR",
         defaults=dict(
             img_size=(96, 96, 96),
             feature_size=16,
@@ -67,7 +90,7 @@ register_network(
 register_network(
     "SwinUNETR",
     NetworkSpec(
-        SwinUNETR,
+        "monai.networks.nets:SwinUNETR",
         defaults=dict(feature_size=48, use_checkpoint=False),
         input_multiple=32,
         min_input=64,
@@ -78,13 +101,18 @@ register_network(
 # patch 2,4,4, windows 4,4,8,4 (the constructor's defaults); 149.27 M parameters at 5 classes.
 register_network(
     "nnFormer",
-    NetworkSpec(nnFormer, input_multiple=32, flag_args={"roi_size": "crop_size"}, any_size_export=False),
+    NetworkSpec(
+        "networks.nnFormer.nnformer:nnFormer",
+        input_multiple=32,
+        flag_args={"roi_size": "crop_size"},
+        any_size_export=False,
+    ),
 )
 # The published benchmark's TransBTS: image 96, patch 8, embedding 512, 8 heads, 4 layers, MLP 4096.
 register_network(
     "TransBTS",
     NetworkSpec(
-        TransBTS,
+        "networks.TransBTS.transbts:TransBTS",
         input_multiple=8,
         flag_args={"roi_size": "img_size", "hidden_size": "embedding_dim"},
         any_size_export=False,
@@ -94,7 +122,7 @@ register_network(
 register_network(
     "nnUNet",
     NetworkSpec(
-        DynUNet,
+        "monai.networks.nets:DynUNet",
         defaults=dict(
             spatial_dims=3,
             kernel_size=[3] * 6,
@@ -111,9 +139,11 @@ register_network(
 )
 
 
-def _new_unet_head(model: UNet, out_channels: int) -> None:
+def _new_unet_head(model, out_channels: int) -> None:
     # The top up-sampling block of MONAI's UNet ends in out_channels, residual unit included: take it from
     # a UNet of the same settings built for out_channels.
+    from monai.networks.nets import UNet
+
     settings = ("channels", "strides", "kernel_size", "up_kernel_size", "num_res_units", "act", "norm", "dropout")
     fresh = UNet(
         spatial_dims=model.dimensions,
@@ -130,12 +160,13 @@ def _new_unet_head(model: UNet, out_channels: int) -> None:
 # The published TRAINING.md lists these without a configuration: MONAI's defaults (SegResNet) and the
 # MONAI tutorials' 3D U-Net.
 register_network(
-    "SegResNet", NetworkSpec(SegResNet, defaults=dict(spatial_dims=3), head="conv_final", input_multiple=8)
+    "SegResNet",
+    NetworkSpec("monai.networks.nets:SegResNet", defaults=dict(spatial_dims=3), head="conv_final", input_multiple=8),
 )
 register_network(
     "UNet",
     NetworkSpec(
-        UNet,
+        "monai.networks.nets:UNet",
         defaults=dict(spatial_dims=3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
         input_multiple=16,
         min_input=32,  # instance norm at 1/16 of the input

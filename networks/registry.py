@@ -1,14 +1,20 @@
-"""The network registry: every script builds its network here, by name."""
+"""The network registry: every script builds its network here, by name.
+
+A network's constructor may be registered as ``"module:attribute"``, imported when the network is first
+built: the registry's names (the scripts' ``--network`` help) are known without importing PyTorch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "NetworkSpec",
@@ -27,7 +33,8 @@ class NetworkSpec:
     """How to build one registry network.
 
     Args:
-        constructor: the network class (or a function returning the module).
+        constructor: the network class (or a function returning the module), or its ``"module:attribute"``
+            path, imported when first needed (:meth:`factory`).
         in_channels_arg: the constructor's name for the input channel count.
         out_channels_arg: the constructor's name for the output (class) count.
         defaults: the published configuration: constructor arguments that overrides may replace.
@@ -44,7 +51,7 @@ class NetworkSpec:
             computes shapes in Python, which a trace fixes), which is all sliding-window inference needs.
     """
 
-    constructor: Callable[..., nn.Module]
+    constructor: Callable[..., nn.Module] | str
     in_channels_arg: str = "in_channels"
     out_channels_arg: str = "out_channels"
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -63,9 +70,16 @@ class NetworkSpec:
     def smallest_input(self) -> int:
         return self.min_input or self.input_multiple
 
+    def factory(self) -> Callable[..., nn.Module]:
+        """The constructor, imported from its ``"module:attribute"`` path where it was registered as one."""
+        if not isinstance(self.constructor, str):
+            return self.constructor
+        module, _, attribute = self.constructor.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
     def arguments(self) -> list[str]:
         """Constructor arguments that an override may set (channel counts excluded)."""
-        params = inspect.signature(self.constructor).parameters
+        params = inspect.signature(self.factory()).parameters
         return [n for n in params if n not in ("self", self.in_channels_arg, self.out_channels_arg)]
 
 
@@ -129,6 +143,8 @@ def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
     The last 3D convolution (plain or transposed) of the head is replaced by one of the same kind with the
     same input channels, kernel and stride, on the same device and dtype. Returns ``model``.
     """
+    from torch import nn  # here: the registry's names load without PyTorch
+
     spec = get_spec(name)
     if spec.new_head is not None:
         spec.new_head(model, out_channels)
@@ -183,4 +199,4 @@ def build_network(name: str, in_channels: int, out_channels: int, **overrides: A
             f"it accepts: {', '.join(accepted)}"
         )
     kwargs = {**spec.defaults, **overrides, spec.in_channels_arg: in_channels, spec.out_channels_arg: out_channels}
-    return spec.constructor(**kwargs)
+    return spec.factory()(**kwargs)

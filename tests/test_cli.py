@@ -4,6 +4,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,24 @@ def test_each_script_describes_the_flags_it_uses_in_its_own_words(capsys, tmp_pa
     with pytest.raises(SystemExit):  # the published flags are still accepted (the run fails on w.pth)
         test_seg.main(test_seg_args)
     assert "unrecognized arguments" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["main_train.py", "main_finetune.py", "test_seg.py", "export.py"])
+def test_help_is_printed_before_pytorch_loads(script):
+    """--help in a fresh process: the flags are parsed before PyTorch, MONAI or NumPy is imported (which
+    took 5-6 s; BENCHMARKS.md has the times), the network list included."""
+    run_help = (
+        f"import runpy, sys\nsys.argv = [{script!r}, '--help']\ntry:\n    runpy.run_path({script!r}, "
+        "run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('loaded:', sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'monai', 'numpy'}))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", run_help], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+    )
+    assert completed.stdout.rstrip().endswith("loaded: []"), completed.stdout[-300:]
+    assert "--output" in completed.stdout and not completed.stderr
+    if script.startswith("main_"):
+        assert "REPUXNET, 3DUXNET, UNETR" in " ".join(completed.stdout.split())
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
