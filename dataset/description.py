@@ -115,6 +115,13 @@ class ChannelNorm:
         if self.std is not None and not self.std >= 0:
             raise ValueError(f"normalization 'ct_zscore': std {self.std!r} must not be negative")
 
+    @property
+    def left_to_data(self) -> bool:
+        """Whether the training cases must still give this channel's settings (see ``dataset.fingerprint``)."""
+        return (self.scheme == "ct_zscore" and self.window is None) or (
+            self.scheme == "zscore" and self.nonzero_mask is None
+        )
+
     def to_json(self) -> dict:
         if self.scheme == "ct":
             return {"scheme": self.scheme, "window": list(self.window)}
@@ -260,10 +267,8 @@ class DatasetConfig:
         (of ``ct_zscore``), ``z-score mask of <channel>``."""
         derived = ["spacing"] if self.spacing == MEDIAN else []
         for name, norm in zip(self.channels, self.normalization, strict=True):
-            if norm.scheme == "ct_zscore" and norm.window is None:
-                derived.append(f"foreground statistics of {name}")
-            elif norm.scheme == "zscore" and norm.nonzero_mask is None:
-                derived.append(f"z-score mask of {name}")
+            if norm.left_to_data:
+                derived.append(f"{'foreground statistics' if norm.scheme == 'ct_zscore' else 'z-score mask'} of {name}")
         return derived
 
     def preprocessing(self) -> dict:

@@ -139,7 +139,7 @@ def _preprocessing_differences(config: DatasetConfig, card_config: DatasetConfig
     if config.spacing != MEDIAN and config.spacing != card_config.spacing:
         differing.append(f"spacing {_spacing_text(config.spacing)} (card: {_spacing_text(card_config.spacing)})")
     for name, mine, card in zip(config.channels, config.normalization, card_config.normalization, strict=True):
-        if mine.scheme != card.scheme or (mine.window is not None and mine.window != card.window):
+        if mine.scheme != card.scheme or (not mine.left_to_data and mine != card):
             differing.append(f"normalization of {name} {mine.describe()} (card: {card.describe()})")
     return differing
 

@@ -122,6 +122,15 @@ def write_json(path: Path, content: dict) -> str:
             r"'normalization': normalization 'zscore': only 'ct' and 'ct_zscore' take a window",
         ),
         (
+            {"labels": {"0": "bg", "1": "a"}, "normalization": "ct"},
+            r"'normalization': normalization 'ct' needs its window \[a_min, a_max\] \(or the dataset's intensity\); to "
+            r"derive the normalisation of a CT from the data, use 'ct_zscore' \(nnU-Net's\)",
+        ),
+        (
+            {"labels": {"0": "bg", "1": "a"}, "normalization": [{"scheme": "ct_zscore", "window": [0, 1]}]},
+            r"'normalization': normalization 'ct_zscore': give window, mean and std together, or none \(derived\)",
+        ),
+        (
             {"labels": {"0": "bg", "1": "a"}, "spacing": [1, 0, 1]},
             r"'spacing' must be three positive numbers \(mm\), null \(native grid\) or \"median\"",
         ),

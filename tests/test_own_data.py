@@ -6,6 +6,7 @@ end in a traceback."""
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +22,7 @@ import main_train
 import test_seg
 from dataset.cases import cases_from_paths, find_cases
 from dataset.checks import verify_cases
-from dataset.description import ChannelNorm, DatasetError, load_dataset_config
+from dataset.description import ChannelNorm, DatasetConfig, DatasetError, load_dataset_config
 from dataset.fingerprint import FOREGROUND_SAMPLES_TOTAL, compute_fingerprint, derive_settings, target_spacing
 from dataset.labels import LabelManager
 from dataset.transforms import CropCentres, LoadCased, NormalizeChannelsd, build_transforms
@@ -271,6 +272,24 @@ def test_a_ct_channel_of_an_nnunet_dataset_is_normalised_as_nnunet_does_and_crop
     outside[window_crop] = False
     assert (raw[outside] > -500).sum() > 1000  # which would lose part of the body
     assert preprocessed[0].numpy() == pytest.approx(nnunet_ct_normalization(raw[body], expected), abs=1e-4)
+
+
+def test_a_dataset_whose_ct_statistics_differ_from_the_cards_is_named_in_the_note():
+    """test_seg.py's note of what the card overrides: settings left to the data agree with any card; given
+    ones that differ (ct_zscore's mean, a z-score mask) are named."""
+    from engine.infer import _preprocessing_differences
+
+    ct = ChannelNorm("ct_zscore", (58.0, 203.0), None, 119.0, 31.5)
+    card = DatasetConfig(
+        "d", ("bg", "a"), (1.0, 1.0, 1.0), ("CT", "T1"), (ct, ChannelNorm("zscore", nonzero_mask=True))
+    )
+    left_to_data = replace(card, normalization=(ChannelNorm("ct_zscore"), ChannelNorm("zscore")))
+    assert _preprocessing_differences(left_to_data, card) == []
+    given = replace(card, normalization=(replace(ct, mean=100.0), ChannelNorm("zscore", nonzero_mask=False)))
+    assert _preprocessing_differences(given, card) == [
+        "normalization of CT ct_zscore 58..203, mean 100, std 31.5 (card: ct_zscore 58..203, mean 119, std 31.5)",
+        "normalization of T1 zscore (all voxels) (card: zscore (non-zero region))",
+    ]
 
 
 def test_ct_window_pools_the_same_number_of_samples_from_every_case(tmp_path):
