@@ -56,20 +56,30 @@ def ct_crop_shares(config: DatasetConfig, cases: list[dict]) -> dict[str, dict[s
     (voxels above BODY_HU) that the foreground crop keeps, with the body crop and with a crop above the
     clip's low end."""
     window_crop = replace(config, normalization=(ChannelNorm("ct", config.normalization[0].window),))
-    shares = {}
+    crops = {}
     for name, chosen in (("body crop", config), ("crop above the clip's low end", window_crop)):
         chain = build_transforms(chosen, "test").transforms
         crop_at = [type(t).__name__ for t in chain].index("CropForegroundd")
-        volume, body = [], []
-        for case in cases:
-            resampled = {"image": case["image"]}
-            for transform in chain[:crop_at]:
-                resampled = transform(resampled)
-            whole, cropped = resampled["image"][0], chain[crop_at](resampled)["image"][0]
-            volume.append(cropped.numel() / whole.numel())
-            body.append(float((cropped > BODY_HU).sum() / (whole > BODY_HU).sum()))
-        shares[name] = {"volume": float(np.mean(volume)), "body": float(np.mean(body)), "body_min": float(np.min(body))}
-    return shares
+        crops[name] = chain[crop_at]
+    loading = chain[:crop_at]  # load, reorient, resample: the same for both
+    kept = {name: {"volume": [], "body": []} for name in crops}
+    for case in cases:
+        resampled = {"image": case["image"]}
+        for transform in loading:
+            resampled = transform(resampled)
+        whole = resampled["image"][0]
+        for name, crop in crops.items():
+            cropped = crop(resampled)["image"][0]
+            kept[name]["volume"].append(cropped.numel() / whole.numel())
+            kept[name]["body"].append(float((cropped > BODY_HU).sum() / (whole > BODY_HU).sum()))
+    return {
+        name: {
+            "volume": float(np.mean(v["volume"])),
+            "body": float(np.mean(v["body"])),
+            "body_min": float(np.min(v["body"])),
+        }
+        for name, v in kept.items()
+    }
 
 
 def main() -> None:

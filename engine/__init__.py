@@ -1,9 +1,8 @@
 """The engine behind the scripts: flags -> dataset and registry network -> training, inference or export.
 
 ``run_training`` (main_train.py, main_finetune.py), ``run_inference`` (test_seg.py) and ``run_export``
-(export.py). Each name is
-imported from its module when first used (PEP 562): a script parses its flags, ``--help`` included,
-before PyTorch and MONAI are loaded.
+(export.py). Each name is imported from its module when first used (PEP 562): a script parses its flags,
+``--help`` included, before PyTorch and MONAI are loaded.
 """
 
 import importlib
