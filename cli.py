@@ -18,7 +18,8 @@ __all__ = ["add_common_arguments", "add_training_arguments", "parser_for", "run_
 
 def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
     """Run a script's command; a problem the user must fix ends it with one ``error:`` line and exit 1,
-    a run stopped on purpose with its message and exit code (130 for Ctrl-C)."""
+    a run stopped on purpose with its message and exit code (130 for Ctrl-C, also where no step of the
+    command says what it stopped: one line, never a traceback)."""
     from dataset.description import DatasetError
     from engine.common import RunStopped, UsageError
 
@@ -29,6 +30,9 @@ def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
     except RunStopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(stopped.exit_code)
+    except KeyboardInterrupt as stopped:
+        print(str(stopped) or "stopped by SIGINT", file=sys.stderr)
+        sys.exit(130)
 
 
 def str2bool(value: str) -> bool:

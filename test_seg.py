@@ -90,8 +90,9 @@ def main(argv=None) -> None:
         "--memory_limit",
         type=positive_float,
         default=None,
-        help="GB of memory a case may take; a case whose estimate exceeds it is refused before any is segmented "
-        "(default: the memory available to this process, the container's limit included)",
+        help="GB of memory the run may take, this process and its data-loading workers together; a run whose "
+        "estimate (from the images' headers) exceeds it is refused before any image is read (default: the memory "
+        "available to this process, the container's limit included)",
     )
     args = parser.parse_args(argv)
     run_or_exit(engine.run_inference, args)  # the engine, PyTorch with it, loads only now

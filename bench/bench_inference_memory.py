@@ -12,7 +12,8 @@ mm, 5 classes, resampled to 1x1x1.2 mm), preprocessed by the test chain and segm
   and ``engine.input_grid.labels_on_input_grid`` (the input grid a slab at a time): test_seg.py's path.
 
 Each prints the process's peak resident memory (VmHWM, the whole process: Python, PyTorch, the image, the
-network and its activations), the estimate of ``engine.memory`` for the case, the seconds of the case and, for
+network and its activations), the estimate of ``engine.memory`` for the case (as test_seg.py makes it for
+``--num_workers 0``, where one process preprocesses and segments), the seconds of the case and, for
 the slab path, how many of its labels differ from the published path's and, there, the largest gap between
 the published path's two most probable classes. ``network`` is a process that only runs the
 network on one batch of windows: its peak above what it held before is the network's own share;
@@ -40,7 +41,14 @@ from monai.data import list_data_collate
 from dataset.description import load_dataset_config
 from dataset.transforms import build_transforms
 from engine.input_grid import InputGrid, labels_on_input_grid
-from engine.memory import inference_bytes, network_grid_shape, peak_resident_bytes, resident_bytes
+from engine.memory import (
+    ModelMemory,
+    activation_bytes,
+    case_grid,
+    peak_resident_bytes,
+    resident_bytes,
+    tree_bytes,
+)
 from engine.predict import ModelPasses, mean_probabilities
 from networks import build_network, switch_to_deploy
 
@@ -108,9 +116,10 @@ def run_single(args) -> dict:
     if args.path == "published":  # after the peak: how far apart the two most probable classes are
         top_two = probabilities.topk(2, dim=0).values
         np.save(args.labels.replace(".npy", "_gap.npy"), (top_two[0] - top_two[1]).numpy())
-    header = nib.load(args.image)
-    network_shape = network_grid_shape(header.shape, header.affine, config.spacing)
-    estimate = inference_bytes(header.shape, 1, network_shape, config.num_classes, ROI, 4)
+    weights = sum(tensor.nbytes for tensor in network.state_dict().values())
+    activations = ModelMemory(ROI, weights, lambda batch: activation_bytes(lambda: network, 1, ROI, batch))
+    case = case_grid("ct", args.image, config.spacing)
+    estimate = tree_bytes([case], 1, config.num_classes, [activations], args.sw_batch_size, args.overlap, 0, 0.0)
     return {
         "peak_gib": peak / 2**30,
         "seconds": seconds,

@@ -14,9 +14,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
-
 from dataset.description import SPLITS, DatasetConfig, DatasetError, counted
+from dataset.portable import holds_channels
 
 __all__ = [
     "NIFTI_ENDINGS",
@@ -74,19 +73,11 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
 
 
-def _is_4d(path: Path) -> bool:
-    """Whether a NIfTI file's header says 4D (several channels in one file); False when unreadable (the
-    read-through names it later)."""
-    try:
-        return len(nib.load(path).shape) == 4
-    except Exception:  # nibabel raises many types for corrupt files
-        return False
-
-
 def _group_channels(images: list[Path], labelled: set[str] | None, config: DatasetConfig) -> tuple[dict, list]:
     """Image files by case: a file named as a label, or ``<case>_NNNN`` of a labelled case, is the image of
-    that case; with several channels, ``<case>_0000``, ``<case>_0001``... 3D files of one folder are the
-    channel files of one case and any other file (a 4D one whatever its name) an image of its own. Returns
+    that case; with several channels, ``<case>_0000``, ``<case>_0001``... files of one folder are the
+    channel files of one case and any other file (one of several channels whatever its name,
+    ``dataset.portable.holds_channels``) an image of its own. Returns
     ``{case: path or [channel paths]}`` and the problems found."""
     channels: dict[str, dict[int, Path]] = {}
     singles: dict[str, Path] = {}
@@ -96,7 +87,8 @@ def _group_channels(images: list[Path], labelled: set[str] | None, config: Datas
         if labelled is not None and stem in labelled:
             case = stem
         elif match and (
-            (config.in_channels > 1 and not _is_4d(path)) or (labelled is not None and match.group(1) in labelled)
+            (config.in_channels > 1 and not holds_channels(path))
+            or (labelled is not None and match.group(1) in labelled)
         ):
             case, index = match.group(1), int(match.group(2))
             if config.in_channels > 1:
@@ -129,10 +121,9 @@ def _group_channels(images: list[Path], labelled: set[str] | None, config: Datas
         folder = files[min(files)].parent
         for index, channel in enumerate(config.channels):
             if index not in files:
-                problems.append(
-                    f"{folder / f'{case}_{index:04d}{config.file_ending}'}: missing (channel {index}, {channel}, "
-                    f"of case {case!r})"
-                )
+                expected = folder / f"{case}_{index:04d}{config.file_ending}"
+                apart = " (it holds several channels: a case of its own)" if expected in images else ""
+                problems.append(f"{expected}: missing (channel {index}, {channel}, of case {case!r}){apart}")
         grouped[case] = [files[i] for i in sorted(files)]
     return grouped, problems
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from dataset.description import DatasetError
 
 __all__ = [
     "CaseSummary",
+    "ReadThroughStopped",
     "along_ras",
     "check_cases",
     "file_identity",
@@ -30,6 +32,11 @@ __all__ = [
     "user_cache",
     "verify_cases",
 ]
+
+
+class ReadThroughStopped(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) while the files are read through; its message says how far the reading came."""
+
 
 #: Version of the read-through summaries (entries of older versions are read again).
 SUMMARY_VERSION = 3
@@ -41,30 +48,71 @@ def file_identity(path: str | os.PathLike) -> tuple[str, list[int]]:
     return os.path.abspath(path), [stat.st_size, stat.st_mtime_ns]
 
 
-def read_through(path: str, kind: str) -> dict:
-    """Read every voxel of a NIfTI file once; a summary of what the checks need, or a DatasetError naming
-    the file (unreadable header, or voxel data cut short, as in a truncated ``.nii.gz``).
+#: The voxel bytes (as float64) a read-through holds at once: a large file is read a slab of planes at a time.
+READ_SLAB_BYTES = 64 * 2**20
+
+
+def read_through(path: str, kind: str, stop: threading.Event | None = None) -> dict:
+    """Read every voxel of a NIfTI file once, a slab of planes at a time (never the whole file in memory);
+    a summary of what the checks need, or a DatasetError naming the file (unreadable header, or voxel data
+    cut short, as in a truncated ``.nii.gz``). A set ``stop`` ends the reading between two slabs
+    (:class:`ReadThroughStopped`).
 
     The summary holds the ``shape`` and ``affine``; for an image whether every voxel is ``finite`` and
     which of its channels is ``constant`` (all voxels one value, such as an empty channel); for a
     label (``kind`` ``"label"``) its distinct ``values``.
     """
     try:
-        image = nib.load(path)
+        image = nib.load(path, keep_file_open=True)
     except Exception as error:  # nibabel raises many types for corrupt files
         raise DatasetError(f"{path}: cannot read as NIfTI ({error})") from None
+    shape = tuple(image.shape)
+    summary: dict = {"shape": list(shape), "affine": np.asarray(image.affine, dtype=float).tolist()}
+    channels = shape[3] if len(shape) == 4 else 1
+    values, finite = set(), True
+    lowest, highest = [np.inf] * channels, [-np.inf] * channels
     try:
-        data = np.asanyarray(image.dataobj)
+        for channel, slab in _slabs(image, stop):
+            if kind == "label":
+                values.update(np.unique(slab).tolist())
+                continue
+            if not np.issubdtype(slab.dtype, np.integer) and not np.isfinite(slab).all():
+                finite = False
+            if slab.size:
+                lowest[channel] = min(lowest[channel], slab.min())
+                highest[channel] = max(highest[channel], slab.max())
+    except ReadThroughStopped:
+        raise
+    except MemoryError:  # the machine's, not the file's fault
+        raise DatasetError(
+            f"{path}: not enough memory to read it through ({READ_SLAB_BYTES // 2**20} MB of voxels at a time); "
+            "free memory"
+        ) from None
     except Exception as error:  # a truncated or corrupt compressed stream: EOFError, zlib.error, OSError...
         raise DatasetError(f"{path}: cannot read its voxel data ({type(error).__name__}: {error})") from None
-    summary: dict = {"shape": list(image.shape), "affine": np.asarray(image.affine, dtype=float).tolist()}
     if kind == "label":
-        summary["values"] = np.unique(data).tolist()
+        summary["values"] = sorted(values)
     else:
-        summary["finite"] = bool(np.issubdtype(data.dtype, np.integer) or np.isfinite(data).all())
-        channels = data.reshape(-1, data.shape[3]) if data.ndim == 4 else data.reshape(-1, 1)
-        summary["constant"] = [bool(summary["finite"] and c.size and c.min() == c.max()) for c in channels.T]
+        summary["finite"] = finite
+        summary["constant"] = [bool(finite and low == high) for low, high in zip(lowest, highest, strict=True)]
     return summary
+
+
+def _slabs(image, stop: threading.Event | None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(channel, voxels)`` of a NIfTI image a slab of planes (its third axis) at a time, each channel
+    of a 4D file in turn: in the order of the file's bytes, so that a compressed file is decompressed once."""
+    shape = tuple(image.shape)
+    if len(shape) not in (3, 4):
+        yield 0, np.asanyarray(image.dataobj)
+        return
+    plane = max(1, shape[0] * shape[1] * 8)  # float64 once scaled, whatever the stored type
+    step = max(1, READ_SLAB_BYTES // plane)
+    for channel in range(shape[3] if len(shape) == 4 else 1):
+        for start in range(0, shape[2], step):
+            if stop is not None and stop.is_set():
+                raise ReadThroughStopped("stopped")
+            index = (slice(None), slice(None), slice(start, start + step))
+            yield channel, np.asanyarray(image.dataobj[index + ((channel,) if len(shape) == 4 else ())])
 
 
 #: Seconds between two calls of ``keep`` while files are read through: a long first read that is
@@ -95,9 +143,10 @@ def _read_all(
             pending[path] = (kind, absolute, identity)
     if not pending:
         return results
-    kept = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(read_through, path, kind): path for path, (kind, _, _) in pending.items()}
+    kept, stop = time.monotonic(), threading.Event()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = {pool.submit(read_through, path, kind, stop): path for path, (kind, _, _) in pending.items()}
         for future in tqdm(as_completed(futures), total=len(futures), desc="Reading cases", disable=not progress):
             if keep is not None and time.monotonic() - kept >= KEEP_EVERY:
                 keep()
@@ -110,6 +159,15 @@ def _read_all(
                 continue
             kind, absolute, identity = pending[path]
             known[absolute] = {"kind": kind, "identity": identity, "version": SUMMARY_VERSION, "summary": results[path]}
+    except KeyboardInterrupt:  # Ctrl-C: the reading threads stop at their next slab
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise ReadThroughStopped(
+            f"stopped by SIGINT while reading the cases through ({len(results)} of {len(files)} files read; "
+            "those are remembered, and the next run does not read them again)"
+        ) from None
+    finally:
+        pool.shutdown(wait=True)
     return results
 
 

@@ -54,6 +54,19 @@ SPLITS = {
 }
 #: Where the balanced crops centre background samples (see :class:`DatasetConfig`).
 BACKGROUND_CROPS = ("body", "published")
+#: The keys of a dataset JSON that set how it trains (beyond the Decathlon's): a ``--datalist`` may not hold
+#: them, as it would change nothing.
+DATASET_SETTINGS = (
+    "spacing",
+    "intensity",
+    "normalization",
+    "channels",
+    "rotate_z",
+    "mirror_axes",
+    "lateral_pairs",
+    "regions",
+    "regions_class_order",
+)
 #: The published window of abdominal CT (HU).
 ABDOMEN_WINDOW = (-125.0, 275.0)
 
@@ -365,15 +378,37 @@ def read_json(path: Path, flag: str) -> dict:
     if not path.is_file():
         raise DatasetError(f"{flag} {path}: no such file")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         raise DatasetError(
             f"{flag} {path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+    except _DuplicateKey as duplicate:
+        raise DatasetError(
+            f"{flag} {path}: key {duplicate.key!r} appears twice in one object (JSON would keep the last one "
+            "silently); keep one"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{flag} {path}: cannot read: {error}") from None
     if not isinstance(content, dict):
         raise DatasetError(f"{flag} {path}: expected a JSON object at the top level")
+    return content
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``'s ``object_pairs_hook``: an object, refusing a key given twice (which ``json`` would
+    drop but for its last value: a region or label given twice would vanish without a word)."""
+    content = {}
+    for key, value in pairs:
+        if key in content:
+            raise _DuplicateKey(key)
+        content[key] = value
     return content
 
 
@@ -418,6 +453,13 @@ def _nnunet_labels(labels: object, where: str) -> tuple[tuple[str, ...], int | N
         raise DatasetError(f"{where}: 'labels' needs \"background\": 0 (nnU-Net's rule)")
     has_regions = any(isinstance(value, list | tuple) and len(value) > 1 for value in labels.values())
     values = sorted({v for group in entries.values() for v in group})
+    holding = next((name for name, group in entries.items() if ignore is not None and ignore in group), None)
+    if holding is not None:
+        what = "region" if len(entries[holding]) > 1 else "label"
+        raise DatasetError(
+            f"{where}: 'ignore' label {ignore} is also in {what} {holding!r} {list(entries[holding])}: the ignore "
+            "label must be a value of its own, above every class value (as nnU-Net requires)"
+        )
     if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool) or ignore <= max(values)):
         raise DatasetError(
             f"{where}: 'ignore' label {ignore!r}: must be an integer above every class value (as nnU-Net requires)"
@@ -487,12 +529,36 @@ def _regions_of(content: dict, labels: tuple[str, ...], regions: dict, where: st
     except ValueError as error:
         raise DatasetError(f"{where}: {error}") from None
     covered = {value for values in regions.values() for value in values}
+    same = _first_repeat(list(regions.values()))
+    if same is not None:
+        names = [name for name, values in regions.items() if values == same]
+        raise DatasetError(
+            f"{where}: regions {names[0]!r} and {names[1]!r} hold the same labels {list(same)}: each region must "
+            "be a set of its own"
+        )
+    painted = _first_repeat(order)
+    if painted is not None:
+        names = [name for name, value in zip(regions, order, strict=True) if value == painted]
+        raise DatasetError(
+            f"{where}: 'regions_class_order' {order}: regions {names[0]!r} and {names[1]!r} both paint label "
+            f"{painted}; each region paints a label value of its own"
+        )
     uncovered = [value for value in range(1, len(labels)) if value not in covered]
     if uncovered:  # nnU-Net's labels are those of its regions: a label in none would be neither trained nor scored
         raise DatasetError(
             f"{where}: label {uncovered[0]} ({labels[uncovered[0]]}) is in no region; every label must be in one"
         )
     return tuple(regions.items()), tuple(order)
+
+
+def _first_repeat(items: list) -> object | None:
+    """The first item of ``items`` that an earlier one equals, or None."""
+    seen = []
+    for item in items:
+        if item in seen:
+            return item
+        seen.append(item)
+    return None
 
 
 def parse_lists(content: dict, where: str) -> dict[str, list]:
@@ -676,7 +742,16 @@ def load_dataset_config(dataset: str, datalist: str | None = None) -> DatasetCon
         raise DatasetError(f"--dataset {dataset!r}: not a preset ({', '.join(PRESETS)}) nor a .json file")
     if datalist is not None:
         path = Path(datalist)
-        lists = parse_lists(read_json(path, "--datalist"), f"--datalist {path}")
+        content = read_json(path, "--datalist")
+        settings = [key for key in DATASET_SETTINGS if key in content]
+        if settings:
+            raise DatasetError(
+                f"--datalist {path}: {', '.join(repr(key) for key in settings)} "
+                f"{'is a dataset setting' if len(settings) == 1 else 'are dataset settings'}, which a datalist does "
+                "not change (it gives the training/validation/test lists only): put "
+                f"{'it' if len(settings) == 1 else 'them'} in a dataset JSON given as --dataset"
+            )
+        lists = parse_lists(content, f"--datalist {path}")
         if not lists:
             raise DatasetError(f"--datalist {path}: no 'training', 'validation' or 'test' list")
         config = replace(config, lists={**config.lists, **lists}, layout="folders")

@@ -96,6 +96,16 @@ class LabelManager:
         order = ", ".join(map(str, self.regions_class_order))
         return f"{len(self.regions)} regions ({regions}; label map painted {order} in that order)"
 
+    def label_map_names(self) -> dict[int, str]:
+        """What each value of the label map (:meth:`label_map`) means: background, then each class, or for
+        regions each painted value named after the region that paints it (the last one to paint it wins)."""
+        if not self.regions:
+            return dict(enumerate(self.classes))
+        names = {0: self.classes[0]}
+        for name, value in zip(self.regions, self.regions_class_order, strict=True):
+            names[value] = name
+        return dict(sorted(names.items()))
+
     def same_outputs(self, other: LabelManager) -> bool:
         """Whether two models' outputs mean the same (an ensemble averages them)."""
         mine = (self.classes, tuple(self.regions.items()), self.regions_class_order)

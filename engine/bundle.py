@@ -100,7 +100,7 @@ POSTPROCESSING = [
         "output_dtype": "$numpy.uint8",
         "resample": False,
         "separate_folder": False,
-        "output_name_formatter": {"_target_": "scripts.portable.output_name", "_mode_": "callable"},
+        "output_name_formatter": {"_target_": "scripts.portable.saved_name", "_mode_": "callable"},
         "print_log": True,
     },
 ]
@@ -123,7 +123,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
         "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device)",
         "network": "$@network_def.eval()",
         "datalist": {
-            "_target_": "scripts.portable.case_images",
+            "_target_": "scripts.portable.checked_cases",
             "folder": "@dataset_dir",
             "in_channels": "@in_channels",
         },
@@ -276,11 +276,11 @@ repository preprocesses and segments with.
 
 
 def _outputs_note(manager: LabelManager) -> str:
-    classes = ", ".join(f"{i} {name}" for i, name in enumerate(manager.classes))
     if not manager.has_regions:
-        return f"classes: {classes}"
+        return f"classes: {', '.join(f'{i} {name}' for i, name in enumerate(manager.classes))}"
     regions = "; ".join(f"{name}: labels {', '.join(map(str, values))}" for name, values in manager.regions.items())
-    return f"labels: {classes}; outputs: one sigmoid per region ({regions})"
+    painted = ", ".join(f"{value} {name}" for value, name in manager.label_map_names().items())
+    return f"outputs: one sigmoid per region ({regions}); the label map's values: {painted}"
 
 
 def _label_map_note(manager: LabelManager) -> str:

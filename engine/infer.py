@@ -17,7 +17,7 @@ from monai.data import CacheDataset, DataLoader
 from torch import nn
 from tqdm import tqdm
 
-from atomic_files import replace_atomically
+from atomic_files import FileGroup
 from dataset.cases import case_files, cases_from_paths, find_cases, label_for, resolve_root
 from dataset.checks import verify_cases
 from dataset.description import MEDIAN, DatasetConfig, counted, load_dataset_config
@@ -31,7 +31,7 @@ from dataset.laterality import (
     find_lateral_pairs,
     mirrorings,
 )
-from dataset.portable import named_apart
+from dataset.portable import case_output_name, named_apart
 from dataset.transforms import build_transforms
 from engine.common import (
     NetworkChoice,
@@ -51,14 +51,24 @@ from engine.evaluate import apply_label_map, evaluate_case, format_summary, pars
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
 from engine.input_grid import InputGrid, labels_on_input_grid
 from engine.loading import data_worker_init
-from engine.memory import available_bytes, device_bytes, gigabytes, inference_bytes, network_grid_shape
+from engine.memory import (
+    ModelMemory,
+    TreeMemory,
+    activation_bytes,
+    available_bytes,
+    case_grid,
+    device_bytes,
+    gigabytes,
+    tree_bytes,
+    windows_per_batch,
+)
 from engine.predict import (
     ModelPasses,
     ProbabilitiesFile,
     keep_largest,
     mean_probabilities,
-    output_name,
     probabilities_path,
+    segmentation_path,
     write_segmentation,
 )
 from engine.stitching import stitching_device
@@ -212,10 +222,17 @@ def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> Traine
     return TrainedMirroring(axes, pairs, source)
 
 
-def _label_map_of(args, out_channels: int, config: DatasetConfig) -> dict[int, int] | None:
-    """``--label_map`` parsed and checked against the model's classes and the dataset's labels."""
+def _label_map_of(args, outputs: LabelManager, config: DatasetConfig) -> dict[int, int] | None:
+    """``--label_map`` parsed and checked against the model's classes and the dataset's labels (refused for a
+    region model: its outputs are no classes to rename)."""
+    out_channels = len(outputs.classes)
     if not args.label_map:
         return None
+    if outputs.has_regions:
+        raise UsageError(
+            f"--label_map {args.label_map}: the model predicts regions ({', '.join(outputs.regions)}), and a label "
+            "map renames classes; a region model is evaluated on labels of its own regions' values"
+        )
     try:
         label_map = parse_label_map(args.label_map)
     except ValueError as error:
@@ -239,11 +256,12 @@ def _dataset_of(args) -> str:
     return "flare"
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadedModel:
     """One model of the ensemble: its weights file, network, channels, classes, ROI, preprocessing
     (``config``) and state dict, or the exported network of a ``model.ts`` or ``model.onnx``, what its
-    card says of mirroring, and what its outputs mean (``outputs``)."""
+    card says of mirroring, and what its outputs mean (``outputs``). Building the network hands the state
+    dict over to it (``state`` is None then): the weights are held once while cases are segmented."""
 
     weights: str
     choice: NetworkChoice
@@ -251,15 +269,18 @@ class LoadedModel:
     out_channels: int
     roi: tuple[int, int, int]
     config: DatasetConfig
-    state: dict | ExportedNetwork
+    state: dict | ExportedNetwork | None
     mirroring: TrainedMirroring
     outputs: LabelManager
 
     def build(self, device: torch.device) -> nn.Module:
         if isinstance(self.state, ExportedNetwork):
             return self.state.build(device)
+        if self.state is None:
+            raise RuntimeError(f"{self.weights}: built once already")
         model = self.choice.build(self.in_channels, self.out_channels)
         load_into(model, self.state, self.weights, "--trained_weights", self.choice.name)
+        self.state = None
         switch_to_deploy(model)  # plain convolutions for RepUX-Net: same outputs, no W * M per forward
         return model.to(device).eval()
 
@@ -320,9 +341,10 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
         named_apart(cases)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    _check_output_apart(Path(args.output), cases)
     if not args.evaluate:
         return [{"image": case["image"]} for case in cases]
-    unlabelled = [output_name(case["image"]) for case in cases if "label" not in case]
+    unlabelled = [case_output_name(case["image"]) for case in cases if "label" not in case]
     if len(unlabelled) == len(cases):
         raise UsageError(f"--evaluate needs labels: {where}; none of the {counted(len(cases), 'case')} has one")
     if unlabelled:
@@ -331,6 +353,19 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
             f"{', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''}"
         )
     return cases
+
+
+def _check_output_apart(output: Path, cases: list[dict]) -> None:
+    """Refuse an ``--output`` folder that holds images to segment: the next run over that folder would read
+    the segmentations written there as images (``case_seg_seg.nii.gz``)."""
+    folder = output.resolve()
+    for case in cases:
+        for path in case_files({"image": case["image"]}):
+            if Path(path).resolve().parent == folder:
+                raise UsageError(
+                    f"--output {output}: the folder of the images to segment ({path}); the segmentations written "
+                    "there would be read as images by the next run over it: write them to another folder"
+                )
 
 
 def _infer(args) -> list[Path]:
@@ -348,12 +383,12 @@ def _infer(args) -> list[Path]:
     config = models[0].config
     cases = _cases_to_segment(args, config)
     outputs = models[0].outputs
-    label_map = _label_map_of(args, len(outputs.classes), config)
+    label_map = _label_map_of(args, outputs, config)
     keep = _classes_to_keep(args.keep_largest, outputs)
+    _check_memory(args, cases, models, device)  # from the headers, before any voxel is read
     verify_cases(
         cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
     )
-    _check_memory(args, cases, models[0], device)
     test_axes = _test_mirror_axes(args, models)
     written, rows, started = [], [], time.perf_counter()
     try:
@@ -375,56 +410,138 @@ def _infer(args) -> list[Path]:
     return written
 
 
-def _check_memory(args, cases: list[dict], model: LoadedModel, device: torch.device) -> None:
-    """Refuse, before any case is segmented, a case whose estimated memory (``engine.memory``, from its
-    header) exceeds ``--memory_limit`` or what the machine has, or, on a GPU, what the GPU has free (the
-    network's activations aside); say where the probabilities are held."""
-    config, needs = model.config, []
+def _check_memory(args, cases: list[dict], models: list[LoadedModel], device: torch.device) -> None:
+    """Refuse, before any file is read through and any case segmented, a run whose estimated peak
+    (``engine.memory.tree_bytes``: this process and its data-loading workers, every model, the network's
+    activations; each case from its header) exceeds ``--memory_limit`` or what the machine has, or, on a GPU,
+    a case whose windows and activations exceed what the GPU has free; say where the probabilities are held.
+    The estimate without the activations is checked first: a case far too large is refused at once."""
+    config, first = models[0].config, models[0]
+    grids = []
     for case in cases:
-        header = nib.load(case_files({"image": case["image"]})[0])
-        input_shape = header.shape[:3]
-        network_shape = network_grid_shape(input_shape, header.affine, config.spacing)
-        estimate = inference_bytes(
-            input_shape, model.in_channels, network_shape, model.out_channels, model.roi, args.sw_batch_size
-        )
-        needs.append((estimate.total, output_name(case["image"]), network_shape, math.prod(input_shape)))
-    need, name, network_shape, input_voxels = max(needs)
+        try:
+            grids.append(case_grid(case_output_name(case["image"]), case_files(case)[0], config.spacing))
+        except Exception:  # nibabel raises several types for an unreadable header: the read-through names it
+            continue
+    if not grids:
+        return
     limit = args.memory_limit * 2**30 if args.memory_limit else available_bytes()
-    if limit is not None and need > limit:
-        what = f"{model.out_channels} classes x {'x'.join(map(str, network_shape))} voxels on the network grid"
-        if args.memory_limit:
-            verdict = f"more than --memory_limit {args.memory_limit:g} (GB) allows: raise it where the machine has more"
-        else:
-            verdict = (
-                f"more than the {gigabytes(limit)} available: free memory, use a machine with more, or give "
-                "--memory_limit where the estimate is too high"
-            )
-        raise UsageError(f"{name}: inference needs about {gigabytes(need)} ({what}; TRAINING.md, Memory), {verdict}")
-    holder = stitching_device(network_shape, model.out_channels, device)
+    # The activations on this host: first the windows' logits alone (a lower bound), then traced; on a GPU, none.
+    on_gpu = [ModelMemory(model.roi, _weight_bytes(model, device), lambda batch: 0) for model in models]
+    untraced = [ModelMemory(model.roi, _weight_bytes(model, device), lambda batch: None) for model in models]
+    _refuse_above(_tree(args, grids, first, untraced if device.type == "cpu" else on_gpu), limit, args, first, grids)
+    autocast = autocast_for(args.amp, device)
+    traced = [
+        ModelMemory(model.roi, _weight_bytes(model, device), _activations(model, device, autocast)) for model in models
+    ]
+    estimate = _tree(args, grids, first, traced if device.type == "cpu" else on_gpu)
+    _refuse_above(estimate, limit, args, first, grids)
+    largest = next(grid for grid in grids if grid.name == estimate.largest)
+    holder = stitching_device(largest.network_shape, first.out_channels, device)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        on_device = device_bytes(
-            network_shape,
-            model.in_channels,
-            model.out_channels,
-            model.roi,
-            args.sw_batch_size,
-            input_voxels,
-            holder == device,
-        )
-        if on_device > free:
-            raise UsageError(
-                f"{name}: inference needs about {gigabytes(on_device)} on {device} before the network's activations "
-                f"(a row of {'x'.join(map(str, model.roi))} windows across {network_shape[0]}x{network_shape[1]} "
-                f"voxels, {model.out_channels} classes), which has {gigabytes(free)} free: use --sw_batch_size 1, "
-                "or --device cpu"
-            )
-    size = gigabytes(2 * model.out_channels * math.prod(network_shape))
+        _check_gpu(args, grids, models, traced, device, holder)
+    workers = f", {args.num_workers} data-loading workers {gigabytes(estimate.workers)}" if args.num_workers else ""
+    unknown = "" if estimate.activations_known else "; the network's activations could not be traced"
+    size = gigabytes(2 * first.out_channels * math.prod(largest.network_shape))
     print(
-        f"Memory: the largest case ({name}) needs about {gigabytes(need)} besides the network; probabilities "
-        f"({size} at most) held on {'the CPU' if holder.type == 'cpu' else holder}"
+        f"Memory: segmenting needs about {gigabytes(estimate.total)} at most (this process "
+        f"{gigabytes(estimate.main)}{workers}; largest case {estimate.largest}{unknown})"
+        + (f" of the {gigabytes(limit)} available" if limit is not None else "")
+        + f"; probabilities ({size} at most) held on {'the CPU' if holder.type == 'cpu' else holder}"
         + (" (too large for the GPU's free memory)" if holder != device else "")
     )
+
+
+def _tree(args, grids: list, model: LoadedModel, memories: list) -> TreeMemory:
+    return tree_bytes(
+        grids,
+        model.in_channels,
+        model.out_channels,
+        memories,
+        args.sw_batch_size,
+        args.overlap,
+        args.num_workers,
+        args.cache_rate,
+    )
+
+
+def _refuse_above(estimate: TreeMemory, limit: int | None, args, model: LoadedModel, grids: list) -> None:
+    if limit is None or estimate.total <= limit:
+        return
+    largest = next(grid for grid in grids if grid.name == estimate.largest)
+    what = f"{model.out_channels} outputs x {'x'.join(map(str, largest.network_shape))} voxels on the network grid"
+    parts = f"this process {gigabytes(estimate.main)}"
+    if args.num_workers:
+        parts += f", {args.num_workers} data-loading workers {gigabytes(estimate.workers)}"
+    if args.memory_limit:
+        verdict = f"more than --memory_limit {args.memory_limit:g} (GB) allows: raise it where the machine has more"
+    else:
+        verdict = (
+            f"more than the {gigabytes(limit)} available: free memory, use a machine with more, or give "
+            "--memory_limit where the estimate is too high"
+        )
+    fewer = "; --num_workers 0 preprocesses in this process, one case at a time" if args.num_workers else ""
+    raise UsageError(
+        f"{estimate.largest}: segmenting needs about {gigabytes(estimate.total)} ({parts}; {what}; TRAINING.md, "
+        f"Memory), {verdict}{fewer}"
+    )
+
+
+def _weight_bytes(model: LoadedModel, device: torch.device) -> int:
+    """The host memory of a model's weights while cases are segmented: its network's (none on a GPU; the
+    loaded state dict is handed over to the network, :meth:`LoadedModel.build`); of an export, its file's
+    size."""
+    if isinstance(model.state, ExportedNetwork):
+        return Path(model.weights).stat().st_size
+    return sum(tensor.nbytes for tensor in model.state.values()) if device.type == "cpu" else 0
+
+
+def _activations(model: LoadedModel, device: torch.device, autocast: torch.autocast):
+    """``batch -> bytes`` of the model's network on ``device`` under ``autocast`` (``engine.memory.
+    activation_bytes``: its card's network stands for an export), None where it cannot be traced; each batch
+    size traced once."""
+    traced: dict[int, int | None] = {}
+
+    def build() -> nn.Module:
+        network = model.choice.build(model.in_channels, model.out_channels)
+        switch_to_deploy(network)
+        return network.eval()
+
+    def of(batch: int) -> int | None:
+        if batch not in traced:
+            try:
+                traced[batch] = activation_bytes(build, model.in_channels, model.roi, batch, device.type, autocast)
+            except Exception:  # a network whose forward needs real values: its logits stand for it
+                traced[batch] = None
+        return traced[batch]
+
+    return of
+
+
+def _check_gpu(args, grids: list, models: list[LoadedModel], traced: list, device, holder) -> None:
+    """Refuse a case whose windows, activations and (where held there) probabilities exceed the GPU's free
+    memory."""
+    free = torch.cuda.mem_get_info(device)[0]
+    for grid in grids:
+        for model, memory in zip(models, traced, strict=True):
+            batch = windows_per_batch(grid.network_shape, model.roi, args.overlap, args.sw_batch_size)
+            activations = memory.activations(batch) or 0
+            on_device = activations + device_bytes(
+                grid.network_shape,
+                model.in_channels,
+                model.out_channels,
+                model.roi,
+                batch,
+                math.prod(grid.input_shape),
+                holder == device,
+            )
+            if on_device > free:
+                raise UsageError(
+                    f"{grid.name}: inference needs about {gigabytes(on_device)} on {device} (the network's "
+                    f"activations for {batch} windows, a row of {'x'.join(map(str, model.roi))} windows across "
+                    f"{grid.network_shape[0]}x{grid.network_shape[1]} voxels, {model.out_channels} outputs), which "
+                    f"has {gigabytes(free)} free: use --sw_batch_size 1, or --device cpu"
+                )
 
 
 def _test_mirror_axes(args, models: list[LoadedModel]) -> list[tuple[int, ...]]:
@@ -510,35 +627,30 @@ def _segment_cases(
             written.append(paths[0])
             bar.update(1)
             seconds = time.perf_counter() - start
-            bar.write(f"{output_name(case['image'])}: {seconds:.1f} s, wrote {', '.join(map(str, paths))}")
+            bar.write(f"{case_output_name(case['image'])}: {seconds:.1f} s, wrote {', '.join(map(str, paths))}")
             if args.evaluate and "label" in case:
                 rows += _evaluate(paths[0], case, config, label_map, args.nsd_tolerance)
 
 
 def _write_case(probabilities, image, case, keep, save_probabilities, model, output: Path) -> list[Path]:
     """A case's probabilities (network grid) brought to the input's voxels slab by slab, its labels (largest
-    components kept for ``keep``) written, and with ``save_probabilities`` the probabilities too."""
-    grid, paths, label_manager = InputGrid.of(image), [], model.outputs
-    try:
+    components kept for ``keep``) written, and with ``save_probabilities`` the probabilities too: both
+    written to temporary files, then renamed into place together (:class:`atomic_files.FileGroup`), so that
+    an interrupt leaves the previous pair or the new one, never a segmentation without its probabilities."""
+    grid, label_manager = InputGrid.of(image), model.outputs
+    paths = [segmentation_path(case["image"], output)]
+    with FileGroup() as files:
         if save_probabilities:
-            path = probabilities_path(case["image"], output)
+            paths.append(probabilities_path(case["image"], output))
             affine = nib.load(case_files({"image": case["image"]})[0]).affine
             shape = (model.out_channels, *grid.shape)
-
-            def write(tmp: str) -> np.ndarray:
-                with ProbabilitiesFile(tmp, shape, affine, model.outputs.output_names) as file:
-                    return labels_on_input_grid(probabilities, grid, label_manager, file)
-
-            labels = replace_atomically(path, write)
-            paths.append(path)
+            with ProbabilitiesFile(files.temporary(paths[1]), shape, affine, label_manager.output_names) as file:
+                labels = labels_on_input_grid(probabilities, grid, label_manager, file)
         else:
             labels = labels_on_input_grid(probabilities, grid, label_manager)
         labels = keep_largest(labels, keep) if keep else labels
-        paths.insert(0, write_segmentation(labels, case["image"], output))
-    except BaseException:  # Ctrl-C between the two files: neither stays, so no case is half-written
-        for path in paths:
-            path.unlink(missing_ok=True)
-        raise
+        write_segmentation(labels, case["image"], files.temporary(paths[0]))
+        files.commit()
     return paths
 
 
@@ -589,4 +701,4 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
     groups = {key: values for key, (_, values) in config.label_manager.scored().items()}
     results = evaluate_case(prediction, label, spacing, groups, tolerance, ignore_label=config.ignore_label)
-    return [{"case": output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]
+    return [{"case": case_output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]

@@ -3,7 +3,6 @@ data-loading workers, and how long a run's other processes may wait for their pr
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +14,9 @@ from monai.data.utils import worker_init_fn as monai_worker_init
 
 from dataset.cases import case_files
 from dataset.checks import CaseSummary, file_identity
+from engine.memory import available_bytes
 
 __all__ = [
-    "available_memory",
     "cached_dataset",
     "data_preparation_seconds",
     "data_worker_init",
@@ -41,21 +40,6 @@ def preprocessed_bytes(summary: CaseSummary, spacing: Sequence[float] | None) ->
     return int(np.prod(shape)) * (summary.channels + 1) * 4
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 #: The share of the available memory the in-memory cache may take (the rest: network, workers, batches).
 CACHE_MEMORY_SHARE = 0.75
 
@@ -70,8 +54,8 @@ def fit_cache_rate(
     """``--cache_rate`` lowered to what fits in memory, and the note that says so (None when it fits):
     ``processes`` processes each cache ``cache_rate`` of the cases, preprocessed (see
     :func:`preprocessed_bytes`), in :data:`CACHE_MEMORY_SHARE` of the ``available``
-    memory (default: what the system reports)."""
-    available = available_memory() if available is None else available
+    memory (default: :func:`engine.memory.available_bytes`, a container's limit included)."""
+    available = available_bytes() if available is None else available
     if available is None or cache_rate == 0 or not summaries:
         return cache_rate, None
     needed = cache_rate * processes * sum(preprocessed_bytes(summary, spacing) for summary in summaries)

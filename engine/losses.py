@@ -46,11 +46,17 @@ class AnnotatedDiceCELoss(nn.Module):
 
 class RegionDiceBCELoss(nn.Module):
     """nnU-Net v2's ``DC_and_BCE_loss`` of region-based training, plus 1: binary cross-entropy of each region's
-    logit (``BCEWithLogitsLoss``, mean over voxels and regions) plus 1 - soft Dice (``MemoryEfficientSoftDiceLoss``
-    on the sigmoid, per crop and region, smooth 1e-5, the mean over both). nnU-Net adds -Dice; 1 - Dice keeps
-    the logged loss positive, as MONAI's Dice losses do, with the same gradients. Its Dice is per crop
-    (nnU-Net's ``batch_dice`` False, as MONAI's DiceCE of the class loss). Voxels labelled ``ignore_label``
-    are left out of both terms (nnU-Net's loss mask).
+    logit (``BCEWithLogitsLoss``) plus 1 - soft Dice (``MemoryEfficientSoftDiceLoss`` on the sigmoid, per crop
+    and region, smooth 1e-5, the mean over both). nnU-Net adds -Dice; 1 - Dice keeps the logged loss positive,
+    as MONAI's Dice losses do, with the same gradients. Its Dice is per crop (nnU-Net's ``batch_dice`` False,
+    as MONAI's DiceCE of the class loss).
+
+    Without an ignore label the cross-entropy is the mean over voxels and regions. With one (nnU-Net's loss
+    mask), unannotated voxels are left out of both terms: the cross-entropy is summed over the regions and
+    divided by the annotated voxels (nnU-Net's masked sum, not a mean over regions x voxels), and the Dice term
+    is the mean over the crops that have annotated voxels, as :class:`AnnotatedDiceCELoss` does. That is a
+    deliberate difference from nnU-Net, whose masked soft Dice of a fully unannotated crop is smooth / smooth
+    = 1, a perfect score that shrinks the term of the crops that have labels.
 
     Args:
         label_manager: the regions (their label values) and the ignore label.
@@ -69,20 +75,24 @@ class RegionDiceBCELoss(nn.Module):
         logits = logits.float()
         target = self.label_manager.region_masks(label).to(logits.dtype)
         annotated = self.label_manager.annotated(label)
-        mask = None if annotated is None else annotated.unsqueeze(1).to(logits.dtype)
         probabilities = torch.sigmoid(logits)
         axes = tuple(range(2, logits.dim()))
-        if mask is None:
+        if annotated is None:
             intersection, predicted = (probabilities * target).sum(axes), probabilities.sum(axes)
             truth = target.sum(axes)
             bce = F.binary_cross_entropy_with_logits(logits, target)
+            crops = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         else:
+            crops = annotated.flatten(1).any(1)
+            if not crops.any():  # unannotated voxels only: nothing to learn from these labels
+                return logits.sum() * 0
+            mask = annotated.unsqueeze(1).to(logits.dtype)
             intersection, predicted = (probabilities * target * mask).sum(axes), (probabilities * mask).sum(axes)
             truth = (target * mask).sum(axes)
             voxels = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask
             bce = voxels.sum() / mask.sum().clamp_min(1e-8)
         dice = (2 * intersection + self.SMOOTH) / (truth + predicted + self.SMOOTH).clamp_min(1e-8)
-        return bce + 1 - dice.mean()
+        return bce + 1 - dice[crops].mean()
 
 
 def segmentation_loss(label_manager: LabelManager) -> nn.Module:

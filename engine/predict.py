@@ -15,7 +15,6 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from atomic_files import replace_atomically
 from dataset.cases import case_files
 from dataset.laterality import LEFT_RIGHT_AXIS, lateral_order, mirrorings
 from dataset.portable import case_output_name
@@ -26,8 +25,8 @@ __all__ = [
     "ProbabilitiesFile",
     "keep_largest",
     "mean_probabilities",
-    "output_name",
     "probabilities_path",
+    "segmentation_path",
     "write_segmentation",
 ]
 
@@ -106,15 +105,9 @@ def keep_largest(labels: np.ndarray, classes: Sequence[int | Sequence[int]]) -> 
     return kept
 
 
-def output_name(image: str | Sequence[str]) -> str:
-    """The name a case's outputs take, as the bundle names them (``dataset.portable.case_output_name``: the
-    first channel file's name without ``.nii.gz`` and nnU-Net's ``_0000``)."""
-    return case_output_name(image if isinstance(image, str) else image[0])
-
-
-def write_segmentation(labels: np.ndarray, image: str | Sequence[str], output: Path) -> Path:
-    """``<case>_seg.nii.gz``: uint8 labels with the input's shape and affine (of its first channel file,
-    which every channel file shares)."""
+def write_segmentation(labels: np.ndarray, image: str | Sequence[str], path: str | Path) -> None:
+    """Write ``labels`` to ``path`` (a ``.nii.gz`` name) as uint8 with the input's shape and affine (of its
+    first channel file, which every channel file shares)."""
     source = nib.load(case_files({"image": image})[0])
     shape = tuple(source.shape[:3])
     if labels.shape != shape:
@@ -123,13 +116,15 @@ def write_segmentation(labels: np.ndarray, image: str | Sequence[str], output: P
     header.set_data_dtype(np.uint8)
     nifti = nib.Nifti1Image(labels, source.affine, header)
     nifti.header.set_slope_inter(1.0, 0.0)
-    path = output / f"{output_name(image)}_seg.nii.gz"
-    replace_atomically(path, lambda tmp: nib.save(nifti, tmp))
-    return path
+    nib.save(nifti, str(path))
+
+
+def segmentation_path(image: str | Sequence[str], output: Path) -> Path:
+    return output / f"{case_output_name(image)}_seg.nii.gz"
 
 
 def probabilities_path(image: str | Sequence[str], output: Path) -> Path:
-    return output / f"{output_name(image)}_probabilities.npz"
+    return output / f"{case_output_name(image)}_probabilities.npz"
 
 
 class ProbabilitiesFile:

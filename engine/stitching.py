@@ -123,14 +123,23 @@ def _finished(total, count, base, stop, offset, shape, finish) -> Slab:
 
 class ProbabilityVolume:
     """Probabilities ``K, X, Y, Z`` (of classes or regions) held in 2 bytes per output and voxel: fixed point
-    in steps of 1/65535 (int16 codes offset by 32768). The size of float16 (half of float32's), and finer than float16
-    where labels are decided: float16 rounds 0.4 by up to 1.2e-4, these codes any value by 7.6e-6.
-    Indexing reads float32."""
+    in steps of 1/65534 (int16 codes ``c``, the probability ``(c + 32767) / 65534``). The size of float16 (half
+    of float32's), and finer than float16 where labels are decided: float16 rounds 0.4 by up to 1.2e-4, these
+    codes any value by 7.6e-6. 65534 steps rather than 65535, so that 0.5 has a code of its own (32767 /
+    65534): the float32 read from a code is above 0.5 exactly where the code is above 0.5's, so a region's
+    ``> 0.5`` (nnU-Net's threshold) on what is read is the same comparison on the codes.
 
-    STEPS = 65535
+    Passes are added as a running weighted mean (each plane of the last axis counts the weight it has
+    received): a pass equal to the mean leaves it as it is, so a probability of exactly 0.5 from every pass
+    stays exactly 0.5, which the threshold does not paint. Each pass rounds the mean by at most half a step
+    (7.6e-6). Indexing reads float32."""
+
+    STEPS = 65534
+    OFFSET = 32767
 
     def __init__(self, num_classes: int, shape: Sequence[int], device: torch.device) -> None:
-        self.codes = torch.full((num_classes, *shape), -32768, dtype=torch.int16, device=device)
+        self.codes = torch.full((num_classes, *shape), -self.OFFSET, dtype=torch.int16, device=device)
+        self.received = torch.zeros(shape[-1], dtype=torch.float64, device=device)
 
     @property
     def shape(self) -> torch.Size:
@@ -141,15 +150,19 @@ class ProbabilityVolume:
         return self.codes.device
 
     def __getitem__(self, index) -> torch.Tensor:
-        return (self.codes[index].float() + 32768) / self.STEPS
+        return (self.codes[index].float() + self.OFFSET) / self.STEPS
 
     def float(self) -> torch.Tensor:
         return self[...]
 
     def add(self, start: int, stop: int, values: torch.Tensor, weight: float) -> None:
-        """Add ``weight * values`` (``K, X, Y, stop - start``) to planes ``start:stop`` of the last axis."""
-        region = self[..., start:stop].add_(values.to(self.device), alpha=weight)
-        self.codes[..., start:stop] = (region.clamp_(0, 1).mul_(self.STEPS).round_() - 32768).to(torch.int16)
+        """Add ``values`` (``K, X, Y, stop - start``) of ``weight`` to the weighted mean of planes
+        ``start:stop`` of the last axis."""
+        received = self.received[start:stop]
+        share = (weight / (received + weight)).float()  # 1 for a plane's first pass: the mean is that pass
+        region = self[..., start:stop].lerp_(values.to(self.device, torch.float32), share)
+        self.codes[..., start:stop] = (region.clamp_(0, 1).mul_(self.STEPS).round_() - self.OFFSET).to(torch.int16)
+        self.received[start:stop] += weight
 
     def add_pass(
         self,
@@ -165,8 +178,8 @@ class ProbabilityVolume:
         channel_order: Sequence[int] | None = None,
         finish: Callable[[torch.Tensor], torch.Tensor] = softmax_of_classes,
     ) -> None:
-        """Add ``weight`` times the probabilities (``finish`` of the mean logits: a softmax, or a region's
-        sigmoid) of one sliding-window pass over ``image`` (``1, C, X, Y, Z``), slab by slab
+        """Add the probabilities (``finish`` of the mean logits: a softmax, or a region's sigmoid) of one
+        sliding-window pass over ``image`` (``1, C, X, Y, Z``), of ``weight`` in the mean, slab by slab
         (:func:`stitched_slabs`): the image flipped along the spatial ``mirror_axes`` and each
         slab flipped back; with ``channel_order``, the pass's class c added to class ``channel_order[c]``
         (a permutation that is its own inverse, such as the swap of left/right pairs)."""

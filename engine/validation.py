@@ -34,9 +34,11 @@ def validation_scores(
     snapshot: dict | None = None,
     overlap: float = 0.25,
 ) -> torch.Tensor:
-    """Per-case Dice of each output (cases x outputs, NaN where a class or region is absent from the label) of
-    sliding-window predictions: of each class in the argmax, background included, or of each region above
-    0.5 (nnU-Net's pseudo-Dice of regions during training); ``0 x outputs`` for a loader without cases.
+    """Per-case Dice of each output (cases x outputs) of sliding-window predictions: of each class in the
+    argmax, background included, NaN where the class is absent from the label (the published rule, MONAI's
+    ``DiceMetric``); or of each region above 0.5, as ``test_seg.py --evaluate`` and nnU-Net's evaluation score
+    a case (NaN only where the region is absent from both label and prediction: a false alarm scores 0);
+    ``0 x outputs`` for a loader without cases.
     Nothing is gathered across processes: the caller collects every process's cases once. Voxels labelled
     the ignore label (nnU-Net's unannotated voxels) count nowhere, predicted or expected.
 
@@ -99,20 +101,22 @@ def dice_per_class(
 def dice_per_region(
     predicted: torch.Tensor, expected: torch.Tensor, annotated: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The Dice of each region between predicted and expected masks (``R, ...`` booleans; NaN where the
-    region is absent from ``expected``); voxels outside ``annotated`` left out."""
+    """The Dice of each region between predicted and expected masks (``R, ...`` booleans): ``2 TP / (2 TP +
+    FP + FN)``, NaN where the region is in neither (nnU-Net's ``compute_metrics``, this repository's
+    ``engine.evaluate``), so a region predicted in a case that has none scores 0; voxels outside
+    ``annotated`` left out."""
     if annotated is not None:
         predicted, expected = predicted & annotated, expected & annotated
     axes = tuple(range(1, predicted.dim()))
     truth, found = expected.sum(axes).double(), predicted.sum(axes).double()
     dice = 2 * (predicted & expected).sum(axes).double() / (truth + found)
-    return torch.where(truth > 0, dice, torch.nan).float()
+    return torch.where(truth + found > 0, dice, torch.nan).float()
 
 
 def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
-    """The mean Dice over every (case, output) pair whose class (background included, as the published
-    training selects its best model) or region is present in the label; and the Dice of each output (mean
-    over the cases where it is present)."""
+    """The mean Dice over every (case, output) pair that has a score (a class present in the label,
+    background included, as the published training selects its best model; a region present in the label or
+    the prediction); and the Dice of each output (mean over the cases where it has one)."""
     return float(torch.nanmean(scores)), torch.nanmean(scores, dim=0).tolist()
 
 

@@ -391,7 +391,7 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
     import engine.loading
 
     root = copy_of(decathlon if layout == "decathlon" else nnunet, tmp_path)
-    monkeypatch.setattr(engine.loading, "available_memory", lambda: 2**20 if layout == "nnunet" else None)
+    monkeypatch.setattr(engine.loading, "available_bytes", lambda: 2**20 if layout == "nnunet" else None)
     output = tmp_path / "train"
     main_train.main(flags(root=root, dataset=root / "dataset.json", output=output, **TRAIN))
     printed = capsys.readouterr().out

@@ -193,6 +193,59 @@ def test_case_images_groups_channel_files_and_names_a_missing_one(tmp_path):
         case_images(tmp_path, 2)
 
 
+def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Folders of what a user gives a two-channel bundle by mistake, each with the line it must end with."""
+    volume = np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32)
+    inputs = {}
+    for name in ("two_in_one", "empty", "one_channel", "truncated"):
+        (folder / name).mkdir(parents=True)
+        inputs[name] = folder / name
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), inputs["two_in_one"] / "x_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([volume, volume], -1), np.eye(4)), inputs["two_in_one"] / "x_0001.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), inputs["empty"] / "y_0000.nii.gz")
+    (inputs["empty"] / "y_0001.nii.gz").write_bytes(b"")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), inputs["one_channel"] / "z.nii.gz")
+    for channel in (0, 1):
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), inputs["truncated"] / f"t_{channel:04d}.nii.gz")
+    whole = (inputs["truncated"] / "t_0001.nii.gz").read_bytes()
+    (inputs["truncated"] / "t_0001.nii.gz").write_bytes(whole[: len(whole) // 2])
+    return {
+        "two_in_one": (
+            inputs["two_in_one"],
+            f"error: {inputs['two_in_one']}: case x has channel files 0000; expected 0000, 0001 (x_0001.nii.gz holds "
+            "several channels: a case of its own)",
+        ),
+        "empty": (inputs["empty"], f"error: {inputs['empty'] / 'y_0001.nii.gz'}: cannot read as NIfTI ("),
+        "one_channel": (
+            inputs["one_channel"],
+            f"error: {inputs['one_channel'] / 'z.nii.gz'}: 1 channel, but the model takes 2 (a 4D file with the "
+            "channels last, or <case>_0000.nii.gz, <case>_0001.nii.gz, ... one file per channel)",
+        ),
+        "truncated": (
+            inputs["truncated"],
+            f"error: {inputs['truncated'] / 't_0000.nii.gz'}, {inputs['truncated'] / 't_0001.nii.gz'}: cannot be "
+            "loaded (EOFError: ",
+        ),
+    }
+
+
+def test_the_bundle_says_what_is_wrong_with_an_input_in_one_line(tmp_path):
+    """What the bundle's config lists and loads (scripts.portable.checked_cases, segment_all), given a two-
+    channel file named as channel 1, an empty file, a one-channel image for two channels, a truncated file:
+    one ``error:`` line naming the file (the process's exit), as test_seg.py reports it."""
+    from monai.data import DataLoader, Dataset
+
+    from dataset.portable import LoadCased, checked_cases, segment_all
+
+    for name, (folder, expected) in bad_inputs(tmp_path).items():
+        with pytest.raises(SystemExit) as stopped:
+            cases = checked_cases(folder, 2)
+            loader = DataLoader(Dataset(cases, LoadCased(keys="image")), batch_size=1, num_workers=0)
+            segment_all(loader, nn.Identity(), lambda image, network: image, lambda case: None, "cpu")
+        message = str(stopped.value.code)
+        assert "\n" not in message and message.startswith(expected), (name, message)
+
+
 # ---- a model trained a few steps, through every route ----
 
 
@@ -478,6 +531,12 @@ def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_pat
     argv = flags(output=tmp_path / "odd_pth", **PREDICT) + ["--input", str(images), "--trained_weights", str(weights)]
     test_seg.main(argv + ["--save_probabilities"])
     run_bundle(exported / "bundle", images, tmp_path / "odd_bundle", cwd=tmp_path)
+    folder, expected = bad_inputs(tmp_path / "bad")["one_channel"]  # run as its README says: one line, no traceback
+    command = [sys.executable, "-I", "-m", "monai.bundle", "run", "--bundle_root", str(exported / "bundle")]
+    command += ["--config_file", str(exported / "bundle" / "configs" / "inference.json"), "--dataset_dir", str(folder)]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert completed.returncode == 1 and completed.stderr.rstrip().splitlines()[-1] == expected
+    assert "Traceback" not in completed.stderr
     odd = Segmentations(tmp_path / "odd_pth")
     assert sorted(odd) == [f"{first}_seg.nii.gz", f"{second}_0001_seg.nii.gz"]
     assert_same_segmentations(odd, Segmentations(tmp_path / "odd_bundle"))

@@ -101,7 +101,7 @@ def test_mirroring_is_the_mean_over_the_8_flipped_passes(phantom, weights):
         cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
         mirrored = mean_probabilities(image, [ModelPasses(model, roi, (0, 1, 2))], 5, 2, 0.25, autocast, cpu)
         plain = mean_probabilities(image, [ModelPasses(model, roi)], 5, 4, 0.25, autocast, cpu)
-    # held in steps of 1/65535, rounded once per pass
+    # held in steps of 1/65534, rounded once per pass
     torch.testing.assert_close(mirrored.float(), reference[0], rtol=0, atol=8 * 7.7e-6)
     torch.testing.assert_close(plain.float(), passes[0][0], rtol=0, atol=7.7e-6)
     assert not torch.allclose(mirrored.float(), plain.float(), atol=1e-4)
@@ -329,13 +329,13 @@ def test_slab_inference_gives_the_whole_volume_labels_in_any_geometry(phantom, w
         assert labels.shape == saved.shape[1:] == nib.load(path).shape, name
         np.testing.assert_allclose(saved, expected.numpy(), rtol=0, atol=1e-3, err_msg=name)
         assert len(np.unique(labels)) > 1
-        # Each pass is added in steps of 1/65535 (half a step of rounding for each class): only two classes
+        # Each pass is added in steps of 1/65534 (half a step of rounding for each class): only two classes
         # within that many steps of each other can swap; with one pass, none do here.
         differing = labels != expected.argmax(dim=0).numpy()
         top_two = expected.numpy()[:, differing]
         top_two.sort(axis=0)
         passes = len(chosen) * len(mirrorings(axes))
-        assert (top_two[-1] - top_two[-2] < passes / 65535).all() and differing.mean() < 1e-4, name
+        assert (top_two[-1] - top_two[-2] < passes / 65534).all() and differing.mean() < 1e-4, name
         assert passes > 1 or not differing.any(), name
 
 
@@ -415,7 +415,11 @@ def test_a_case_over_the_memory_limit_is_refused_before_any_is_segmented(phantom
     argv = flags(root=phantom, output=output, trained_weights=weights[0], memory_limit=0.5, **PREDICT)
     message = exit_message(test_seg.main, argv)
     assert "\n" not in message.strip() and message.startswith("error: phantom_00")
-    assert re.search(r"inference needs about 0\.\d GB \(5 classes x \d+x\d+x\d+ voxels on the network grid", message)
+    assert re.search(
+        r"segmenting needs about \d\.\d GB \(this process \d\.\d GB; 5 outputs x \d+x\d+x\d+ voxels on the network "
+        r"grid",
+        message,
+    )
     assert message.strip().endswith(
         "voxels on the network grid; TRAINING.md, Memory), more than --memory_limit 0.5 (GB) allows: raise it where "
         "the machine has more"
@@ -440,22 +444,170 @@ def test_on_a_gpu_the_probabilities_move_to_the_cpu_or_the_case_is_refused_befor
     import types
 
     import engine.infer
+    from engine.common import NetworkChoice
     from engine.memory import network_grid_shape
 
     image = str(sorted((phantom / "imagesTs").glob("*.nii.gz"))[0])
     config = load_dataset_config("flare")
-    model = types.SimpleNamespace(config=config, in_channels=1, out_channels=5, roi=(32, 32, 32))
-    args, cuda = argparse.Namespace(memory_limit=100.0, sw_batch_size=4), torch.device("cuda", 0)
+    choice = NetworkChoice("REPUXNET", {"feat_size": [4, 8, 16, 32], "ks": 3, "hidden_size": 16})
+    model = types.SimpleNamespace(
+        config=config, in_channels=1, out_channels=5, roi=(32, 32, 32), state={}, weights="w.pth", choice=choice
+    )
+    args = argparse.Namespace(memory_limit=100.0, sw_batch_size=4, overlap=0.5, num_workers=0, cache_rate=0.0, amp=None)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(engine.infer, "activation_bytes", lambda *args: 2**20)  # a network of 1 MB activations
     header = nib.load(image)
     probabilities = 2 * 5 * math.prod(network_grid_shape(header.shape, header.affine, config.spacing))
     for free, where in ((2**30, "held on cuda:0\n"), (2 * probabilities - 2, "held on the CPU (too large for")):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * 2**30))
-        engine.infer._check_memory(args, [{"image": image}], model, cuda)
+        engine.infer._check_memory(args, [{"image": image}], [model], cuda)
         assert where in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
     with pytest.raises(engine.infer.UsageError) as refused:
-        engine.infer._check_memory(args, [{"image": image}], model, cuda)
+        engine.infer._check_memory(args, [{"image": image}], [model], cuda)
     message = str(refused.value)
     assert "\n" not in message and message.startswith("phantom_00")
     assert message.endswith("which has 1 MB free: use --sw_batch_size 1, or --device cpu")
-    assert "on cuda:0 before the network's activations (a row of 32x32x32 windows across " in message
+    assert re.search(r"on cuda:0 \(the network's activations for \d windows, a row of 32x32x32 windows across", message)
+
+
+# ---- what is written, where: the output folder apart from the inputs, a case's files replaced together ----
+
+
+def test_an_output_folder_that_holds_the_images_is_refused(phantom, weights, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(phantom / "imagesTs", images)
+    for given in (images, sorted(images.glob("*.nii.gz"))[0]):  # a folder, or a file of it (a shell glob)
+        argv = flags(input=given, output=images, trained_weights=weights[0], **PREDICT)
+        message = exit_message(test_seg.main, argv)
+        assert "\n" not in message.strip()
+        assert message.startswith(f"error: --output {images}: the folder of the images to segment (")
+        assert message.endswith("would be read as images by the next run over it: write them to another folder")
+    assert not list(images.glob("*_seg.nii.gz"))
+
+
+def written_case(folder: Path) -> dict:
+    """The case files in ``folder``: name -> bytes (temporary files, named with a leading dot, included)."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "step", ["probabilities", "segmentation", "fsync", "replace 1", "replace 2", "replace 3", "replace 4"]
+)
+def test_an_interrupt_at_any_point_leaves_the_previous_pair_or_the_new_one(phantom, tmp_path, monkeypatch, step):
+    """A case's segmentation and probabilities rewritten over an earlier pair, an interrupt injected at one
+    step (each write, the flush, each rename): afterwards the folder holds the earlier pair, whole, and no
+    temporary file; the same write without an interrupt replaces both."""
+    import os
+    import types
+
+    from monai.data import list_data_collate
+
+    import engine.infer
+    import engine.predict
+
+    config = load_dataset_config("flare")
+    case = {"image": str(sorted((phantom / "imagesTs").glob("*.nii.gz"))[0])}
+    image = list_data_collate([build_transforms(config, "test")(case)])["image"]
+    model = types.SimpleNamespace(outputs=config.label_manager, out_channels=5)
+    generator = torch.Generator().manual_seed(0)
+
+    def write() -> dict:
+        probabilities = torch.softmax(torch.randn(5, *image.shape[2:], generator=generator), dim=0)
+        engine.infer._write_case(probabilities, image, case, [], True, model, tmp_path)
+        return written_case(tmp_path)
+
+    old = write()
+    calls = {"replace": 0}
+    real_replace, real_fsync = os.replace, os.fsync
+    real_file_write, real_segmentation = engine.predict.ProbabilitiesFile.write, engine.infer.write_segmentation
+
+    def replace(source, target):
+        calls["replace"] += 1
+        if step == f"replace {calls['replace']}":
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    def fsync(descriptor):
+        if step == "fsync":
+            raise KeyboardInterrupt
+        return real_fsync(descriptor)
+
+    def file_write(self, slab):
+        real_file_write(self, slab)
+        if step == "probabilities":
+            raise KeyboardInterrupt
+
+    def segmentation(*args):
+        real_segmentation(*args)
+        if step == "segmentation":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", replace)
+        patched.setattr(os, "fsync", fsync)
+        patched.setattr(engine.predict.ProbabilitiesFile, "write", file_write)
+        patched.setattr(engine.infer, "write_segmentation", segmentation)
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    assert written_case(tmp_path) == old  # the earlier pair, whole, and nothing else
+    if step.startswith("replace"):
+        assert calls["replace"] >= int(step[-1])  # the step was reached (and the earlier pair put back)
+    new = write()
+    assert sorted(new) == sorted(old) and all(new[name] != old[name] for name in old)
+
+
+def test_a_region_probability_of_exactly_one_half_is_not_painted_after_any_number_of_passes():
+    """nnU-Net paints a region where its probability is above 0.5. A network whose region logit is 0 (sigmoid
+    exactly 0.5) in every pass, two models with four mirrorings each: the held value stays exactly 0.5 and is
+    not painted; one step above it is."""
+    from dataset.labels import LabelManager
+    from engine.input_grid import InputGrid, labels_on_input_grid
+    from engine.stitching import ProbabilityVolume
+
+    manager = LabelManager(["background", "a", "b"], {"a or b": [1, 2], "b": [2]}, [1, 2])
+    shape = (12, 10, 9)
+    step_above = float(torch.logit(torch.tensor(0.5 + 1.2 / ProbabilityVolume.STEPS, dtype=torch.float64)))
+
+    def network(windows: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(windows.shape[0], 2, *windows.shape[2:])
+        logits[:, 1] = step_above
+        return logits
+
+    image = torch.zeros(1, 1, *shape)
+    models = [ModelPasses(network, (8, 8, 8), (0, 1)), ModelPasses(network, (6, 6, 6), (1, 2))]
+    autocast = torch.autocast("cpu", enabled=False)
+    probabilities = mean_probabilities(image, models, 2, 4, 0.5, autocast, torch.device("cpu"), finish=manager.finish)
+    assert (probabilities.codes[0] == 0).all()  # the code of exactly 0.5
+    grid = InputGrid(shape, np.eye(4), shape, (0, 0, 0))
+    labels = labels_on_input_grid(probabilities, grid, manager)
+    assert (labels == 2).all()  # region 1 (0.5) not painted, region 2 (one step above) painted over background
+
+
+def test_input_voxels_on_network_voxels_are_copied_as_held():
+    """A native-spacing grid (the input's voxels on the network's, axes permuted and flipped, the crop offset)
+    gives the held probabilities exactly; a grid a hair off samples trilinearly and agrees within the hair."""
+    from engine.input_grid import InputGrid
+    from engine.stitching import ProbabilityVolume
+
+    network_shape = (9, 7, 5)
+    volume = ProbabilityVolume(3, network_shape, torch.device("cpu"))
+    volume.add(0, 5, torch.rand(3, *network_shape, generator=torch.Generator().manual_seed(1)), 1.0)
+    # input voxel (x, y, z) is resampled voxel (y + 2, x + 1, 7 - z); the crop starts at (1, 1, 0)
+    to_resampled = np.array([[0, 1, 0, 2], [1, 0, 0, 1], [0, 0, -1, 7], [0, 0, 0, 1]], dtype=float)
+    grid = InputGrid((8, 9, 8), to_resampled, (12, 10, 8), (1, 1, 0))
+    assert grid.voxel_for_voxel == ((1, 1, 1), (0, 1, 2), (2, -1, 7))
+    outside = [1.0, 0.0, 0.0]
+    copied = torch.cat([values for _, _, values in grid.slabs(volume, outside)], dim=-1)
+    held = volume.float()
+    for x, y, z in itertools.product(range(8), range(9), range(8)):
+        r = np.clip([y + 2, x + 1, 7 - z], 0, [11, 9, 7]) - np.array([1, 1, 0])
+        inside = all(0 <= r[a] < network_shape[a] for a in range(3))
+        expected = held[:, r[0], r[1], r[2]] if inside else torch.tensor(outside)
+        assert torch.equal(copied[:, x, y, z], expected), (x, y, z)
+    nudged = to_resampled.copy()
+    nudged[0, 3] += 1e-4  # no longer on the voxels: sampled
+    sampled = InputGrid((8, 9, 8), nudged, (12, 10, 8), (1, 1, 0))
+    assert sampled.voxel_for_voxel is None
+    values = torch.cat([v for _, _, v in sampled.slabs(volume, outside)], dim=-1)
+    assert (values - copied).abs().max() < 2e-4

@@ -442,11 +442,11 @@ def test_read_through_record_grows_while_reading(mri, tmp_path, monkeypatch):
     real = dataset.checks.read_through
     calls = []
 
-    def interrupted(path, kind):
+    def interrupted(path, kind, stop=None):
         calls.append(path)
         if len(calls) == 6:
             raise KeyboardInterrupt
-        return real(path, kind)
+        return real(path, kind, stop)
 
     monkeypatch.setattr(dataset.checks, "read_through", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -536,3 +536,74 @@ def test_the_published_data_transforms_derive_what_a_dataset_json_leaves_to_the_
     chain = data_transforms(Namespace(dataset=dataset, root=None, mode="test", datalist=None))
     spacing = next(t for t in chain.transforms if isinstance(t, Spacingd)).spacing_transform.pixdim
     np.testing.assert_allclose(spacing, derived.spacing)
+
+
+# ---- 12. geometry at the edges: float noise in the directions, 4D channel files, settings in a datalist ----
+
+
+def test_float_noise_in_the_directions_does_not_move_the_grid(tmp_path):
+    """A scan whose affine carries 1e-6 of noise off the diagonal (a DICOM conversion's float32) is
+    preprocessed as the same scan with a clean affine, for training and inference, where MONAI's oblique
+    path moved the grid by a third of a millimetre; a scan tilted on purpose stays tilted."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 200, (48, 40, 20)).astype(np.int16)
+    label = (np.abs(volume) > 150).astype(np.uint8)
+    clean = np.diag([-0.8, -0.8, 2.5, 1.0])
+    clean[:3, 3] = [100.0, 80.0, -50.0]
+    noisy = clean.copy()
+    noisy[0, 1], noisy[1, 0], noisy[2, 0] = 1e-6, -1e-6, 1e-6
+    config = replace(load_dataset_config("amos"), mirror_axes=())
+    prepared = {}
+    for name, affine in (("clean", clean), ("noisy", noisy)):
+        case = {"image": save(tmp_path / f"{name}.nii.gz", volume, affine)}
+        case["label"] = save(tmp_path / f"{name}_label.nii.gz", label, affine)
+        test = build_transforms(config, "test")({"image": case["image"]})["image"]
+        _, validation = build_transforms(config, "train", (16, 16, 16))
+        prepared[name] = test, validation(case)
+    (test, validation), (noisy_test, noisy_validation) = prepared["clean"], prepared["noisy"]
+    assert noisy_test.shape == test.shape and np.allclose(noisy_test.affine, test.affine, atol=1e-9)
+    assert (noisy_test - test).abs().max() < 1e-5
+    assert torch.equal(torch.as_tensor(noisy_validation["label"]), torch.as_tensor(validation["label"]))
+    tilted = clean.copy()
+    tilted[:3, :3] = clean[:3, :3] @ np.array([[1, 0, 0], [0, 0.99, -0.141], [0, 0.141, 0.99]])  # about 8 degrees
+    loaded = LoadCased(keys="image")({"image": save(tmp_path / "tilted.nii.gz", volume, tilted)})["image"]
+    assert np.allclose(loaded.affine, nib.load(tmp_path / "tilted.nii.gz").affine)
+
+
+def test_a_one_volume_4d_channel_file_is_a_channel_for_test_seg_and_the_bundle(tmp_path):
+    """``case_0001.nii.gz`` of shape (X, Y, Z, 1) is channel 1 of ``case`` in test_seg.py's folders and the
+    bundle's alike, and loads as one; a 4D file of two volumes is a case of its own in both."""
+    from dataset.portable import case_images
+
+    config = DatasetConfig("two", ("bg", "a"), None, ("T1", "T2"), (ChannelNorm("zscore", nonzero_mask=True),) * 2)
+    volume = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    folder = tmp_path / "images"
+    save(folder / "case_0000.nii.gz", volume)
+    save(folder / "case_0001.nii.gz", volume[..., None] * 2)
+    save(folder / "both_0000.nii.gz", np.stack([volume, volume], axis=-1))
+    mine, bundles = cases_from_paths([folder], config), case_images(folder, 2)
+    expected = [str(folder / "both_0000.nii.gz"), [str(folder / "case_0000.nii.gz"), str(folder / "case_0001.nii.gz")]]
+    assert sorted([case["image"] for case in mine], key=str) == sorted(expected, key=str)
+    assert sorted([case["image"] for case in bundles], key=str) == sorted(expected, key=str)
+    loaded = LoadCased(keys="image")({"image": expected[1]})["image"]
+    assert tuple(loaded.shape) == (2, 6, 5, 4) and torch.equal(loaded[1], loaded[0] * 2)
+    save(folder / "lone_0000.nii.gz", volume)
+    save(folder / "lone_0001.nii.gz", np.stack([volume, volume], axis=-1))
+    with pytest.raises(DatasetError, match=r"lone_0001.nii.gz: missing .*\(it holds several channels: a case of"):
+        cases_from_paths([folder], config)
+
+
+def test_dataset_settings_in_a_datalist_are_refused(tmp_path):
+    """A datalist gives lists; a setting in it (left/right pairs for a preset, say) used to be dropped."""
+    datalist = write_json(tmp_path / "list.json", {"training": [], "lateral_pairs": [[2, 3]], "spacing": [1, 1, 1]})
+    with pytest.raises(DatasetError) as raised:
+        load_dataset_config("amos", datalist)
+    assert str(raised.value) == (
+        f"--datalist {datalist}: 'spacing', 'lateral_pairs' are dataset settings, which a datalist does not change "
+        "(it gives the training/validation/test lists only): put them in a dataset JSON given as --dataset"
+    )
+    published = write_json(
+        tmp_path / "published.json",
+        {"labels": {"0": "background"}, "modality": {"0": "CT"}, "training": [{"image": "a", "label": "b"}]},
+    )
+    assert load_dataset_config("amos", published).lists["training"] == [{"image": "a", "label": "b"}]

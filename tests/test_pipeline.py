@@ -582,11 +582,7 @@ def test_read_through_is_remembered_by_path_size_and_time(phantom, tmp_path, mon
     reads = []
     real = dataset.checks.read_through
 
-    def counting(path, kind):
-        reads.append(path)
-        return real(path, kind)
-
-    monkeypatch.setattr(dataset.checks, "read_through", lambda path, kind: reads.append(path) or real(path, kind))
+    monkeypatch.setattr(dataset.checks, "read_through", lambda path, kind, stop: reads.append(path) or real(path, kind))
     verify_cases(cases, 5, workers=2, progress=False)
     assert sorted(reads) == sorted(str(p) for case in cases for p in case.values())
     assert str(Path(cases[0]["image"]).resolve()) in json.loads(read_through_record().read_text())

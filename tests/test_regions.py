@@ -90,6 +90,18 @@ def test_nnunet_msd_and_our_json_give_the_same_regions(tmp_path):
             nnunet_json({"background": 0, **BRATS_REGIONS}, regions_class_order=[1, 2, 3], lateral_pairs=[[1, 2]]),
             "'lateral_pairs' with regions",
         ),
+        (
+            nnunet_json({"background": 0, **BRATS_REGIONS, "all": [1, 2, 3]}, regions_class_order=[1, 2, 3, 1]),
+            r"regions 'whole tumor' and 'all' hold the same labels \[1, 2, 3\]: each region must be a set of its own",
+        ),
+        (
+            nnunet_json({"background": 0, **BRATS_REGIONS}, regions_class_order=[1, 3, 3]),
+            r"regions 'tumor core' and 'enhancing tumor' both paint label 3",
+        ),
+        (
+            nnunet_json({"background": 0, **BRATS_REGIONS, "ignore": 3}, regions_class_order=[1, 2, 3]),
+            r"'ignore' label 3 is also in region 'whole tumor' \[1, 2, 3\]: the ignore label must be a value",
+        ),
     ],
 )
 def test_what_nnunet_rejects_is_refused_in_one_line(tmp_path, content, message):
@@ -97,6 +109,21 @@ def test_what_nnunet_rejects_is_refused_in_one_line(tmp_path, content, message):
     with pytest.raises(DatasetError, match=message) as raised:
         load_dataset_config(str(path))
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_key_given_twice_in_a_dataset_json_is_refused(tmp_path):
+    """JSON keeps the last of two equal keys: a region (or the labels) given twice would vanish silently."""
+    path = tmp_path / "dataset.json"
+    path.write_text(
+        '{"channel_names": {"0": "T1"}, "file_ending": ".nii.gz", "regions_class_order": [1, 2],\n'
+        ' "labels": {"background": 0, "whole tumor": [1, 2], "core": [2], "whole tumor": [1, 2]}}'
+    )
+    with pytest.raises(DatasetError) as raised:
+        load_dataset_config(str(path))
+    assert str(raised.value) == (
+        f"--dataset {path}: key 'whole tumor' appears twice in one object (JSON would keep the last one silently); "
+        "keep one"
+    )
 
 
 def test_label_files_with_values_the_regions_do_not_declare_are_refused(tmp_path):
@@ -162,6 +189,39 @@ def test_the_region_loss_is_nnunets_dice_and_bce(ignore):
         changed = logits.clone()
         changed[(label == ignore).expand_as(logits)] = 50.0
         assert RegionDiceBCELoss(manager)(changed, label).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_a_fully_unannotated_crop_adds_nothing_to_the_region_loss():
+    """A second crop of ignore voxels only: the loss is the first crop's alone (the class loss's rule), where
+    nnU-Net's masked Dice would score that crop smooth / smooth = 1 and lower the loss."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=generator) * 3
+    label = torch.randint(0, 5, (2, 1, 8, 8, 8), generator=generator)
+    label[1] = 4
+    manager = LabelManager(BRATS.classes, BRATS_REGIONS, (1, 2, 3), ignore_label=4)
+    both, first = RegionDiceBCELoss(manager)(logits, label), RegionDiceBCELoss(manager)(logits[:1], label[:1])
+    assert both.item() == pytest.approx(first.item(), rel=1e-6)
+    assert first.item() == pytest.approx(hand_written_loss(logits[:1], label[:1].numpy(), 4), rel=1e-5)
+    assert hand_written_loss(logits, label.numpy(), 4) < both.item()  # nnU-Net's rule counts the empty crop
+    assert RegionDiceBCELoss(manager)(logits[1:], label[1:]).item() == 0.0  # nothing to learn from it alone
+
+
+def test_validation_counts_a_region_predicted_where_the_label_has_none():
+    """A region absent from the label but predicted scores 0, absent from both is left out (NaN): as
+    test_seg.py --evaluate (engine.evaluate) scores the case, so false alarms count when weights are chosen."""
+    label = np.zeros((10, 9, 8), dtype=np.int64)
+    label[2:6, 2:6, 2:6] = 1  # edema only: no core, no enhancing tumour
+    prediction = label.copy()
+    prediction[7:9, 7:9, 6:8] = 3  # a false enhancing tumour, which is also core and whole tumour
+    masks = torch.from_numpy(nnunet_region_masks(prediction, BRATS_REGIONS.values()))
+    expected = torch.from_numpy(nnunet_region_masks(label, BRATS_REGIONS.values()))
+    scores = dice_per_region(masks, expected)
+    groups = {1: (1, 2, 3), 2: (2, 3), 3: (3,)}
+    results = evaluate_case(prediction, label, (1.0, 1.0, 1.0), groups)
+    assert scores[1].item() == 0.0 and scores[2].item() == 0.0 and results[3]["dice"] == 0.0
+    assert scores.tolist() == pytest.approx([results[k]["dice"] for k in (1, 2, 3)], rel=1e-6)
+    nothing = dice_per_region(torch.from_numpy(nnunet_region_masks(label, BRATS_REGIONS.values())), expected)
+    assert nothing[0].item() == 1.0 and torch.isnan(nothing[1:]).all()  # absent from both: no score
 
 
 def test_region_loss_learns_nested_regions():
@@ -285,6 +345,23 @@ def test_a_region_model_segments_and_scores_per_region(brats, tmp_path, capsys):
         expected = BRATS.label_map(torch.from_numpy(probabilities)).numpy()
         near = (np.abs(probabilities - 0.5) < 1e-3).any(0)
         np.testing.assert_array_equal(labels[~near], expected[~near])
+
+
+def test_a_label_map_is_refused_for_a_region_model(brats, tmp_path):
+    root, weights, _ = brats
+    argv = flags(root=root, output=tmp_path / "out", trained_weights=weights, label_map="1:1", **PREDICT)
+    message = exit_message(test_seg.main, argv)
+    assert message == (
+        "error: --label_map 1:1: the model predicts regions (whole tumor, tumor core, enhancing tumor), and a label "
+        "map renames classes; a region model is evaluated on labels of its own regions' values"
+    )
+
+
+def test_the_region_bundle_names_its_labels_by_their_regions(brats):
+    _, _, exported = brats
+    readme = (exported / "bundle" / "docs" / "README.md").read_text()
+    assert "the label map's values: 0 background, 1 whole tumor, 2 tumor core, 3 enhancing tumor" in readme
+    assert "label 1" not in readme
 
 
 def test_every_route_gives_the_region_labels(brats, tmp_path):
