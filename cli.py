@@ -13,7 +13,14 @@ from collections.abc import Callable
 
 from networks import available_networks
 
-__all__ = ["add_common_arguments", "add_training_arguments", "parser_for", "run_or_exit", "str2bool"]
+__all__ = [
+    "add_common_arguments",
+    "add_training_arguments",
+    "inference_parser",
+    "parser_for",
+    "run_or_exit",
+    "str2bool",
+]
 
 
 def run_or_exit(command: Callable, args: argparse.Namespace) -> None:
@@ -303,6 +310,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
     )
     parser.add_argument("--num_folds", type=int, default=5, help="folds for --fold")
     parser.add_argument(
+        "--held_out",
+        default="final",
+        choices=["final", "best", "none"],
+        help="a --fold K run ends by segmenting its held-out cases into <output>/validation/ (probabilities and "
+        "scores, for crossval.py) with its final weights, or its best checkpoint (selected on those very cases), "
+        "or not at all",
+    )
+    parser.add_argument(
         "--resume",
         default=None,
         help="continue a run: a checkpoint_last.pth, or auto for <output>/checkpoint_last.pth (default: a new run)",
@@ -335,3 +350,90 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
     parser.add_argument(
         "--overwrite", action="store_true", help="train into an --output that already holds best_metric_model.pth"
     )
+
+
+def inference_parser(description: str) -> argparse.ArgumentParser:
+    """test_seg.py's flags (also what a fold run and crossval.py pass to segment a fold's held-out cases)."""
+    from engine.formats import ONNX_RUNTIMES
+
+    parser = parser_for(description)
+    add_common_arguments(parser, mode="test")
+    parser.add_argument(
+        "--trained_weights",
+        nargs="+",
+        default=None,
+        help="weights to segment with (best_metric_model.pth, or export.py's model.ts or model.onnx with their card); "
+        "several: an ensemble, their probabilities averaged (required without --plan)",
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        help="a study's plan.json (crossval.py): its weights, mirroring and keep-largest postprocessing, as chosen on "
+        "the out-of-fold predictions (default: none)",
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        default=None,
+        help="NIfTI files and folders of them to segment, instead of --root's test cases (default: none)",
+    )
+    parser.add_argument(
+        "--labels", default=None, help="with --input and --evaluate: folder of <case>.nii.gz labels (default: none)"
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time mirroring along the axes each model was mirrored along in training (its model card's; "
+        "every combination a pass, probabilities averaged, left/right class pairs swapped back); none for a model "
+        "trained without mirroring",
+    )
+    parser.add_argument(
+        "--tta_axes",
+        type=mirror_axes,
+        default=None,
+        help="test-time mirroring along these spatial axes for every model, whatever it was trained with (0 "
+        "left-right, 1 posterior-anterior, 2 inferior-superior; implies --tta), or none (default: the model "
+        "cards')",
+    )
+    parser.add_argument(
+        "--save_probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.npz: float16 class (or region) probabilities in the input's geometry",
+    )
+    parser.add_argument(
+        "--keep_largest",
+        default=None,
+        help="keep the largest connected component of these classes, in this order, e.g. 1,3 (of a region model: "
+        "region numbers, 1 the first); 1+2+3 keeps those label values as one, foreground every foreground value as "
+        "one; or all (every class on its own; default: none)",
+    )
+    parser.add_argument(
+        "--runtime",
+        default="onnxruntime",
+        choices=ONNX_RUNTIMES,
+        help="what runs a model.onnx: ONNX Runtime (CPU or CUDA), or OpenVINO (CPU; float32, or its bf16 default "
+        "with --amp: the fastest CPU route measured, see BENCHMARKS.md)",
+    )
+    parser.add_argument("--sw_batch_size", type=positive_int, default=4, help="sliding-window batch")
+    parser.add_argument("--overlap", type=unit_interval(upper_open=True), default=0.5, help="sliding-window overlap")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="with labels (labelsTs or a labelled test list): Dice, HD95 and NSD per case and class (or region), in mm",
+    )
+    parser.add_argument(
+        "--label_map",
+        default=None,
+        help="evaluate model classes as test labels, e.g. 3:1 (FLARE liver as label 1; others background; "
+        "default: none)",
+    )
+    parser.add_argument("--nsd_tolerance", type=float, default=1.0, help="NSD tolerance in mm")
+    parser.add_argument(
+        "--memory_limit",
+        type=positive_float,
+        default=None,
+        help="GB of memory the run may take, this process and its data-loading workers together; a run whose "
+        "estimate (from the images' headers) exceeds it is refused before any image is read (default: the memory "
+        "available to this process, the container's limit included)",
+    )
+    return parser

@@ -4,34 +4,17 @@
     python cv_summary.py runs/flare_fold*        # the shell expands the folders
 
 Each folder is a training ``--output`` holding ``best_metric_model.pth.json`` (written with the best
-weights). Prints a markdown table and, with ``--json``, writes the summary there.
+weights). Prints a markdown table and, with ``--json``, writes the summary there. This is the published
+number: each fold's best checkpoint, chosen on the very cases it is scored on (optimistic by construction);
+``crossval.py`` scores the folds' held-out predictions instead, and compares configurations on them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
-
-from engine import BEST_WEIGHTS, model_card_path
-
-
-def collect(folders: list[str]) -> dict:
-    """Best mean Dice (and its step) of each fold folder, with their mean and population std."""
-    folds = []
-    for folder in folders:
-        card_path = model_card_path(Path(folder) / BEST_WEIGHTS)
-        if not card_path.is_file():
-            raise ValueError(f"{folder}: no {card_path.name} (is this a training --output?)")
-        try:
-            card = json.loads(card_path.read_text())
-            folds.append({"folder": str(folder), "best_dice": float(card["best_metric"]), "step": card["best_step"]})
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"{card_path}: not a model card with best_metric ({error})") from None
-    scores = [fold["best_dice"] for fold in folds]
-    return {"folds": folds, "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "n": len(scores)}
 
 
 def main(argv=None) -> None:
@@ -39,14 +22,20 @@ def main(argv=None) -> None:
     parser.add_argument("folders", nargs="+", help="training output folders, one per fold")
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
     args = parser.parse_args(argv)
+    from engine.crossval import best_checkpoint_summary
+
     try:
-        summary = collect(args.folders)
+        summary = best_checkpoint_summary(args.folders)
     except ValueError as error:
         sys.exit(f"error: {error}")
     print("| fold folder | best mean Dice | step |\n|---|---|---|")
     for fold in summary["folds"]:
         print(f"| {fold['folder']} | {fold['best_dice']:.4f} | {fold['step']} |")
     print(f"| **mean ± std ({summary['n']} folds)** | {summary['mean']:.4f} ± {summary['std']:.4f} | |")
+    print(
+        "note: each fold's best checkpoint, chosen on the cases it is scored on; crossval.py --output STUDY "
+        "--configuration NAME FOLDERS scores their held-out predictions (and compares configurations)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -27,6 +27,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--overlap", type=unit_interval(upper_open=True), default=0.5, help="the bundle's sliding-window overlap"
     )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        help="a study's plan.json (crossval.py): the bundle applies its keep-largest postprocessing (default: none)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace exports already in --output")
     parser.epilog = (
         f"An export whose output differs from the training form's by more than {TOLERANCE:g} relative is not written."

@@ -158,6 +158,36 @@ class LabelManager:
             return {i + 1: (name, values) for i, (name, values) in enumerate(self.regions.items())}
         return {value: (name, (value,)) for value, name in enumerate(self.classes) if value}
 
+    @property
+    def foreground_values(self) -> tuple[int, ...]:
+        """Every label value but background: nnU-Net's foreground as a whole (its first keep-largest stage)."""
+        return tuple(range(1, len(self.classes)))
+
+    def keep_largest_values(self, entries: Sequence[int | Sequence[int]]) -> list[int | tuple[int, ...]]:
+        """Keep-largest entries (``test_seg.py --keep_largest``, a study plan's ``keep_largest``) as the label
+        values each keeps as one, in order: a number is a class value, or for a region model a region number
+        (1 the first, its region's values); a group of label values (nnU-Net's foreground as a whole, ``[1, 2,
+        3]``) stays a group. ValueError naming what is not one."""
+        values = []
+        regions = self.scored() if self.regions else None
+        for entry in entries:
+            if isinstance(entry, int) and not isinstance(entry, bool):
+                if regions is not None:
+                    if entry not in regions:
+                        names = ", ".join(f"{key} {name}" for key, (name, _) in regions.items())
+                        raise ValueError(f"region {entry}: the model's regions are {names}")
+                    values.append(regions[entry][1])
+                elif not 0 < entry < len(self.classes):
+                    raise ValueError(f"class {entry}: classes are 1..{len(self.classes) - 1} (0 is background)")
+                else:
+                    values.append(entry)
+                continue
+            group = tuple(entry) if isinstance(entry, Sequence) and not isinstance(entry, str) else ()
+            if not group or any(not isinstance(v, int) or not 0 < v < len(self.classes) for v in group):
+                raise ValueError(f"{entry!r}: a group of label values 1..{len(self.classes) - 1} expected")
+            values.append(group)
+        return values
+
     def region_masks(self, label: torch.Tensor) -> torch.Tensor:
         """Region membership of a label map (``B, 1, ...`` or ``B, ...``) as ``B, R, ...`` booleans: nnU-Net's
         ``ConvertSegmentationToRegionsTransform``."""

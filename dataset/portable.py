@@ -30,8 +30,10 @@ from monai.transforms import LoadImage, MapTransform, ScaleIntensityRange
 from scipy import ndimage
 
 __all__ = [
+    "CONNECTIVITY",
     "DIRECTION_TOLERANCE",
     "AnyChannelForeground",
+    "KeepLargestd",
     "LoadCased",
     "NormalizeChannelsd",
     "case_images",
@@ -39,6 +41,7 @@ __all__ = [
     "case_output_name",
     "checked_cases",
     "holds_channels",
+    "keep_largest",
     "named_apart",
     "nonzero_region",
     "saved_name",
@@ -361,6 +364,47 @@ def case_output_name(image: str | os.PathLike | Sequence[str | os.PathLike]) -> 
 def saved_name(metadata: dict, saver: object = None) -> dict:
     """MONAI ``SaveImage``'s ``output_name_formatter``: :func:`case_output_name` of the case's file."""
     return {"subject": case_output_name(metadata.get("filename_or_obj", "case")), "idx": None}
+
+
+#: The neighbourhood of keep-largest-component postprocessing: 26-connectivity (faces, edges and corners), the
+#: full connectivity nnU-Net's ``remove_all_but_largest_component`` (scikit-image's ``label``) uses.
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def keep_largest(labels: np.ndarray, entries: Sequence[int | Sequence[int]]) -> np.ndarray:
+    """``labels`` with, for each entry in order, only the largest connected component (:data:`CONNECTIVITY`)
+    of its voxels kept and the rest of them background. An entry is a label value, or a group of values kept
+    as one (a region, or nnU-Net's foreground as a whole): nnU-Net's
+    ``remove_all_but_largest_component_from_segmentation``, which also keeps every component of the largest
+    size where several tie. Entries are applied one after another to what the previous ones left."""
+    kept = labels.copy()
+    for entry in entries:
+        inside = np.isin(kept, list(entry)) if isinstance(entry, Sequence) else kept == entry
+        components, count = ndimage.label(inside, structure=CONNECTIVITY)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            kept[inside & (sizes[components] != sizes.max())] = 0
+    return kept
+
+
+class KeepLargestd(MapTransform):
+    """:func:`keep_largest` on the label maps under ``keys`` (channels first, one channel): the bundle's
+    keep-largest-component postprocessing, as ``test_seg.py --keep_largest`` and a study's plan apply it."""
+
+    def __init__(self, keys: KeysCollection, entries: Sequence[int | Sequence[int]]) -> None:
+        super().__init__(keys)
+        self.entries = [entry if isinstance(entry, int) else list(entry) for entry in entries]
+
+    def __call__(self, data: Mapping) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            labels = data[key]
+            kept = keep_largest(np.asarray(torch.as_tensor(labels).cpu())[0], self.entries)
+            data[key] = labels.new_tensor(kept[None]) if isinstance(labels, torch.Tensor) else kept[None]
+            if isinstance(labels, MetaTensor):
+                data[key] = MetaTensor(data[key], meta=labels.meta)
+        return data
 
 
 def segment_all(dataloader, network, inferer, postprocessing, device: torch.device | str) -> int:

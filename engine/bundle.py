@@ -106,8 +106,20 @@ POSTPROCESSING = [
 ]
 
 
-def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
-    """``configs/inference.json`` of the model ``card`` describes."""
+def postprocessing_transforms(keep_largest: list | None) -> list[dict]:
+    """The bundle's postprocessing: keep-largest components (a study plan's, as label values) where given,
+    then each case's labels written as test_seg.py names them."""
+    kept = (
+        []
+        if not keep_largest
+        else [{"_target_": "scripts.portable.KeepLargestd", "keys": "pred", "entries": keep_largest}]
+    )
+    return kept + POSTPROCESSING
+
+
+def inference_config(card: dict, sw_batch_size: int, overlap: float, keep_largest: list | None = None) -> dict:
+    """``configs/inference.json`` of the model ``card`` describes (``keep_largest``: a study plan's keep-largest
+    entries, as the label values each keeps)."""
     preprocessing = card_preprocessing(card)
     return {
         "imports": ["$import os", "$import numpy", "$import torch"],
@@ -144,7 +156,7 @@ def inference_config(card: dict, sw_batch_size: int, overlap: float) -> dict:
             "sw_batch_size": sw_batch_size,
             "overlap": overlap,
         },
-        "postprocessing": {"_target_": "Compose", "transforms": POSTPROCESSING},
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing_transforms(keep_largest)},
         "run": [
             {
                 "_target_": "scripts.portable.segment_all",
@@ -228,7 +240,27 @@ def _schemes_note(normalization: list) -> str:
     return "\n".join(f"  - `{scheme}`: {SCHEME_TEXT[scheme]}" for scheme in schemes)
 
 
-def _readme(card: dict, source: str, config: dict) -> str:
+def _plan_note(plan: dict | None, manager: LabelManager) -> str:
+    """What the bundle applies of a study's plan (its keep-largest postprocessing) and what not."""
+    if plan is None:
+        return "- postprocessing: none (`test_seg.py --keep_largest` or a study's `--plan` is not applied)"
+    names = manager.label_map_names()
+    kept = [
+        names.get(entry, str(entry)) if isinstance(entry, int) else "+".join(names.get(v, str(v)) for v in entry)
+        for entry in plan["keep_largest"]
+    ]
+    ensemble = (
+        f"; the plan's {plan['weights']} weights (its folds and configurations) are an ensemble this bundle of one "
+        "model does not reproduce, and it runs one unmirrored pass: `test_seg.py --plan` applies the whole plan"
+        if plan["weights"] > 1
+        else ""
+    )
+    what = ", then ".join(kept) if kept else "nothing (the study kept no step)"
+    study = Path(plan["plan"]).name
+    return f"- postprocessing, from the study plan `{study}`: the largest component kept of {what}{ensemble}"
+
+
+def _readme(card: dict, source: str, config: dict, plan: dict | None = None) -> str:
     preprocessing = card_preprocessing(card)
     manager = LabelManager.from_card(card)
     classes = list(manager.classes)
@@ -267,6 +299,7 @@ entry of the config can be set for one run, e.g. `--inferer#overlap 0.7`.
   (trilinear, the crop and the orientation undone), {_label_map_note(manager)}: what the repository's
   `test_seg.py` does
 - {_mirroring_note(card, classes)}
+{_plan_note(plan, manager)}
 
 `scripts/portable.py` holds the operations MONAI has no transform for (the per-channel normalisation,
 the foreground rule, the image folder's cases and the loop), `scripts/labels.py` what the outputs mean,
@@ -304,11 +337,14 @@ def _mirroring_note(card: dict, classes: list[str]) -> str:
     )
 
 
-def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int, overlap: float) -> dict[str, bytes]:
+def bundle_files(
+    card: dict, torchscript: bytes, source: str, sw_batch_size: int, overlap: float, plan: dict | None = None
+) -> dict[str, bytes]:
     """The bundle's files (relative path -> content) for the model ``card`` describes (as export.py passes
     it: each channel's normalisation in full), whose TorchScript deploy form is ``torchscript``; ``source``
-    names the trained weights."""
-    config = inference_config(card, sw_batch_size, overlap)
+    names the trained weights; ``plan``: a study plan's postprocessing (``keep_largest`` as label values, the
+    ``plan`` file and its number of ``weights``)."""
+    config = inference_config(card, sw_batch_size, overlap, plan and plan["keep_largest"])
     return {
         "configs/inference.json": (json.dumps(config, indent=2) + "\n").encode(),
         "configs/metadata.json": (json.dumps(_metadata(card, source), indent=2) + "\n").encode(),
@@ -319,5 +355,5 @@ def bundle_files(card: dict, torchscript: bytes, source: str, sw_batch_size: int
         "scripts/labels.py": Path(dataset.labels.__file__).read_bytes(),
         "scripts/stitching.py": Path(engine.stitching.__file__).read_bytes(),
         "scripts/input_grid.py": Path(engine.input_grid.__file__).read_bytes(),
-        "docs/README.md": _readme(card, source, config).encode(),
+        "docs/README.md": _readme(card, source, config, plan).encode(),
     }

@@ -26,6 +26,8 @@ from atomic_files import replace_atomically
 
 __all__ = [
     "apply_label_map",
+    "dice_chart",
+    "dice_scores",
     "evaluate_case",
     "format_summary",
     "parse_label_map",
@@ -79,17 +81,35 @@ def evaluate_case(
     annotated = label != ignore_label if ignore_label is not None else True
     groups = classes if isinstance(classes, Mapping) else {value: (value,) for value in classes}
     for value, values in groups.items():
-        predicted, expected = np.isin(prediction, values) & annotated, np.isin(label, values)
-        p, e = int(predicted.sum()), int(expected.sum())
-        if p == 0 and e == 0:
+        predicted, expected = _masks(prediction, label, values, annotated)
+        dice = _dice(predicted, expected)
+        if math.isnan(dice):
             results[value] = {name: math.nan for name in METRICS}
-            continue
-        if p == 0 or e == 0:
+        elif not predicted.any() or not expected.any():
             results[value] = {"dice": 0.0, "hd95": diagonal, "nsd": 0.0}
-            continue
-        dice = 2.0 * int(np.logical_and(predicted, expected).sum()) / (p + e)
-        results[value] = {"dice": dice, **_surface_metrics(predicted, expected, spacing, nsd_tolerance)}
+        else:
+            results[value] = {"dice": dice, **_surface_metrics(predicted, expected, spacing, nsd_tolerance)}
     return results
+
+
+def dice_scores(
+    prediction: np.ndarray, label: np.ndarray, groups: Mapping[int, Sequence[int]], ignore_label: int | None = None
+) -> dict[int, float]:
+    """The Dice of each group (key -> label values: a class, or a region) of one case, as :func:`evaluate_case`
+    scores it (nnU-Net's ``compute_metrics``: NaN where the group is in neither, 0 where in one only)."""
+    annotated = label != ignore_label if ignore_label is not None else True
+    return {key: _dice(*_masks(prediction, label, values, annotated)) for key, values in groups.items()}
+
+
+def _masks(prediction: np.ndarray, label: np.ndarray, values: Sequence[int], annotated) -> tuple:
+    return np.isin(prediction, values) & annotated, np.isin(label, values)
+
+
+def _dice(predicted: np.ndarray, expected: np.ndarray) -> float:
+    p, e = int(predicted.sum()), int(expected.sum())
+    if p == 0 and e == 0:
+        return math.nan
+    return 2.0 * int(np.logical_and(predicted, expected).sum()) / (p + e)
 
 
 def _surface_metrics(predicted: np.ndarray, expected: np.ndarray, spacing: Sequence[float], tolerance: float) -> dict:
@@ -122,19 +142,30 @@ def summarise(rows: Sequence[dict], class_names: Mapping[int, str]) -> dict:
     return summary
 
 
+#: The Dice charts' left margin and the height of their bars' area (pixels; Dice 1 is a full bar).
+CHART_MARGIN, CHART_BARS = 60, 300
+
+
+def dice_chart(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
+    """A white chart with its Dice axis (0 to 1) and title; returns the image, its drawing and the bars' base
+    line (y)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    base = CHART_MARGIN + CHART_BARS
+    draw.line([(CHART_MARGIN, CHART_MARGIN), (CHART_MARGIN, base), (width - 20, base)], fill="black", width=2)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = base - tick * CHART_BARS
+        draw.line([(CHART_MARGIN - 5, y), (CHART_MARGIN, y)], fill="black")
+        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
+    draw.text((CHART_MARGIN, 15), title, fill="black")
+    return image, draw, base
+
+
 def write_bar_chart(summary: dict, path: Path) -> None:
     """A PNG bar chart of the mean Dice of each class (with its standard deviation)."""
     names = list(summary["classes"])
-    width, height, margin, bar_area = 160 + 90 * len(names), 420, 60, 300
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    base = margin + bar_area
-    draw.line([(margin, margin), (margin, base), (width - 20, base)], fill="black", width=2)
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = base - tick * bar_area
-        draw.line([(margin - 5, y), (margin, y)], fill="black")
-        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
-    draw.text((margin, 15), "Dice per class (mean, std)", fill="black")
+    margin, bar_area = CHART_MARGIN, CHART_BARS
+    image, draw, base = dice_chart(160 + 90 * len(names), 420, "Dice per class (mean, std)")
     for i, name in enumerate(names):
         stats = summary["classes"][name]["dice"]
         x = margin + 30 + 90 * i

@@ -21,6 +21,7 @@ from torch import nn
 
 from atomic_files import replace_atomically
 from dataset.description import ChannelNorm, card_preprocessing
+from dataset.labels import LabelManager
 from dataset.transforms import ORIENTATION
 from engine.bundle import bundle_files
 from engine.common import (
@@ -117,7 +118,10 @@ def run_export(args) -> list[Path]:
             files[TORCHSCRIPT_FILE] = data
             files[f"{TORCHSCRIPT_FILE}.json"] = _card_file(card, "torchscript", args.trained_weights, spatial, check)
         if "bundle" in formats:
-            bundle = bundle_files(card, data, str(args.trained_weights), args.sw_batch_size, args.overlap)
+            postprocessing = _plan_postprocessing(args, card)
+            bundle = bundle_files(
+                card, data, str(args.trained_weights), args.sw_batch_size, args.overlap, postprocessing
+            )
             files.update({f"{BUNDLE_FOLDER}/{name}": content for name, content in bundle.items()})
     if "onnx" in formats:
         data = _onnx(deployed, inputs[0], embedded, spec.input_multiple, spec.any_size_export)
@@ -134,6 +138,25 @@ def run_export(args) -> list[Path]:
     shown = [name for name in files if "/" not in name] + ([f"{BUNDLE_FOLDER}/"] if "bundle" in formats else [])
     print(f"Wrote {', '.join(shown)} to {output}")
     return written
+
+
+def _plan_postprocessing(args, card: dict) -> dict | None:
+    """``--plan``: the study's keep-largest entries (as the label values each keeps) for the bundle, with what
+    the bundle does not do of the plan (an ensemble of several weights, mirroring), said in its README."""
+    if not getattr(args, "plan", None):
+        return None
+    from engine.crossval import read_plan
+
+    plan = read_plan(Path(args.plan))
+    try:
+        values = LabelManager.from_card(card).keep_largest_values(plan["keep_largest"])
+    except ValueError as error:
+        raise UsageError(f"--plan {args.plan}: keep_largest: {error}") from None
+    weights = [str(Path(w).resolve()) for w in plan["weights"]]
+    if str(Path(args.trained_weights).resolve()) not in weights:
+        print(f"note: --plan {args.plan}: {args.trained_weights} is none of its weights; its postprocessing applies")
+    keep = [value if isinstance(value, int) else list(value) for value in values]
+    return {"keep_largest": keep, "plan": str(args.plan), "weights": len(weights)}
 
 
 def _card_file(card: dict, fmt: str, weights: str, spatial: str, check: dict) -> bytes:

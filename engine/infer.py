@@ -31,7 +31,7 @@ from dataset.laterality import (
     find_lateral_pairs,
     mirrorings,
 )
-from dataset.portable import case_output_name, named_apart
+from dataset.portable import case_output_name, keep_largest, named_apart
 from dataset.transforms import build_transforms
 from engine.common import (
     NetworkChoice,
@@ -65,7 +65,6 @@ from engine.memory import (
 from engine.predict import (
     ModelPasses,
     ProbabilitiesFile,
-    keep_largest,
     mean_probabilities,
     probabilities_path,
     segmentation_path,
@@ -81,11 +80,13 @@ __all__ = ["run_inference"]
 SHAPE_FLAGS = ("feat_size", "kernel_size", "hidden_size")
 
 
-def run_inference(args) -> list[Path]:
-    """Sliding-window inference over the test images, written as ``<case>_seg.nii.gz`` in each input's
-    geometry (shape and affine), uint8 labels. Returns the written paths."""
+def run_inference(args, cases: list[dict] | None = None) -> list[Path]:
+    """Sliding-window inference over the test images (or the given ``cases``, ``{"image": ..., "label":
+    ...}``: a fold's held-out cases), written as ``<case>_seg.nii.gz`` in each input's geometry (shape and
+    affine), uint8 labels. With ``args.plan``, a study's plan (``engine.crossval``) gives the weights, the
+    mirroring and the postprocessing. Returns the written paths."""
     with use_algorithm(args.dwconv):
-        return _infer(args)
+        return _infer(args, cases)
 
 
 def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
@@ -355,6 +356,46 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
     return cases
 
 
+def _given_cases(args, cases: list[dict]) -> list[dict]:
+    """Cases handed over by a caller (a fold's held-out cases), checked as listed ones are."""
+    try:
+        named_apart(cases)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    _check_output_apart(Path(args.output), cases)
+    if args.evaluate and not all("label" in case for case in cases):
+        raise UsageError("--evaluate: every case handed over needs its label")
+    return [dict(case) for case in cases] if args.evaluate else [{"image": case["image"]} for case in cases]
+
+
+def _apply_plan(args) -> dict:
+    """``--plan``: a study's ``plan.json`` (``engine.crossval``) sets the weights (every fold of every chosen
+    configuration) and the mirroring; flags that would say otherwise are refused, naming them."""
+    from engine.crossval import read_plan
+
+    plan = read_plan(Path(args.plan))
+    flags = {
+        "--trained_weights": args.trained_weights,
+        "--keep_largest": args.keep_largest,
+        "--tta_axes": args.tta_axes is not None,
+        "--tta": args.tta and not plan["tta"],
+    }
+    given = [flag for flag, value in flags.items() if value]
+    if given:
+        raise UsageError(
+            f"--plan {args.plan} sets the weights, the mirroring and the postprocessing; drop {', '.join(given)}"
+        )
+    args.trained_weights, args.tta = list(plan["weights"]), bool(plan["tta"])
+    return plan
+
+
+def _plan_keep(plan: dict, path: str, outputs: LabelManager) -> list:
+    try:
+        return outputs.keep_largest_values(plan["keep_largest"])
+    except ValueError as error:
+        raise UsageError(f"--plan {path}: keep_largest: {error}") from None
+
+
 def _check_output_apart(output: Path, cases: list[dict]) -> None:
     """Refuse an ``--output`` folder that holds images to segment: the next run over that folder would read
     the segmentations written there as images (``case_seg_seg.nii.gz``)."""
@@ -368,7 +409,8 @@ def _check_output_apart(output: Path, cases: list[dict]) -> None:
                 )
 
 
-def _infer(args) -> list[Path]:
+def _infer(args, given: list[dict] | None = None) -> list[Path]:
+    plan = _apply_plan(args) if getattr(args, "plan", None) else None
     device = select_device(args.device, args.gpu)
     autocast = autocast_for(args.amp, device)
     output = check_output_folder(args.output)
@@ -381,10 +423,10 @@ def _infer(args) -> list[Path]:
             "and model.onnx with --runtime openvino, run in reduced precision"
         )
     config = models[0].config
-    cases = _cases_to_segment(args, config)
+    cases = _cases_to_segment(args, config) if given is None else _given_cases(args, given)
     outputs = models[0].outputs
     label_map = _label_map_of(args, outputs, config)
-    keep = _classes_to_keep(args.keep_largest, outputs)
+    keep = _classes_to_keep(args.keep_largest, outputs) if plan is None else _plan_keep(plan, args.plan, outputs)
     _check_memory(args, cases, models, device)  # from the headers, before any voxel is read
     verify_cases(
         cases, config.num_classes, args.num_workers, in_channels=models[0].in_channels, ignore_label=config.ignore_label
@@ -655,28 +697,36 @@ def _write_case(probabilities, image, case, keep, save_probabilities, model, out
 
 
 def _classes_to_keep(keep_largest: str | None, label_manager: LabelManager) -> list:
-    """``--keep_largest``: comma-separated class values of the model, or region numbers (1 the first region)
-    for a region model, or ``all`` (every foreground class or region); for regions, the label values of
-    each, in order."""
+    """``--keep_largest``: comma-separated entries applied in order, each a class value (of a region model, a
+    region number, 1 the first), label values joined by ``+`` kept as one (``1+2+3``), ``foreground`` (every
+    foreground value as one: nnU-Net's first stage), or ``all`` alone (every class or region on its own); as
+    the label values each keeps (:meth:`LabelManager.keep_largest_values`)."""
     if not keep_largest:
         return []
-    num_classes = len(label_manager.classes)
-    regions = label_manager.scored() if label_manager.has_regions else None
     if keep_largest.strip().lower() == "all":
-        return [values for _, values in regions.values()] if regions else list(range(1, num_classes))
-    what = "region numbers" if regions else "class values"
+        every = list(label_manager.scored()) if label_manager.has_regions else list(label_manager.foreground_values)
+        return label_manager.keep_largest_values(every)
+    what = "region numbers" if label_manager.has_regions else "class values"
+    entries = []
     try:
-        chosen = sorted({int(value) for value in keep_largest.split(",") if value.strip()})
+        for text in filter(None, (part.strip() for part in keep_largest.split(","))):
+            if text.lower() == "foreground":
+                entries.append(label_manager.foreground_values)
+            elif "+" in text:
+                entries.append(tuple(int(value) for value in text.split("+")))
+            else:
+                entries.append(int(text))
     except ValueError:
-        raise UsageError(f"--keep_largest {keep_largest}: expected {what} such as 1,3, or all") from None
-    if regions:
-        if not chosen or any(c not in regions for c in chosen):
-            names = ", ".join(f"{key} {name}" for key, (name, _) in regions.items())
-            raise UsageError(f"--keep_largest {keep_largest}: the model's regions are {names}")
-        return [regions[c][1] for c in chosen]
-    if not chosen or any(not 0 < c < num_classes for c in chosen):
-        raise UsageError(f"--keep_largest {keep_largest}: classes are 1..{num_classes - 1} (0 is background)")
-    return chosen
+        raise UsageError(
+            f"--keep_largest {keep_largest}: expected {what} such as 1,3, label values kept as one such as 1+2, "
+            "foreground, or all"
+        ) from None
+    if not entries:
+        raise UsageError(f"--keep_largest {keep_largest}: expected {what} such as 1,3, or all")
+    try:
+        return label_manager.keep_largest_values(entries)
+    except ValueError as error:
+        raise UsageError(f"--keep_largest {keep_largest}: {error}") from None
 
 
 def _report_evaluation(rows: list[dict], config: DatasetConfig, output: Path, count: int) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from dataset.cases import case_files
@@ -23,7 +22,6 @@ from engine.stitching import ProbabilityVolume, softmax_of_classes, stitching_de
 __all__ = [
     "ModelPasses",
     "ProbabilitiesFile",
-    "keep_largest",
     "mean_probabilities",
     "probabilities_path",
     "segmentation_path",
@@ -87,22 +85,6 @@ def mean_probabilities(
                 image, model.network, model.roi, sw_batch_size, overlap, autocast, device, weight, axes, order, finish
             )
     return total
-
-
-def keep_largest(labels: np.ndarray, classes: Sequence[int | Sequence[int]]) -> np.ndarray:
-    """``labels`` with only the largest connected component (26-connectivity) of each of ``classes`` kept,
-    the rest of that class background: MONAI's KeepLargestConnectedComponent, which needs scikit-image on
-    the CPU; scipy.ndimage here. An entry that is a group of values is one region (its voxels of any of
-    them), whose smaller components become background, as nnU-Net's ``remove_all_but_largest_component``
-    treats regions; groups are taken in order."""
-    kept = labels.copy()
-    for value in classes:
-        inside = np.isin(kept, value) if isinstance(value, Sequence) else kept == value
-        components, count = ndimage.label(inside, structure=np.ones((3, 3, 3)))
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            kept[(components > 0) & (components != 1 + int(sizes.argmax()))] = 0
-    return kept
 
 
 def write_segmentation(labels: np.ndarray, image: str | Sequence[str], path: str | Path) -> None:

@@ -59,6 +59,7 @@ from engine.common import (
     roi_of,
     save_torch,
 )
+from engine.crossval import FOLD_RECORD, HELD_OUT, fold_record, fold_run, predict_held_out
 from engine.distributed import Distributed
 from engine.loading import cached_dataset, data_preparation_seconds, data_worker_init, fit_cache_rate
 from engine.losses import segmentation_loss
@@ -346,7 +347,20 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
             f"Training finished: best mean Dice {run.progress['best_dice']:.4f} at step "
             f"{run.progress['best_step']}; weights in {run.best_path}"
         )
+    if run.main and isinstance(args.fold, int) and args.held_out != "none":
+        _segment_held_out(run)
     return run.progress["best_dice"]
+
+
+def _segment_held_out(run: Run) -> None:
+    """The out-of-fold predictions of a ``--fold K`` run (``engine.crossval.predict_held_out``), with the
+    run's device, precision, workers and sliding-window batch."""
+    args = run.args
+    flags = ["--device", run.device.type, "--gpu", str(args.gpu), "--num_workers", str(args.num_workers)]
+    flags += ["--sw_batch_size", str(args.sw_batch_size), "--dwconv", args.dwconv, "--cache_rate", "0"]
+    flags += ["--amp", args.amp] if args.amp else []
+    predict_held_out(fold_run(run.output), args.held_out, flags)
+    print(f"Held-out cases of fold {args.fold} segmented and scored in {run.output / HELD_OUT}")
 
 
 def _train_to_the_end(run: Run, writer: SummaryWriter | None, bar: tqdm) -> None:
@@ -477,21 +491,29 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         save_torch(run.model.state_dict(), run.best_path)
         best_card = {**run.card, "best_metric": dice, "best_metric_foreground": foreground, "best_step": step}
         save_json(best_card, model_card_path(run.best_path))
+    if step == args.max_iter and isinstance(args.fold, int):  # the model a fold's held-out cases are scored with
+        _save_final(run, step)
 
 
 def _save_without_validation(run: Run, step: int) -> None:
     """A run without validation (``--fold all``): the checkpoint at every ``--eval_step`` (during non-finite
-    steps, the last good one is kept); at the end, the final weights and their model card, which are the
-    model: a skipped step changes no weight, so after non-finite last steps they are those of the last good
-    step, which the card's ``final_step`` names."""
+    steps, the last good one is kept); at the end, the final weights (:func:`_save_final`), which are the
+    model."""
     if not run.main:
         return
     if not run.progress["nonfinite_in_a_row"]:
         run.save_last()
     if step == run.args.max_iter:
-        save_torch(run.model.state_dict(), run.final_path)
-        good_step = step - run.progress["nonfinite_in_a_row"]
-        save_json({**run.card, "final_step": good_step}, model_card_path(run.final_path))
+        _save_final(run, step)
+
+
+def _save_final(run: Run, step: int) -> None:
+    """The final weights and their model card (the model of ``--fold all``, and the weights a ``--fold K`` run
+    segments its held-out cases with): a skipped step changes no weight, so after non-finite last steps they
+    are those of the last good step, which the card's ``final_step`` names."""
+    save_torch(run.model.state_dict(), run.final_path)
+    good_step = step - run.progress["nonfinite_in_a_row"]
+    save_json({**run.card, "final_step": good_step}, model_card_path(run.final_path))
 
 
 def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device) -> Run:
@@ -546,6 +568,8 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     output.mkdir(parents=True, exist_ok=True)
     if main and data.derivation is not None:
         save_json(data.derivation, output / FINGERPRINT_FILE)
+    if main and isinstance(args.fold, int):
+        save_json(fold_record(args.fold, args.num_folds, data.train_cases, data.val_cases), output / FOLD_RECORD)
     loss_function = segmentation_loss(data.config.label_manager)
     return Run(
         args=args,

@@ -50,7 +50,7 @@ def copy_of(root: Path, tmp_path: Path) -> Path:
     return copy
 
 
-TRAIN = dict(max_iter=2, eval_step=2, lr=1e-3, fold=0, num_folds=2, **TINY)
+TRAIN = dict(max_iter=2, eval_step=2, lr=1e-3, fold=0, num_folds=2, held_out="none", **TINY)
 
 
 # ---- formats ----

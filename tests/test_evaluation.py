@@ -126,7 +126,7 @@ def test_folds_training_writes_overlay_images_and_cv_summary(phantom, tmp_path, 
     for fold in (0, 1):
         output = tmp_path / f"fold{fold}"
         main_train.main(["--root", str(phantom), "--output", str(output), "--max_iter", "2", "--eval_step", "2",
-                         "--fold", str(fold), "--num_folds", "5", *TINY])  # fmt: skip
+                         "--fold", str(fold), "--num_folds", "5", "--held_out", "none", *TINY])  # fmt: skip
         outputs.append(output)
     assert "Fold 1 of 5: validating on 1 of the training cases" in capsys.readouterr().out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

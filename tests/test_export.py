@@ -508,7 +508,7 @@ def test_a_two_channel_mri_model_segments_identically_through_its_bundle(tmp_pat
     write_dataset(root, num_train=2, num_test=2, seed=3, modality="mri", layout="nnunet")
     run = tmp_path / "run"
     training = flags(dataset=root / "dataset.json", output=run, max_iter=2, eval_step=2, lr=1e-2, fold=0, num_folds=2)
-    main_train.main(training + flags(**TINY_RUN))
+    main_train.main(training + flags(held_out="none", **TINY_RUN))
     weights = run / "best_metric_model.pth"
     card = json.loads(Path(f"{weights}.json").read_text())
     assert card["in_channels"] == 2 and {entry["scheme"] for entry in card["normalization"]} == {"zscore"}

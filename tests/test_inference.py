@@ -16,8 +16,9 @@ from monai.inferers import sliding_window_inference
 import main_train
 import test_seg
 from dataset.description import PRESETS, load_dataset_config
+from dataset.portable import keep_largest
 from dataset.transforms import build_transforms
-from engine.predict import ModelPasses, keep_largest, mean_probabilities
+from engine.predict import ModelPasses, mean_probabilities
 from networks import build_network
 from phantom import write_dataset
 
@@ -154,8 +155,12 @@ def test_mismatched_ensembles_are_refused(phantom, weights, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--keep_largest", "7"], "--keep_largest 7: classes are 1..4 (0 is background)"),
-        (["--keep_largest", "x"], "--keep_largest x: expected class values such as 1,3, or all"),
+        (["--keep_largest", "7"], "--keep_largest 7: class 7: classes are 1..4 (0 is background)"),
+        (
+            ["--keep_largest", "x"],
+            "--keep_largest x: expected class values such as 1,3, label values kept as one such as 1+2, foreground, "
+            "or all",
+        ),
         (["--evaluate", "--input", "nowhere.nii.gz"], "--input nowhere.nii.gz: no such file or folder"),
     ],
 )

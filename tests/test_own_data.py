@@ -164,6 +164,7 @@ def test_ignore_label_is_read_checked_and_trained(mri, tmp_path):
     output = tmp_path / "run"
     main_train.main(
         flags(dataset=root / "dataset.json", output=output, max_iter=2, eval_step=2, fold=0, num_folds=2, **TINY)
+        + ["--held_out", "none"]
     )
     card = json.loads((output / "best_metric_model.pth.json").read_text())
     assert card["ignore_label"] == 5 and card["out_channels"] == 5
@@ -489,6 +490,7 @@ def test_constant_channels_warn_and_skipped_files_are_named(mri, tmp_path, capsy
     output = tmp_path / "run"
     main_train.main(
         flags(dataset=root / "dataset.json", output=output, max_iter=1, eval_step=1, fold=0, num_folds=2, **TINY)
+        + ["--held_out", "none"]
     )
     printed = capsys.readouterr().out
     first = str(second).replace("_0001.nii.gz", "_0000.nii.gz")

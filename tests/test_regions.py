@@ -13,17 +13,17 @@ from conftest import TINY_RUN, exit_message, flags
 from scipy import ndimage
 from test_export import Segmentations, run_bundle
 
-import cv_summary
 import export
 import main_finetune
 import main_train
 import test_seg
 from dataset.description import DatasetError, load_dataset_config
 from dataset.labels import LabelManager
+from dataset.portable import keep_largest
 from dataset.transforms import CropCentres
+from engine.crossval import best_checkpoint_summary
 from engine.evaluate import evaluate_case
 from engine.losses import RegionDiceBCELoss
-from engine.predict import keep_largest
 from engine.validation import dice_per_region
 from phantom import BRATS_REGIONS, write_dataset
 
@@ -446,7 +446,9 @@ def test_the_decathlon_layout_with_regions_trains_validates_per_region_and_cv_su
     assert "per region: whole tumor" in printed
     card = json.loads((run / "best_metric_model.pth.json").read_text())
     assert card["regions"] == BRATS_REGIONS and 0 <= card["best_metric"] <= 1
-    summary = cv_summary.collect([str(run)])
+    held_out = (run / "validation" / "metrics.csv").read_text().splitlines()  # the fold's held-out cases, by region
+    assert len(held_out) == 1 + 2 * 3 and {row.split(",")[2] for row in held_out[1:]} == set(BRATS_REGIONS)
+    summary = best_checkpoint_summary([str(run)])
     assert summary["folds"][0]["best_dice"] == pytest.approx(card["best_metric"])
 
 

@@ -1,0 +1,644 @@
+"""Cross-validation studies (crossval.py): every fold's held-out cases segmented with the weights its run
+names as its model (out-of-fold predictions), configurations pooled and compared case by case, ensembles and
+keep-largest postprocessing chosen on them as nnU-Net v2 chooses them (``find_best_configuration``,
+``ensemble_crossvalidations``, ``determine_postprocessing``), and the choice written as a plan (``plan.json``)
+that ``test_seg.py --plan`` and ``export.py --plan`` apply.
+
+A fold run (``main_train.py --fold K``) records its split in ``fold.json`` and, when it ends, segments its
+held-out cases into ``validation/`` (``held_out.json`` says with what). A run trained before either is
+read from its checkpoint and the dataset flags, its held-out step run on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import stats
+
+from atomic_files import replace_atomically, save_json
+from dataset.cases import case_name, find_cases, split_folds
+from dataset.checks import file_identity, load_record
+from dataset.description import PRESETS, DatasetError, counted, load_dataset_config, read_json
+from dataset.labels import LabelManager
+from dataset.portable import CONNECTIVITY, keep_largest
+from engine.common import BEST_WEIGHTS, FINAL_WEIGHTS, LAST_CHECKPOINT, UsageError, load_with_card, model_card_path
+from engine.evaluate import CHART_BARS, CHART_MARGIN, dice_chart, dice_scores
+
+__all__ = [
+    "FOLD_RECORD",
+    "HELD_OUT",
+    "FoldRun",
+    "best_checkpoint_summary",
+    "choose",
+    "class_means",
+    "fold_record",
+    "fold_run",
+    "foreground_mean",
+    "paired_test",
+    "predict_held_out",
+    "read_plan",
+    "run_study",
+]
+
+#: A fold run's split, written when it starts.
+FOLD_RECORD = "fold.json"
+#: The folder of a fold run's out-of-fold predictions, and the record of what made them.
+HELD_OUT = "validation"
+HELD_OUT_RECORD = "held_out.json"
+#: What a fold run's out-of-fold predictions are made with: its final weights (nnU-Net's choice: no case both
+#: selects and scores a checkpoint), or its best checkpoint (selected on these cases).
+CHECKPOINTS = ("final", "best")
+PLAN_VERSION = 1
+#: The neighbours a voxel's component reaches in keep-largest postprocessing (26: faces, edges and corners).
+CONNECTIVITY_NEIGHBOURS = int(CONNECTIVITY.sum()) - 1
+
+
+def fold_record(fold: int, num_folds: int, training: Sequence[dict], held_out: Sequence[dict]) -> dict:
+    """What ``fold.json`` holds: the fold, the fold count, every training case's name (the folds together)
+    and the held-out cases (image and label paths)."""
+    names = sorted(case_name(case["image"]) for case in [*training, *held_out])
+    return {"fold": fold, "num_folds": num_folds, "cases": names, "held_out": [dict(case) for case in held_out]}
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    """A fold run folder, its fold of ``num_folds``, its held-out cases and every case of the split."""
+
+    folder: Path
+    fold: int
+    num_folds: int
+    held_out: tuple[dict, ...]
+    cases: tuple[str, ...]
+
+
+def fold_run(folder: Path, dataset: str | None = None, root: str | None = None, datalist: str | None = None) -> FoldRun:
+    """The fold run in ``folder``: from its ``fold.json``, or, for a run trained before it was written, from
+    its checkpoint's flags (fold, fold count) and the dataset (``dataset``, else the card's preset; ``root``,
+    ``datalist``), split again as the run split it (``dataset.cases.split_folds``: the same folds on every
+    machine)."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such run folder")
+    record = folder / FOLD_RECORD
+    if record.is_file():
+        content = read_json(record, "run")
+        try:
+            held_out = tuple(dict(case) for case in content["held_out"])
+            return FoldRun(folder, int(content["fold"]), int(content["num_folds"]), held_out, tuple(content["cases"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise UsageError(f"{record}: not a fold record ({error})") from None
+    fold, num_folds, card = _old_fold(folder)
+    dataset = dataset or (card.get("dataset") if str(card.get("dataset")).lower() in PRESETS else None)
+    if root is None or dataset is None:
+        raise UsageError(
+            f"{folder}: trained before its held-out cases were recorded ({FOLD_RECORD}): give --root and --dataset "
+            "(and --datalist) as the run had them, to split its cases again"
+        )
+    try:
+        cases = find_cases(load_dataset_config(dataset, datalist), root, "training")
+        _, held_out = split_folds(cases, num_folds, fold)
+    except DatasetError as error:
+        raise UsageError(f"{folder}: {error}") from None
+    return FoldRun(folder, fold, num_folds, tuple(held_out), tuple(sorted(case_name(c["image"]) for c in cases)))
+
+
+def _old_fold(folder: Path) -> tuple[int, int, dict]:
+    """The fold, fold count and model card of a run without ``fold.json``, from its checkpoint."""
+    checkpoint = folder / LAST_CHECKPOINT
+    if not checkpoint.is_file():
+        raise UsageError(
+            f"{folder}: neither {FOLD_RECORD} nor {LAST_CHECKPOINT}, so its fold is unknown (is this a --fold run?)"
+        )
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    flags, card = saved.get("flags") or {}, saved.get("card") or {}
+    fold, num_folds = flags.get("fold", card.get("fold")), flags.get("num_folds")
+    if not isinstance(fold, int) or not isinstance(num_folds, int):
+        raise UsageError(f"{folder}: not a cross-validation fold (--fold {fold}, --num_folds {num_folds})")
+    return fold, num_folds, card
+
+
+def run_weights(folder: Path, checkpoint: str) -> Path:
+    """A fold run's model: its final weights (``final_model.pth``, or a finished run's ``checkpoint_last.pth``)
+    or its best checkpoint; a UsageError naming what is missing."""
+    if checkpoint == "best":
+        if not (folder / BEST_WEIGHTS).is_file():
+            raise UsageError(f"{folder}: no {BEST_WEIGHTS}")
+        return folder / BEST_WEIGHTS
+    if (folder / FINAL_WEIGHTS).is_file():
+        return folder / FINAL_WEIGHTS
+    last = folder / LAST_CHECKPOINT
+    if last.is_file():
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        step, max_iter = saved["progress"]["step"], (saved.get("flags") or {}).get("max_iter")
+        if max_iter is not None and step >= max_iter:
+            return last
+        raise UsageError(f"{folder}: the run has not finished (step {step} of {max_iter}): no final weights yet")
+    raise UsageError(
+        f"{folder}: no final weights ({FINAL_WEIGHTS}, or a finished {LAST_CHECKPOINT}); --checkpoint best scores "
+        "its best checkpoint instead (selected on these cases)"
+    )
+
+
+def predict_held_out(run: FoldRun, checkpoint: str, flags: Sequence[str] = ()) -> dict:
+    """Segment ``run``'s held-out cases with its model (:func:`run_weights`) into ``<run>/validation/``, as
+    ``test_seg.py --tta --save_probabilities --evaluate`` does (mirroring as the model card says; ``flags``:
+    more test_seg.py flags, such as the device), unless they are there already from the same weights; the
+    record of what made them (``held_out.json``)."""
+    from cli import inference_parser
+    from engine.infer import run_inference
+
+    weights = run_weights(run.folder, checkpoint)
+    output = run.folder / HELD_OUT
+    names = sorted(case_name(case["image"]) for case in run.held_out)
+    # Named within the run (size and modification time), so that a run folder moved or copied keeps them.
+    identity = {"weights_file": weights.name, "file": file_identity(weights)[1], "cases": names}
+    record = load_record(output / HELD_OUT_RECORD)
+    if all(record.get(key) == value for key, value in identity.items()):
+        return record
+    command = ["--trained_weights", str(weights), "--output", str(output), "--tta", "--save_probabilities"]
+    args = inference_parser("").parse_args([*command, "--evaluate", *flags])
+    print(f"{run.folder}: segmenting the {counted(len(names), 'held-out case')} of fold {run.fold} with {weights.name}")
+    run_inference(args, cases=[dict(case) for case in run.held_out])
+    _, card, _ = load_with_card(str(weights), "--trained_weights")
+    record = {
+        **identity,
+        "weights": str(weights.resolve()),
+        "checkpoint": checkpoint,
+        "selected_on_these_cases": checkpoint == "best",
+        "mirror_axes": None if card is None else card.get("mirror_axes"),
+        "fold": run.fold,
+        "num_folds": run.num_folds,
+        "labels": {case_name(case["image"]): case["label"] for case in run.held_out},
+    }
+    save_json(record, output / HELD_OUT_RECORD)
+    return record
+
+
+# ---- the study ----
+
+
+@dataclass
+class Configuration:
+    """A configuration of the study: its name, fold runs, their held-out records and model card."""
+
+    name: str
+    runs: list[FoldRun]
+    records: list[dict]
+    card: dict
+
+    @property
+    def cases(self) -> dict[str, FoldRun]:
+        return {name: run for run, record in zip(self.runs, self.records, strict=True) for name in record["cases"]}
+
+    @property
+    def weights(self) -> list[str]:
+        """The weights each fold's held-out cases were segmented with, where the run folder is now."""
+        return [
+            str((run.folder / record["weights_file"]).resolve())
+            for run, record in zip(self.runs, self.records, strict=True)
+        ]
+
+
+#: One candidate's Dice: case -> scored key (class value, or region number) -> Dice (NaN: absent from both).
+Scores = dict[str, dict[int, float]]
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    """crossval.py: the study of ``args.configuration`` (``[[name, run, ...], ...]``) into ``args.output``;
+    returns the plan."""
+    output = Path(args.output)
+    configurations = _configurations(args)
+    manager = _outputs(configurations)
+    keys = list(manager.scored())
+    _check_cases(configurations)
+    labels = _labels(configurations[0])
+    singles = {c.name: _scores_from_metrics(c, keys) for c in configurations}
+    candidates = {(c.name,): singles[c.name] for c in configurations}
+    for size in range(2, min(args.max_ensemble, len(configurations)) + 1):
+        for members in itertools.combinations(configurations, size):
+            names = tuple(member.name for member in members)
+            candidates[names] = _ensemble(members, manager, labels, output / "ensembles" / "+".join(names))
+    means = {names: class_means(scores, keys) for names, scores in candidates.items()}
+    chosen = choose(means)
+    source = _predictions_of(chosen, configurations, output)
+    stages, entries = _postprocessing(source, manager, labels, keys, args.min_gain, output)
+    chosen_configurations = [c for c in configurations if c.name in chosen]
+    plan = {
+        "version": PLAN_VERSION,
+        "chosen": list(chosen),
+        "weights": [weight for c in chosen_configurations for weight in c.weights],
+        "checkpoint": args.checkpoint,
+        "tta": True,
+        "keep_largest": entries,
+        "connectivity": CONNECTIVITY_NEIGHBOURS,
+        "outputs": manager.to_card(),
+        "scores": {"before": _score_entry(means[chosen]), "after": _score_entry(stages[-1]["means"])},
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    save_json(plan, output / "plan.json")
+    _write_scores(candidates, keys, output / "scores.csv")
+    _write_plot(configurations, means, manager, output / "dice_per_configuration.png")
+    report = _report(args, configurations, candidates, means, chosen, stages, manager, keys)
+    replace_atomically(output / "report.md", lambda tmp: Path(tmp).write_text(report))
+    print(report)
+    print(f"Wrote {output / 'report.md'}, {output / 'plan.json'}, {output / 'scores.csv'}")
+    return plan
+
+
+def _configurations(args) -> list[Configuration]:
+    """Each ``--configuration NAME RUN [RUN ...]`` with its fold runs and held-out records (made now where
+    missing); one line naming what is wrong otherwise."""
+    configurations, seen = [], set()
+    flags = [*args.inference_flags]
+    for entry in args.configuration:
+        if len(entry) < 2:
+            raise UsageError(f"--configuration {' '.join(entry)}: a name and its fold run folders expected")
+        name, folders = entry[0], entry[1:]
+        if name in seen:
+            raise UsageError(f"--configuration {name}: given twice")
+        seen.add(name)
+        runs = [fold_run(Path(folder), args.dataset, args.root, args.datalist) for folder in folders]
+        folds = [run.fold for run in runs]
+        twice = sorted({fold for fold in folds if folds.count(fold) > 1})
+        if twice:
+            raise UsageError(f"--configuration {name}: fold {twice[0]} given twice")
+        if len({run.num_folds for run in runs}) > 1:
+            raise UsageError(f"--configuration {name}: runs of different --num_folds")
+        records = [predict_held_out(run, args.checkpoint, flags) for run in runs]
+        configuration = Configuration(name, runs, records, {})
+        _, card, _ = load_with_card(configuration.weights[0], "--trained_weights")
+        configuration.card = card or {}
+        configurations.append(configuration)
+    return configurations
+
+
+def _outputs(configurations: list[Configuration]) -> LabelManager:
+    """The configurations' outputs (one label manager for them all), or a UsageError naming two that differ."""
+    managers = [LabelManager.from_card(c.card) for c in configurations]
+    for configuration, manager in zip(configurations[1:], managers[1:], strict=True):
+        if not manager.same_outputs(managers[0]):
+            raise UsageError(
+                f"--configuration {configuration.name}: its outputs ({manager.describe()}) are not those of "
+                f"{configurations[0].name} ({managers[0].describe()})"
+            )
+    return managers[0]
+
+
+def _check_cases(configurations: list[Configuration]) -> None:
+    """Every case of a configuration's split held out by exactly one fold, with probabilities; every
+    configuration trained on the same cases."""
+    for configuration in configurations:
+        owner: dict[str, Path] = {}
+        for run, record in zip(configuration.runs, configuration.records, strict=True):
+            for name in record["cases"]:
+                if name in owner:
+                    raise UsageError(
+                        f"--configuration {configuration.name}: case {name} is held out by two folds ({owner[name]}, "
+                        f"{run.folder})"
+                    )
+                owner[name] = run.folder
+                if not (run.folder / HELD_OUT / f"{name}_probabilities.npz").is_file():
+                    raise UsageError(f"{run.folder}: no probabilities of case {name} in {run.folder / HELD_OUT}")
+        split = set(configuration.runs[0].cases)
+        for run in configuration.runs[1:]:
+            if set(run.cases) != split:
+                only = sorted(split ^ set(run.cases))
+                raise UsageError(
+                    f"--configuration {configuration.name}: {configuration.runs[0].folder} and {run.folder} split "
+                    f"different cases: {_names(only)} in one only"
+                )
+        missing = sorted(split - set(owner))
+        if missing:
+            raise UsageError(
+                f"--configuration {configuration.name}: {counted(len(missing), 'case')} held out by no run given: "
+                f"{_names(missing)} (a fold missing?)"
+            )
+    first = set(configurations[0].runs[0].cases)
+    for configuration in configurations[1:]:
+        other = set(configuration.runs[0].cases)
+        if other != first:
+            only = sorted(first ^ other)
+            raise UsageError(
+                f"--configuration {configuration.name} and {configurations[0].name} were trained on different cases: "
+                f"{_names(only)} in one only"
+            )
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+
+
+def _labels(configuration: Configuration) -> dict[str, str]:
+    return {name: path for record in configuration.records for name, path in record["labels"].items()}
+
+
+def _scores_from_metrics(configuration: Configuration, keys: list[int]) -> Scores:
+    """A configuration's Dice per case and key, as its folds' ``metrics.csv`` (test_seg.py --evaluate) hold it."""
+    scores: Scores = {}
+    for run in configuration.runs:
+        path = run.folder / HELD_OUT / "metrics.csv"
+        with open(path, newline="") as file:
+            for row in csv.DictReader(file):
+                scores.setdefault(row["case"], {})[int(row["class"])] = float(row["dice"])
+    return {case: {key: values.get(key, math.nan) for key in keys} for case, values in sorted(scores.items())}
+
+
+def class_means(scores: Scores, keys: Sequence[int]) -> dict[int, float]:
+    """The mean Dice of each key over the cases where it has one (nnU-Net: ``np.nanmean``; NaN where none has)."""
+    means = {}
+    for key in keys:
+        values = [case[key] for case in scores.values() if not math.isnan(case[key])]
+        means[key] = float(np.mean(values)) if values else math.nan
+    return means
+
+
+def foreground_mean(means: dict[int, float]) -> float:
+    """The mean of the class (or region) means: nnU-Net's ``foreground_mean``, over the keys that have one."""
+    values = [value for value in means.values() if not math.isnan(value)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def choose(means: dict[tuple[str, ...], dict[int, float]]) -> tuple[str, ...]:
+    """The candidate (a configuration, or an ensemble of several) of the highest foreground mean; a tie goes to
+    fewer models, then to the first given (nnU-Net's ``find_best_configuration`` keeps the first of a tie, its
+    single configurations coming before its ensembles)."""
+    return max(means, key=lambda names: (foreground_mean(means[names]), -len(names)))
+
+
+def case_means(scores: Scores) -> dict[str, float]:
+    """Each case's mean Dice over the keys it has a score for (the paired test's unit)."""
+    means = {}
+    for case, values in scores.items():
+        present = [v for v in values.values() if not math.isnan(v)]
+        if present:
+            means[case] = float(np.mean(present))
+    return means
+
+
+def paired_test(scores: Scores, reference: Scores) -> tuple[float, int]:
+    """Wilcoxon signed-rank test of the per-case means against ``reference``'s (the cases both score): its
+    two-sided p-value and n; p = 1 where the two are equal on every case."""
+    mine, theirs = case_means(scores), case_means(reference)
+    cases = sorted(set(mine) & set(theirs))
+    a, b = np.array([mine[c] for c in cases]), np.array([theirs[c] for c in cases])
+    if not cases or np.all(a == b):
+        return 1.0, len(cases)
+    return float(stats.wilcoxon(a, b).pvalue), len(cases)
+
+
+def _ensemble(members: Sequence[Configuration], manager: LabelManager, labels: dict, folder: Path) -> Scores:
+    """The Dice of an ensemble: each case's saved probabilities averaged over the members (float16 as saved,
+    summed in float32), made a label map by the label manager, written to ``folder`` and scored."""
+    scores: Scores = {}
+    keys = manager.scored()
+    for name, label_path in sorted(labels.items()):
+        total, reference = None, None
+        for member in members:
+            run = member.cases[name]
+            probabilities = np.load(run.folder / HELD_OUT / f"{name}_probabilities.npz")["probabilities"]
+            total = probabilities.astype(np.float32) if total is None else total + probabilities
+            reference = run.folder / HELD_OUT / f"{name}_seg.nii.gz"
+        total /= len(members)
+        prediction = manager.label_map(torch.from_numpy(total)).numpy()
+        _write_labels(prediction, reference, folder / f"{name}_seg.nii.gz")
+        scores[name] = _dice(prediction, label_path, keys, manager.ignore_label)
+    return scores
+
+
+def _dice(prediction: np.ndarray, label_path: str, keys: dict, ignore_label: int | None) -> dict[int, float]:
+    label = np.asarray(nib.load(label_path).dataobj).round().astype(np.int64).reshape(prediction.shape)
+    groups = {key: values for key, (_, values) in keys.items()}
+    return dice_scores(prediction, label, groups, ignore_label)
+
+
+def _write_labels(labels: np.ndarray, like: Path, path: Path) -> None:
+    source = nib.load(like)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(labels.astype(np.uint8), source.affine, source.header)
+    replace_atomically(path, lambda tmp: nib.save(image, tmp))
+
+
+def _predictions_of(chosen: tuple[str, ...], configurations: list[Configuration], output: Path) -> dict[str, Path]:
+    """Where the chosen candidate's label maps are, case by case."""
+    if len(chosen) > 1:
+        folder = output / "ensembles" / "+".join(chosen)
+        return {name: folder / f"{name}_seg.nii.gz" for name in _labels(configurations[0])}
+    configuration = next(c for c in configurations if c.name == chosen[0])
+    return {name: run.folder / HELD_OUT / f"{name}_seg.nii.gz" for name, run in configuration.cases.items()}
+
+
+def _postprocessing(
+    source: dict[str, Path], manager: LabelManager, labels: dict, keys: list[int], min_gain: float, output: Path
+) -> tuple[list[dict], list]:
+    """nnU-Net's ``determine_postprocessing`` on the chosen label maps: the largest component of the
+    foreground as a whole, kept where the foreground mean rises (by more than ``min_gain``) and no class or
+    region mean falls; then of each class (region) in label order, on what the first stage left, kept where
+    that one's mean rises (by more than ``min_gain``). Returns the stages (the baseline first) and the kept
+    entries, as ``--keep_largest`` (and a plan) take them: a class value or region number, or a list of label
+    values kept as one."""
+    scored = manager.scored()
+    current = {name: np.asarray(nib.load(path).dataobj) for name, path in source.items()}
+    scores = {name: _dice(current[name], labels[name], scored, manager.ignore_label) for name in current}
+    stages = [{"entry": None, "means": class_means(scores, keys), "kept": True}]
+    candidates: list = [list(manager.foreground_values)]
+    if len(keys) > 1:
+        candidates += keys
+    entries = []
+    for entry in candidates:
+        values = manager.keep_largest_values([entry])
+        trial = {name: keep_largest(labels_, values) for name, labels_ in current.items()}
+        trial_scores = {name: _dice(trial[name], labels[name], scored, manager.ignore_label) for name in trial}
+        before, after = _last_kept(stages), class_means(trial_scores, keys)
+        if isinstance(entry, list):
+            kept = foreground_mean(after) > foreground_mean(before) + min_gain and not any(
+                after[key] < before[key] for key in keys if not math.isnan(before[key])
+            )
+        else:
+            kept = after[entry] > before[entry] + min_gain
+        stages.append({"entry": entry, "means": after, "kept": bool(kept), "before": before})
+        if kept:
+            current, entries = trial, [*entries, entry]
+    for name, labels_ in current.items():
+        _write_labels(labels_, source[name], output / "predictions" / f"{name}_seg.nii.gz")
+    final = _last_kept(stages)
+    stages.append({"entry": "result", "means": final, "kept": True})
+    return stages, entries
+
+
+def _last_kept(stages: list[dict]) -> dict[int, float]:
+    return next(stage["means"] for stage in reversed(stages) if stage["kept"])
+
+
+def _score_entry(means: dict[int, float]) -> dict:
+    return {"foreground_mean": _number(foreground_mean(means)), "mean": {str(k): _number(v) for k, v in means.items()}}
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 6)
+
+
+def _write_scores(candidates: dict[tuple, Scores], keys: list[int], path: Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["candidate", "case", *map(str, keys)])
+            for names, scores in candidates.items():
+                for case, values in scores.items():
+                    writer.writerow(["+".join(names), case, *(values[key] for key in keys)])
+
+    replace_atomically(path, write)
+
+
+# ---- the report ----
+
+COLOURS = [(70, 130, 180), (230, 140, 50), (90, 170, 90), (200, 80, 80), (150, 110, 190), (120, 120, 120)]
+
+
+def _write_plot(configurations: list[Configuration], means: dict, manager: LabelManager, path: Path) -> None:
+    """A PNG of each configuration's mean Dice per class (region), a bar per configuration."""
+    names = [name for name, _ in manager.scored().values()]
+    keys = list(manager.scored())
+    group = 24 * len(configurations) + 30
+    width, height, margin, bar_area = 120 + group * len(names), 460, CHART_MARGIN, CHART_BARS
+    title = "Out-of-fold Dice per class, mean over cases"
+    image, draw, base = dice_chart(width, height + 20 * len(configurations), title)
+    for i, (key, name) in enumerate(zip(keys, names, strict=True)):
+        x0 = margin + 20 + group * i
+        for j, configuration in enumerate(configurations):
+            value = means[(configuration.name,)][key]
+            if not math.isnan(value):
+                x = x0 + 24 * j
+                draw.rectangle([(x, base - value * bar_area), (x + 18, base)], fill=COLOURS[j % len(COLOURS)])
+        draw.text((x0, base + 8), name[:14], fill="black")
+    for j, configuration in enumerate(configurations):
+        y = height + 20 * j - 40
+        draw.rectangle([(margin, y), (margin + 14, y + 12)], fill=COLOURS[j % len(COLOURS)])
+        draw.text((margin + 20, y), configuration.name, fill="black")
+    replace_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def best_checkpoint_summary(folders: Sequence[str | Path]) -> dict:
+    """The published-style number: each fold's training-time validation Dice of its best checkpoint (a
+    checkpoint chosen on those same cases, on the network's grid, background included as the published
+    training selects), with their mean and population std (cv_summary.py)."""
+    folds = []
+    for folder in folders:
+        card_path = model_card_path(Path(folder) / BEST_WEIGHTS)
+        if not card_path.is_file():
+            raise ValueError(f"{folder}: no {card_path.name} (is this a training --output?)")
+        try:
+            card = read_json(card_path, "card")
+            folds.append({"folder": str(folder), "best_dice": float(card["best_metric"]), "step": card["best_step"]})
+            if "best_metric_foreground" in card:
+                folds[-1]["best_foreground"] = float(card["best_metric_foreground"])
+        except (DatasetError, ValueError, KeyError) as error:
+            raise ValueError(f"{card_path}: not a model card with best_metric ({error})") from None
+    scores = [fold["best_dice"] for fold in folds]
+    return {"folds": folds, "mean": float(np.mean(scores)), "std": float(np.std(scores)), "n": len(scores)}
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    return "n/a" if not values else f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def _report(args, configurations, candidates, means, chosen, stages, manager, keys) -> str:
+    """The study in markdown: configurations (per class, over cases and over folds, paired test against the
+    chosen one, the published-style number beside), ensembles, the choice and its postprocessing."""
+    names = [name for name, _ in manager.scored().values()]
+    best = candidates[chosen]
+    weights = "best checkpoints (selected on these cases)" if args.checkpoint == "best" else "final weights"
+    lines = [
+        "# Cross-validation study",
+        "",
+        f"Out-of-fold predictions of the {weights}, in each case's original geometry, mirrored as each model "
+        "card says (test_seg.py --tta). Dice per case as "
+        "nnU-Net scores it (a class absent from label and prediction left out); class means over the cases; the "
+        "foreground Dice is the mean of the class means, its spread that of the cases' means over their classes, and "
+        "over folds the mean and spread of each fold's own foreground Dice.",
+        "",
+        "| configuration | network | folds | mirroring | foreground Dice ± std over cases | over folds | "
+        + " | ".join(names)
+        + " | vs chosen (Wilcoxon p, n) | best checkpoint, training-time (selected on these cases) |",
+        "|---" * (8 + len(names)) + "|",
+    ]
+    for configuration in configurations:
+        scores = candidates[(configuration.name,)]
+        per_case = list(case_means(scores).values())
+        folds = [
+            foreground_mean(class_means({c: scores[c] for c in record["cases"]}, keys))
+            for record in configuration.records
+        ]
+        classes = [_cell([scores[c][key] for c in scores]) for key in keys]
+        p, n = paired_test(scores, best)
+        axes = configuration.records[0].get("mirror_axes")
+        mirroring = "none" if not axes else "axes " + ",".join(map(str, axes))
+        try:
+            published = best_checkpoint_summary([run.folder for run in configuration.runs])
+            published_text = f"{published['mean']:.4f} ± {published['std']:.4f}"
+        except ValueError:
+            published_text = "n/a"
+        spread = f"{foreground_mean(means[(configuration.name,)]):.4f} ± {np.std(per_case):.4f}"
+        lines.append(
+            f"| {configuration.name} | {configuration.card.get('network', '?')} | {len(configuration.runs)} | "
+            f"{mirroring} | {spread} | {_cell(folds)} | {' | '.join(classes)} | "
+            f"{'chosen' if (configuration.name,) == chosen else f'{p:.3g} ({n})'} | {published_text} |"
+        )
+    ensembles = [names_ for names_ in candidates if len(names_) > 1]
+    if ensembles:
+        lines += ["", "Ensembles (saved probabilities averaged):", ""]
+        lines += ["| ensemble | foreground Dice | vs chosen (Wilcoxon p, n) |", "|---|---|---|"]
+        for members in ensembles:
+            p, n = paired_test(candidates[members], best)
+            verdict = "chosen" if members == chosen else f"{p:.3g} ({n})"
+            lines.append(f"| {' + '.join(members)} | {foreground_mean(means[members]):.4f} | {verdict} |")
+    lines += [
+        "",
+        f"Chosen: **{' + '.join(chosen)}** (foreground Dice {foreground_mean(means[chosen]):.4f}; the best single "
+        "model or ensemble, a tie going to fewer models).",
+        "",
+        f"Keep-largest-component postprocessing ({CONNECTIVITY_NEIGHBOURS}-connectivity, as nnU-Net's), nnU-Net's "
+        f"rule with --min_gain {args.min_gain:g}:",
+        "",
+        "| stage | entry | foreground before | foreground after | kept |",
+        "|---|---|---|---|---|",
+    ]
+    for stage in stages[1:-1]:
+        entry = stage["entry"]
+        label = "foreground as a whole" if isinstance(entry, list) else f"{names[keys.index(entry)]}"
+        lines.append(
+            f"| {'1' if isinstance(entry, list) else '2'} | {label} | {foreground_mean(stage['before']):.4f} | "
+            f"{foreground_mean(stage['means']):.4f} | {'yes' if stage['kept'] else 'no'} |"
+        )
+    final = stages[-1]["means"]
+    lines += [
+        "",
+        f"After postprocessing: foreground Dice {foreground_mean(final):.4f}; "
+        + ", ".join(f"{name} {final[key]:.4f}" for name, key in zip(names, keys, strict=True)),
+        "",
+        "![Dice per configuration](dice_per_configuration.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_plan(path: Path) -> dict:
+    """A study's ``plan.json``, checked: ``weights`` (existing files), ``tta``, ``keep_largest``."""
+    content = read_json(path, "--plan")
+    weights, tta, keep = content.get("weights"), content.get("tta"), content.get("keep_largest")
+    if not isinstance(weights, list) or not weights or not all(isinstance(w, str) for w in weights):
+        raise UsageError(f"--plan {path}: 'weights' must be a list of weight files")
+    missing = [w for w in weights if not Path(w).is_file()]
+    if missing:
+        raise UsageError(f"--plan {path}: weights {missing[0]}: no such file")
+    if not isinstance(tta, bool) or not isinstance(keep, list):
+        raise UsageError(f"--plan {path}: 'tta' must be true or false and 'keep_largest' a list")
+    return content
