@@ -43,6 +43,12 @@ def main(argv=None) -> None:
         help="keep a postprocessing step only where the Dice it raises rises by more than this (0: nnU-Net's rule)",
     )
     parser.add_argument(
+        "--held_out_only",
+        action="store_true",
+        help="only segment the held-out cases of the runs given (those not segmented yet, such as runs trained "
+        "before the held-out step), without a study; any number of folds",
+    )
+    parser.add_argument(
         "--root", default=None, help="for runs trained before fold.json: the dataset folder they trained on"
     )
     parser.add_argument("--dataset", default=None, help="for runs trained before fold.json: their --dataset")

@@ -15,6 +15,7 @@ import argparse
 import csv
 import itertools
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,9 +214,14 @@ Scores = dict[str, dict[int, float]]
 
 def run_study(args: argparse.Namespace) -> dict:
     """crossval.py: the study of ``args.configuration`` (``[[name, run, ...], ...]``) into ``args.output``;
-    returns the plan."""
+    returns the plan (none with ``args.held_out_only``: the runs' held-out cases segmented, no study)."""
     output = Path(args.output)
     configurations = _configurations(args)
+    if args.held_out_only:
+        for configuration in configurations:
+            for run in configuration.runs:
+                print(f"{run.folder}: held-out cases of fold {run.fold} in {run.folder / HELD_OUT}")
+        return {}
     manager = _outputs(configurations)
     keys = list(manager.scored())
     _check_cases(configurations)
@@ -441,21 +447,30 @@ def _postprocessing(
     """nnU-Net's ``determine_postprocessing`` on the chosen label maps: the largest component of the
     foreground as a whole, kept where the foreground mean rises (by more than ``min_gain``) and no class or
     region mean falls; then of each class (region) in label order, on what the first stage left, kept where
-    that one's mean rises (by more than ``min_gain``). Returns the stages (the baseline first) and the kept
-    entries, as ``--keep_largest`` (and a plan) take them: a class value or region number, or a list of label
-    values kept as one."""
-    scored = manager.scored()
-    current = {name: np.asarray(nib.load(path).dataobj) for name, path in source.items()}
-    scores = {name: _dice(current[name], labels[name], scored, manager.ignore_label) for name in current}
+    that one's mean rises (by more than ``min_gain``). One case is held at a time: each stage's label maps
+    wait on disk (``STUDY/.postprocessing``) until the stage is decided. Writes the result to
+    ``STUDY/predictions/``; returns the stages (the baseline first) and the kept entries, as
+    ``--keep_largest`` (and a plan) take them: a class value or region number, or a list of label values kept
+    as one."""
+    scored, work = manager.scored(), output / ".postprocessing"
+    shutil.rmtree(work, ignore_errors=True)
+    current = dict(source)
+    scores = {
+        name: _dice(_read_labels(path), labels[name], scored, manager.ignore_label) for name, path in current.items()
+    }
     stages = [{"entry": None, "means": class_means(scores, keys), "kept": True}]
     candidates: list = [list(manager.foreground_values)]
     if len(keys) > 1:
         candidates += keys
     entries = []
-    for entry in candidates:
-        values = manager.keep_largest_values([entry])
-        trial = {name: keep_largest(labels_, values) for name, labels_ in current.items()}
-        trial_scores = {name: _dice(trial[name], labels[name], scored, manager.ignore_label) for name in trial}
+    for index, entry in enumerate(candidates):
+        values, trial, trial_scores = manager.keep_largest_values([entry]), {}, {}
+        for name, path in current.items():
+            kept_labels = keep_largest(_read_labels(path), values)
+            trial_scores[name] = _dice(kept_labels, labels[name], scored, manager.ignore_label)
+            trial[name] = work / str(index) / f"{name}.npy"
+            trial[name].parent.mkdir(parents=True, exist_ok=True)
+            np.save(trial[name], kept_labels)
         before, after = _last_kept(stages), class_means(trial_scores, keys)
         if isinstance(entry, list):
             kept = foreground_mean(after) > foreground_mean(before) + min_gain and not any(
@@ -466,11 +481,16 @@ def _postprocessing(
         stages.append({"entry": entry, "means": after, "kept": bool(kept), "before": before})
         if kept:
             current, entries = trial, [*entries, entry]
-    for name, labels_ in current.items():
-        _write_labels(labels_, source[name], output / "predictions" / f"{name}_seg.nii.gz")
-    final = _last_kept(stages)
-    stages.append({"entry": "result", "means": final, "kept": True})
+    for name, path in current.items():
+        _write_labels(_read_labels(path), source[name], output / "predictions" / f"{name}_seg.nii.gz")
+    shutil.rmtree(work, ignore_errors=True)
+    stages.append({"entry": "result", "means": _last_kept(stages), "kept": True})
     return stages, entries
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """A label map from a NIfTI file or a stage's ``.npy``."""
+    return np.load(path) if path.suffix == ".npy" else np.asarray(nib.load(path).dataobj)
 
 
 def _last_kept(stages: list[dict]) -> dict[int, float]:
@@ -545,6 +565,21 @@ def best_checkpoint_summary(folders: Sequence[str | Path]) -> dict:
     return {"folds": folds, "mean": float(np.mean(scores)), "std": float(np.std(scores)), "n": len(scores)}
 
 
+def _best_checkpoint_text(configuration: Configuration) -> str:
+    """The published-style number of a configuration, made comparable: its folds' training-time validation
+    foreground Dice of the best checkpoint (mean ± std over folds; background included where a card from
+    before the foreground was recorded has only that, said so)."""
+    try:
+        folds = best_checkpoint_summary([run.folder for run in configuration.runs])["folds"]
+    except ValueError:
+        return "n/a"
+    if all("best_foreground" in fold for fold in folds):
+        values = [fold["best_foreground"] for fold in folds]
+        return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+    values = [fold["best_dice"] for fold in folds]
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f} (background included)"
+
+
 def _cell(values: list[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     return "n/a" if not values else f"{np.mean(values):.4f} ± {np.std(values):.4f}"
@@ -567,7 +602,7 @@ def _report(args, configurations, candidates, means, chosen, stages, manager, ke
         "",
         "| configuration | network | folds | mirroring | foreground Dice ± std over cases | over folds | "
         + " | ".join(names)
-        + " | vs chosen (Wilcoxon p, n) | best checkpoint, training-time (selected on these cases) |",
+        + " | vs chosen (Wilcoxon p, n) | best checkpoint's training-time foreground Dice (selected on these cases) |",
         "|---" * (8 + len(names)) + "|",
     ]
     for configuration in configurations:
@@ -581,11 +616,7 @@ def _report(args, configurations, candidates, means, chosen, stages, manager, ke
         p, n = paired_test(scores, best)
         axes = configuration.records[0].get("mirror_axes")
         mirroring = "none" if not axes else "axes " + ",".join(map(str, axes))
-        try:
-            published = best_checkpoint_summary([run.folder for run in configuration.runs])
-            published_text = f"{published['mean']:.4f} ± {published['std']:.4f}"
-        except ValueError:
-            published_text = "n/a"
+        published_text = _best_checkpoint_text(configuration)
         spread = f"{foreground_mean(means[(configuration.name,)]):.4f} ± {np.std(per_case):.4f}"
         lines.append(
             f"| {configuration.name} | {configuration.card.get('network', '?')} | {len(configuration.runs)} | "

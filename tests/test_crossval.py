@@ -249,7 +249,7 @@ def test_the_study_chooses_and_its_plan_segments_as_the_same_flags_by_hand(study
     report = (tmp_path / "study" / "report.md").read_text()
     assert "| rep | REPUXNET | 2 | axes 0 |" in report and "| ux | 3DUXNET | 2 | none |" in report
     assert "| rep + ux |" in report and (tmp_path / "study" / "dice_per_configuration.png").stat().st_size > 0
-    assert "best checkpoint, training-time (selected on these cases)" in report
+    assert "best checkpoint's training-time foreground Dice (selected on these cases)" in report
     scores = (tmp_path / "study" / "scores.csv").read_text().splitlines()
     assert scores[0] == "candidate,case,1,2,3,4" and len(scores) == 1 + 3 * 4
     chosen = plan["chosen"]
@@ -314,7 +314,11 @@ def test_a_run_trained_before_the_study_is_predicted_on_demand(study, tmp_path):
         argv += ["--configuration", name, *map(str, runs)]
     message = exit_message(crossval.main, argv)
     assert "trained before its held-out cases were recorded (fold.json): give --root and --dataset" in message
-    crossval.main([*argv, "--root", str(root), "--dataset", str(root / "dataset.json")])
+    dataset = ["--root", str(root), "--dataset", str(root / "dataset.json")]
+    one = ["--output", str(tmp_path / "none"), "--device", "cpu", "--num_workers", "0", "--held_out_only"]
+    crossval.main([*one, "--configuration", "ux", str(old["ux"][0]), *dataset])  # one run, one command
+    assert (old["ux"][0] / HELD_OUT / "held_out.json").is_file() and not (tmp_path / "none").exists()
+    crossval.main([*argv, *dataset])
     record = json.loads((old["rep"][0] / HELD_OUT / "held_out.json").read_text())
     assert record["weights"].endswith("checkpoint_last.pth")
     fresh = json.loads((folders["rep"][0] / HELD_OUT / "held_out.json").read_text())
