@@ -528,7 +528,6 @@ def _regions_of(content: dict, labels: tuple[str, ...], regions: dict, where: st
         LabelManager(labels, regions, order)
     except ValueError as error:
         raise DatasetError(f"{where}: {error}") from None
-    covered = {value for values in regions.values() for value in values}
     same = _first_repeat(list(regions.values()))
     if same is not None:
         names = [name for name, values in regions.items() if values == same]
@@ -543,6 +542,7 @@ def _regions_of(content: dict, labels: tuple[str, ...], regions: dict, where: st
             f"{where}: 'regions_class_order' {order}: regions {names[0]!r} and {names[1]!r} both paint label "
             f"{painted}; each region paints a label value of its own"
         )
+    covered = {value for values in regions.values() for value in values}
     uncovered = [value for value in range(1, len(labels)) if value not in covered]
     if uncovered:  # nnU-Net's labels are those of its regions: a label in none would be neither trained nor scored
         raise DatasetError(

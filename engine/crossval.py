@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import math
 import shutil
@@ -32,7 +33,7 @@ from dataset.description import PRESETS, DatasetError, counted, load_dataset_con
 from dataset.labels import LabelManager
 from dataset.portable import CONNECTIVITY, keep_largest
 from engine.common import BEST_WEIGHTS, FINAL_WEIGHTS, LAST_CHECKPOINT, UsageError, load_with_card, model_card_path
-from engine.evaluate import CHART_BARS, CHART_MARGIN, dice_chart, dice_scores
+from engine.evaluate import CHART_BARS, CHART_MARGIN, dice_chart, dice_scores, read_label
 
 __all__ = [
     "FOLD_RECORD",
@@ -55,9 +56,6 @@ FOLD_RECORD = "fold.json"
 #: The folder of a fold run's out-of-fold predictions, and the record of what made them.
 HELD_OUT = "validation"
 HELD_OUT_RECORD = "held_out.json"
-#: What a fold run's out-of-fold predictions are made with: its final weights (nnU-Net's choice: no case both
-#: selects and scores a checkpoint), or its best checkpoint (selected on these cases).
-CHECKPOINTS = ("final", "best")
 PLAN_VERSION = 1
 #: The neighbours a voxel's component reaches in keep-largest postprocessing (26: faces, edges and corners).
 CONNECTIVITY_NEIGHBOURS = int(CONNECTIVITY.sum()) - 1
@@ -118,12 +116,23 @@ def _old_fold(folder: Path) -> tuple[int, int, dict]:
         raise UsageError(
             f"{folder}: neither {FOLD_RECORD} nor {LAST_CHECKPOINT}, so its fold is unknown (is this a --fold run?)"
         )
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    flags, card = saved.get("flags") or {}, saved.get("card") or {}
+    flags, card, _ = _checkpoint_facts(checkpoint)
     fold, num_folds = flags.get("fold", card.get("fold")), flags.get("num_folds")
     if not isinstance(fold, int) or not isinstance(num_folds, int):
         raise UsageError(f"{folder}: not a cross-validation fold (--fold {fold}, --num_folds {num_folds})")
     return fold, num_folds, card
+
+
+def _checkpoint_facts(path: Path) -> tuple[dict, dict, int]:
+    """A training checkpoint's flags, model card and step, read once per version of the file (a run trained
+    before ``fold.json`` is asked for its fold, then for whether it finished)."""
+    return _read_checkpoint_facts(str(path), tuple(file_identity(path)[1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_checkpoint_facts(path: str, identity: tuple) -> tuple[dict, dict, int]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved.get("flags") or {}, saved.get("card") or {}, saved["progress"]["step"]
 
 
 def run_weights(folder: Path, checkpoint: str) -> Path:
@@ -137,8 +146,8 @@ def run_weights(folder: Path, checkpoint: str) -> Path:
         return folder / FINAL_WEIGHTS
     last = folder / LAST_CHECKPOINT
     if last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=True)
-        step, max_iter = saved["progress"]["step"], (saved.get("flags") or {}).get("max_iter")
+        flags, _, step = _checkpoint_facts(last)
+        max_iter = flags.get("max_iter")
         if max_iter is not None and step >= max_iter:
             return last
         raise UsageError(f"{folder}: the run has not finished (step {step} of {max_iter}): no final weights yet")
@@ -175,6 +184,7 @@ def predict_held_out(run: FoldRun, checkpoint: str, flags: Sequence[str] = ()) -
         "checkpoint": checkpoint,
         "selected_on_these_cases": checkpoint == "best",
         "mirror_axes": None if card is None else card.get("mirror_axes"),
+        "card": card or {},
         "fold": run.fold,
         "num_folds": run.num_folds,
         "labels": {case_name(case["image"]): case["label"] for case in run.held_out},
@@ -235,7 +245,7 @@ def run_study(args: argparse.Namespace) -> dict:
     means = {names: class_means(scores, keys) for names, scores in candidates.items()}
     chosen = choose(means)
     source = _predictions_of(chosen, configurations, output)
-    stages, entries = _postprocessing(source, manager, labels, keys, args.min_gain, output)
+    stages, entries = _postprocessing(source, means[chosen], manager, labels, keys, args.min_gain, output)
     chosen_configurations = [c for c in configurations if c.name in chosen]
     plan = {
         "version": PLAN_VERSION,
@@ -279,10 +289,7 @@ def _configurations(args) -> list[Configuration]:
         if len({run.num_folds for run in runs}) > 1:
             raise UsageError(f"--configuration {name}: runs of different --num_folds")
         records = [predict_held_out(run, args.checkpoint, flags) for run in runs]
-        configuration = Configuration(name, runs, records, {})
-        _, card, _ = load_with_card(configuration.weights[0], "--trained_weights")
-        configuration.card = card or {}
-        configurations.append(configuration)
+        configurations.append(Configuration(name, runs, records, records[0]["card"]))
     return configurations
 
 
@@ -420,7 +427,7 @@ def _ensemble(members: Sequence[Configuration], manager: LabelManager, labels: d
 
 
 def _dice(prediction: np.ndarray, label_path: str, keys: dict, ignore_label: int | None) -> dict[int, float]:
-    label = np.asarray(nib.load(label_path).dataobj).round().astype(np.int64).reshape(prediction.shape)
+    label = read_label(nib.load(label_path), prediction.shape)
     groups = {key: values for key, (_, values) in keys.items()}
     return dice_scores(prediction, label, groups, ignore_label)
 
@@ -442,9 +449,16 @@ def _predictions_of(chosen: tuple[str, ...], configurations: list[Configuration]
 
 
 def _postprocessing(
-    source: dict[str, Path], manager: LabelManager, labels: dict, keys: list[int], min_gain: float, output: Path
+    source: dict[str, Path],
+    baseline: dict[int, float],
+    manager: LabelManager,
+    labels: dict,
+    keys: list[int],
+    min_gain: float,
+    output: Path,
 ) -> tuple[list[dict], list]:
-    """nnU-Net's ``determine_postprocessing`` on the chosen label maps: the largest component of the
+    """nnU-Net's ``determine_postprocessing`` on the chosen label maps (whose class means, as scored, are
+    ``baseline``): the largest component of the
     foreground as a whole, kept where the foreground mean rises (by more than ``min_gain``) and no class or
     region mean falls; then of each class (region) in label order, on what the first stage left, kept where
     that one's mean rises (by more than ``min_gain``). One case is held at a time: each stage's label maps
@@ -455,10 +469,7 @@ def _postprocessing(
     scored, work = manager.scored(), output / ".postprocessing"
     shutil.rmtree(work, ignore_errors=True)
     current = dict(source)
-    scores = {
-        name: _dice(_read_labels(path), labels[name], scored, manager.ignore_label) for name, path in current.items()
-    }
-    stages = [{"entry": None, "means": class_means(scores, keys), "kept": True}]
+    stages = [{"entry": None, "means": baseline, "kept": True}]
     candidates: list = [list(manager.foreground_values)]
     if len(keys) > 1:
         candidates += keys

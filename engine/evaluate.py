@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 from PIL import Image, ImageDraw
@@ -31,6 +32,7 @@ __all__ = [
     "evaluate_case",
     "format_summary",
     "parse_label_map",
+    "read_label",
     "summarise",
     "write_bar_chart",
     "write_reports",
@@ -90,6 +92,11 @@ def evaluate_case(
         else:
             results[value] = {"dice": dice, **_surface_metrics(predicted, expected, spacing, nsd_tolerance)}
     return results
+
+
+def read_label(image: nib.Nifti1Image, shape: Sequence[int]) -> np.ndarray:
+    """A label file's values as integers, in the shape of the prediction scored against it."""
+    return np.asarray(image.dataobj).round().astype(np.int64).reshape(shape)
 
 
 def dice_scores(

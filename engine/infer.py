@@ -47,7 +47,14 @@ from engine.common import (
     roi_of,
     select_device,
 )
-from engine.evaluate import apply_label_map, evaluate_case, format_summary, parse_label_map, write_reports
+from engine.evaluate import (
+    apply_label_map,
+    evaluate_case,
+    format_summary,
+    parse_label_map,
+    read_label,
+    write_reports,
+)
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
 from engine.input_grid import InputGrid, labels_on_input_grid
 from engine.loading import data_worker_init
@@ -338,11 +345,7 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
         root = resolve_root(config, args.root)
         cases = find_cases(config, root, "test")
         where = f"a labelsTs folder in {root} or a test list with labels"
-    try:
-        named_apart(cases)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    _check_output_apart(Path(args.output), cases)
+    _check_outputs(args, cases)
     if not args.evaluate:
         return [{"image": case["image"]} for case in cases]
     unlabelled = [case_output_name(case["image"]) for case in cases if "label" not in case]
@@ -358,11 +361,7 @@ def _cases_to_segment(args, config: DatasetConfig) -> list[dict]:
 
 def _given_cases(args, cases: list[dict]) -> list[dict]:
     """Cases handed over by a caller (a fold's held-out cases), checked as listed ones are."""
-    try:
-        named_apart(cases)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    _check_output_apart(Path(args.output), cases)
+    _check_outputs(args, cases)
     if args.evaluate and not all("label" in case for case in cases):
         raise UsageError("--evaluate: every case handed over needs its label")
     return [dict(case) for case in cases] if args.evaluate else [{"image": case["image"]} for case in cases]
@@ -396,9 +395,15 @@ def _plan_keep(plan: dict, path: str, outputs: LabelManager) -> list:
         raise UsageError(f"--plan {path}: keep_largest: {error}") from None
 
 
-def _check_output_apart(output: Path, cases: list[dict]) -> None:
-    """Refuse an ``--output`` folder that holds images to segment: the next run over that folder would read
-    the segmentations written there as images (``case_seg_seg.nii.gz``)."""
+def _check_outputs(args, cases: list[dict]) -> None:
+    """Refuse two cases that would write one output (``dataset.portable.named_apart``) and an ``--output``
+    folder that holds images to segment: the next run over that folder would read the segmentations written
+    there as images (``case_seg_seg.nii.gz``)."""
+    try:
+        named_apart(cases)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    output = Path(args.output)
     folder = output.resolve()
     for case in cases:
         for path in case_files({"image": case["image"]}):
@@ -469,12 +474,14 @@ def _check_memory(args, cases: list[dict], models: list[LoadedModel], device: to
         return
     limit = args.memory_limit * 2**30 if args.memory_limit else available_bytes()
     # The activations on this host: first the windows' logits alone (a lower bound), then traced; on a GPU, none.
-    on_gpu = [ModelMemory(model.roi, _weight_bytes(model, device), lambda batch: 0) for model in models]
-    untraced = [ModelMemory(model.roi, _weight_bytes(model, device), lambda batch: None) for model in models]
+    weights = [_weight_bytes(model, device) for model in models]
+    on_gpu = [ModelMemory(model.roi, size, lambda batch: 0) for model, size in zip(models, weights, strict=True)]
+    untraced = [ModelMemory(model.roi, size, lambda batch: None) for model, size in zip(models, weights, strict=True)]
     _refuse_above(_tree(args, grids, first, untraced if device.type == "cpu" else on_gpu), limit, args, first, grids)
     autocast = autocast_for(args.amp, device)
     traced = [
-        ModelMemory(model.roi, _weight_bytes(model, device), _activations(model, device, autocast)) for model in models
+        ModelMemory(model.roi, size, _activations(model, device, autocast))
+        for model, size in zip(models, weights, strict=True)
     ]
     estimate = _tree(args, grids, first, traced if device.type == "cpu" else on_gpu)
     _refuse_above(estimate, limit, args, first, grids)
@@ -745,7 +752,7 @@ def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: f
     """Metric rows of one saved prediction against its label, read back from disk."""
     prediction = np.asarray(nib.load(prediction_path).dataobj)
     label_image = nib.load(case["label"])
-    label = np.asarray(label_image.dataobj).round().astype(np.int64).reshape(prediction.shape)
+    label = read_label(label_image, prediction.shape)
     if label_map is not None:
         prediction = apply_label_map(prediction, label_map)
     spacing = [float(z) for z in label_image.header.get_zooms()[:3]]

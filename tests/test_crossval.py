@@ -163,7 +163,8 @@ def test_postprocessing_is_chosen_as_nnunet_chooses_it(tmp_path, seed):
     predictions, references = scenario(seed)
     source = {f"case{i}": save(tmp_path / "pred" / f"case{i}_seg.nii.gz", p) for i, p in enumerate(predictions)}
     labels = {f"case{i}": str(save(tmp_path / "ref" / f"case{i}.nii.gz", r)) for i, r in enumerate(references)}
-    stages, entries = _postprocessing(source, MANAGER, labels, [1, 2, 3], 0.0, tmp_path / "study")
+    baseline = nnunet_summary(predictions, references, [1, 2, 3])["mean"]
+    stages, entries = _postprocessing(source, baseline, MANAGER, labels, [1, 2, 3], 0.0, tmp_path / "study")
     expected_entries, expected = nnunet_determine_postprocessing(predictions, references, [1, 2, 3])
     assert entries == expected_entries
     assert stages[-1]["means"] == pytest.approx(expected["mean"])
@@ -171,7 +172,7 @@ def test_postprocessing_is_chosen_as_nnunet_chooses_it(tmp_path, seed):
     assert 1 in entries and 2 not in entries  # the specks go, b's second part stays
     written = np.asarray(nib.load(tmp_path / "study" / "predictions" / "case0_seg.nii.gz").dataobj)
     np.testing.assert_array_equal(written, keep_largest(predictions[0], [e for e in entries if isinstance(e, int)]))
-    _, none = _postprocessing(source, MANAGER, labels, [1, 2, 3], 1.0, tmp_path / "strict")
+    _, none = _postprocessing(source, baseline, MANAGER, labels, [1, 2, 3], 1.0, tmp_path / "strict")
     assert none == []  # nothing rises by more than 1
 
 
