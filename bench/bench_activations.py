@@ -4,7 +4,8 @@ For each network and batch, one fresh process builds the network (deploy form, e
 weights, 16 outputs), runs one forward pass of zeros without gradients and reports the peak resident memory
 it added (the kernel's VmHWM, after resetting it, less what the process held before). The estimate is
 ``engine.memory.activation_bytes``: the same network run on fake tensors (shapes only), the peak of the
-bytes of the tensors alive at once, times ``ACTIVATION_FACTOR`` plus ``ACTIVATION_EXTRA``.
+bytes of the tensors alive at once, times ``ACTIVATION_FACTOR`` plus ``ACTIVATION_EXTRA``; the seconds the
+tracing takes (the network built and run on fake tensors) beside those of the forward pass it stands for.
 
     python bench/bench_activations.py --json bench/results/activations_cpu.json
 """
@@ -82,10 +83,12 @@ def main() -> None:
         flags = ["--network", name, "--overrides", json.dumps(overrides), "--roi", str(roi), "--batch", str(batch)]
         measured = common.run_isolated(Path(__file__), flags)
         build = functools.partial(network_of, name, overrides, roi)
+        started = time.perf_counter()
         estimate = activation_bytes(build, 1, (roi,) * 3, batch)
+        tracing = time.perf_counter() - started
         traced = (estimate - ACTIVATION_EXTRA) / ACTIVATION_FACTOR
         result = {"network": name, "overrides": overrides, "roi": roi, "batch": batch, **measured}
-        result.update(traced=traced, estimate=estimate)
+        result.update(traced=traced, estimate=estimate, trace_seconds=tracing)
         results.append(result)
         shape = "small" if overrides else "published"
         rows.append(
@@ -96,10 +99,13 @@ def main() -> None:
                 f"{traced / 2**30:.2f}",
                 f"{estimate / 2**30:.2f}",
                 f"{estimate / measured['measured']:.2f}",
+                f"{tracing:.1f} s",
+                f"{measured['seconds']:.0f} s",
             ]
         )
         print(rows[-1], flush=True)
-    header = ["network", "windows", "measured GiB", "traced GiB", "estimate GiB", "estimate / measured"]
+    header = ["network", "windows", "measured GiB", "traced GiB", "estimate GiB", "estimate / measured", "tracing"]
+    header.append("forward pass")
     print(common.markdown_table(header, rows))
     common.write_json(args.json, {"machine": common.machine(), "results": results})
 

@@ -392,9 +392,9 @@ class TreePeak:
     """The peak of :func:`tree_pss_bytes` of process ``pid`` while it runs, sampled on a thread of this
     process: the tree every ``interval`` seconds, and the process's own resident size every ``fast_interval``
     in between (a network's activations come and go within one forward pass, faster than the tree can be
-    read: 7 ms a GB; they are the process's own pages, so the tree at any moment is its last reading plus
-    what the process gained since). Start it with :meth:`start`; :meth:`stop` waits for the process's end
-    and returns the peak in bytes (0 where /proc cannot tell)."""
+    read, for /proc walks every page of every process; they are the process's own pages, so the tree at any
+    moment is its last reading plus what the process gained since). Start it with :meth:`start`;
+    :meth:`stop` waits for the process's end and returns the peak in bytes (0 where /proc cannot tell)."""
 
     def __init__(self, pid: int, interval: float = 0.05, fast_interval: float = 0.002) -> None:
         self.pid, self.interval, self.fast_interval = pid, interval, fast_interval
