@@ -427,6 +427,12 @@ def inference_parser(description: str) -> argparse.ArgumentParser:
         help="evaluate model classes as test labels, e.g. 3:1 (FLARE liver as label 1; others background; "
         "default: none)",
     )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="with a union --dataset: segment that source's test cases and score them on its labels (a label "
+        "holding several classes scores their union; default: the union's own test list)",
+    )
     parser.add_argument("--nsd_tolerance", type=float, default=1.0, help="NSD tolerance in mm")
     parser.add_argument(
         "--memory_limit",

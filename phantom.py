@@ -28,9 +28,19 @@ Layouts (``--layout``):
 The Decathlon and nnU-Net layouts have no validation split (``--num_val`` applies to ``published``); all
 three also write ``labelsTs``, the test labels, for ``test_seg.py --evaluate``.
 
+``--union``: two CT sources that annotate different organs of the same kind of case, for training on a
+union of datasets (``dataset.union``): ``organs/`` (spleen, kidney as one label, liver; the pancreas left
+unlabelled) and ``kidneys/`` (right kidney, left kidney, pancreas; spleen and liver unlabelled), each a
+published-layout dataset of its own cases, with ``union.json`` (the unified classes of ``--lateral``, each
+source's labels mapped into them, the test cases of ``full/``), ``union_naive.json`` (the same with
+``"unannotated": "background"``: naive merging, the baseline) and ``full/``: the same training,
+validation and test cases with every class labelled (``--lateral`` labels), the fully labelled reference;
+all resampled to 2 x 2 x 2.5 mm (:data:`UNION_SPACING`).
+
 Command: ``python phantom.py --output data/phantom`` (CT, published layout);
 ``python phantom.py --output data/mri_task --modality mri --layout nnunet``;
-``python phantom.py --output data/brats --modality brats --layout nnunet``.
+``python phantom.py --output data/brats --modality brats --layout nnunet``;
+``python phantom.py --output data/union --union``.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ __all__ = [
     "make_brats_case",
     "make_case",
     "write_dataset",
+    "write_union",
 ]
 
 LABELS = ("background", "spleen", "kidney", "liver", "pancreas")
@@ -307,6 +318,78 @@ def write_dataset(
     return description
 
 
+#: The sources of ``--union``: each label's name and the ``--lateral`` values it holds (others: background).
+UNION_SOURCES = {
+    "organs": {"spleen": (1,), "kidney": (2, 3), "liver": (4,)},
+    "kidneys": {"right kidney": (2,), "left kidney": (3,), "pancreas": (5,)},
+}
+
+
+#: The target spacing of the ``--union`` datasets: telling the right kidney from the left takes the liver or
+#: the spleen in view, which a 32^3 crop (the CPU configuration) holds at 2 mm, not at FLARE's 1 mm.
+UNION_SPACING = {"spacing": [2.0, 2.0, 2.5]}
+
+
+def write_union(
+    output: str | os.PathLike, num_train: int = 8, num_val: int = 2, num_test: int = 2, seed: int = 0
+) -> dict:
+    """Write the ``--union`` phantom (module docstring) under ``output``: ``num_train`` training,
+    ``num_val`` validation and ``num_test // 2`` (at least one) test cases per source, all of them in
+    ``full/`` with every class; returns the union JSON."""
+    for name, count, least in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 1)):
+        if count < least:
+            raise ValueError(f"{name} must be at least {least}, got {count}")
+    root = Path(output)
+    rng = np.random.default_rng(seed)
+    full: dict[str, list] = {"training": [], "validation": [], "test": []}
+    case = 0
+    for source, labels in UNION_SOURCES.items():
+        lookup = np.zeros(len(LATERAL_LABELS), dtype=np.uint8)
+        for value, values in enumerate(labels.values(), start=1):
+            lookup[list(values)] = value
+        lists: dict[str, list] = {"training": [], "validation": [], "test": []}
+        for split, count in (("training", num_train), ("validation", num_val), ("test", num_test // 2 or 1)):
+            image_dir, label_dir = {"training": ("imagesTr", "labelsTr"), "validation": ("imagesVal", "labelsVal")}.get(
+                split, ("imagesTs", "labelsTs")
+            )
+            for _ in range(count):
+                image, label, affine = make_case(rng, lateral=True)
+                name = f"phantom_{case:03d}"
+                for folder, labelled in ((root / source, lookup[label]), (root / "full", label)):
+                    (folder / image_dir).mkdir(parents=True, exist_ok=True)
+                    (folder / label_dir).mkdir(parents=True, exist_ok=True)
+                    _save(image, affine, folder / image_dir / f"{name}.nii.gz")
+                    _save(labelled, affine, folder / label_dir / f"{name}.nii.gz")
+                entry = {"image": f"./{image_dir}/{name}.nii.gz", "label": f"./{label_dir}/{name}.nii.gz"}
+                lists[split].append(entry)
+                full[split].append(entry)
+                case += 1
+        description = {**_description("published", "ct", ["CT"], lists, ("background", *labels)), **UNION_SPACING}
+        (root / source / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
+    description = {**_description("published", "ct", ["CT"], full, LATERAL_LABELS), **UNION_SPACING}
+    (root / "full" / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
+    union = {
+        "name": "Two-source phantom",
+        "classes": list(LATERAL_LABELS),
+        "sources": [
+            {
+                "name": source,
+                "dataset": f"{source}/dataset.json",
+                "labels": {
+                    name: [LATERAL_LABELS[v] for v in values] if len(values) > 1 else LATERAL_LABELS[values[0]]
+                    for name, values in labels.items()
+                },
+            }
+            for source, labels in UNION_SOURCES.items()
+        ],
+        "test": [{key: f"./full/{path[2:]}" for key, path in entry.items()} for entry in full["test"]],
+    }
+    (root / "union.json").write_text(json.dumps(union, indent=2) + "\n")
+    naive = {**union, "name": "Two-source phantom, naive merging", "unannotated": "background"}
+    (root / "union_naive.json").write_text(json.dumps(naive, indent=2) + "\n")
+    return union
+
+
 def _description(
     layout: str, modality: str, channels: list[str], lists: dict[str, list], labels: Sequence[str]
 ) -> dict:
@@ -364,7 +447,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--lateral", action="store_true", help="label the kidneys by side: right kidney 2, left kidney 3 (as AMOS)"
     )
+    parser.add_argument(
+        "--union",
+        action="store_true",
+        help="two CT sources annotating different organs, union.json, and the fully labelled full/ (ignores --layout)",
+    )
     args = parser.parse_args(argv)
+    if args.union:
+        try:
+            write_union(args.output, args.num_train, args.num_val, args.num_test, args.seed)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"Wrote the two-source phantom (organs/, kidneys/, full/, union.json) to {args.output}")
+        return
     try:
         description = write_dataset(
             args.output,

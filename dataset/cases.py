@@ -239,6 +239,8 @@ def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if config.sources:
+        return _union_cases(config, root, split)
     root = resolve_root(config, root)
     image_dir, label_dir = SPLITS[split]
     if split == "test" and not (root / label_dir).is_dir():
@@ -263,6 +265,28 @@ def find_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str
             f"{config.source}: numTraining is {config.num_training}, but {where} hold{'s' * where.startswith('its')} "
             f"{counted(len(cases), 'case')}"
         )
+    return cases
+
+
+def _union_cases(config: DatasetConfig, root: str | os.PathLike | None, split: str) -> list[dict]:
+    """The cases of a union (``dataset.union``): each source's cases of ``split``, marked with the source's
+    index (``"source"``), or the union's own test list."""
+    if root is not None and Path(root).resolve() != config.root:
+        raise DatasetError(f"--root {root}: the sources of {config.source} name their own roots; leave --root out")
+    if split == "test":
+        if "test" not in config.lists:
+            raise DatasetError(
+                f"{config.source}: no 'test' list of its own (cases labelled with every class); to segment and "
+                "score one source's test cases, add --source NAME"
+            )
+        return _from_list(config.root, config.lists["test"], None, config.file_ending)
+    cases = []
+    for index, source in enumerate(config.sources):
+        try:
+            found = find_cases(source.config, source.config.root, split)
+        except DatasetError as error:
+            raise DatasetError(f"{config.source}: source {source.name!r}: {error}") from None
+        cases += [{**case, "source": index} for case in found]
     return cases
 
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dataset.labels import LabelManager
+from dataset.labels import LabelManager, LabelSets
 from dataset.laterality import check_lateral_pairs, check_mirror_axes, find_lateral_pairs
 
 __all__ = [
@@ -211,6 +211,9 @@ class DatasetConfig:
         regions: nnU-Net's region-based training: ``((name, label values), ...)``, one sigmoid output per
             region (empty: one softmax output per class); see ``dataset.labels``.
         regions_class_order: the label value each region paints in the label map, in order.
+        sources: of a union of datasets (``dataset.union``): its sources (``UnionSource``), whose cases it
+            trains on; empty otherwise.
+        label_sets: of a union: what each source's labels say about the classes (``dataset.labels``).
     """
 
     name: str
@@ -231,6 +234,8 @@ class DatasetConfig:
     lateral_pairs: tuple[tuple[int, int], ...] | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
     regions_class_order: tuple[int, ...] = ()
+    sources: tuple = ()
+    label_sets: LabelSets | None = None
 
     def __post_init__(self) -> None:
         if len(self.normalization) != len(self.channels):
@@ -252,7 +257,9 @@ class DatasetConfig:
     @property
     def label_manager(self) -> LabelManager:
         """What the network's outputs mean: the classes, or the regions (``dataset.labels``)."""
-        return LabelManager(self.labels, dict(self.regions), self.regions_class_order, self.ignore_label)
+        return LabelManager(
+            self.labels, dict(self.regions), self.regions_class_order, self.ignore_label, self.label_sets
+        )
 
     @property
     def num_outputs(self) -> int:
@@ -673,6 +680,10 @@ def _named_norm(channel: str, window: tuple[float, float] | None, where: str) ->
 def _from_json(path: Path) -> DatasetConfig:
     where = f"--dataset {path}"
     content = read_json(path, "--dataset")
+    if "sources" in content:
+        from dataset.union import load_union  # a union loads its sources through this module
+
+        return load_union(path)
     if "labels" not in content:
         raise DatasetError(f"{where}: missing 'labels'")
     nnunet = "channel_names" in content
@@ -741,6 +752,8 @@ def load_dataset_config(dataset: str, datalist: str | None = None) -> DatasetCon
     else:
         raise DatasetError(f"--dataset {dataset!r}: not a preset ({', '.join(PRESETS)}) nor a .json file")
     if datalist is not None:
+        if config.sources:
+            raise DatasetError(f"--datalist {datalist}: a union's cases are its sources'; list them in their datasets")
         path = Path(datalist)
         content = read_json(path, "--datalist")
         settings = [key for key in DATASET_SETTINGS if key in content]

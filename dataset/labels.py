@@ -7,6 +7,10 @@ nnU-Net's overlapping regions, the ignore label, and how outputs become probabil
   probability is above 0.5, and the label map paints, region after region in order, the region's value of
   ``regions_class_order`` (later regions overwrite earlier ones), background elsewhere.
 
+- Label sets (a union of datasets that annotate different classes, ``dataset.union``): the outputs are the
+  unified classes; each source's label values stand for sets of them (:class:`LabelSets`), which the loss,
+  the training crops and validation read.
+
 The loss, validation, inference (every route and the MONAI bundle, which carries this file as
 ``scripts/labels.py``), evaluation and export ask a :class:`LabelManager`. This module imports torch only.
 """
@@ -14,10 +18,11 @@ The loss, validation, inference (every route and the MONAI bundle, which carries
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LabelManager", "argmax_of_classes"]
+__all__ = ["UNANNOTATED", "LabelManager", "LabelSets", "SourceLabels", "argmax_of_classes"]
 
 #: The probability above which a voxel is in a region (nnU-Net's rule).
 REGION_THRESHOLD = 0.5
@@ -42,6 +47,8 @@ class LabelManager:
         regions: region name -> the label values it unites, in output order; empty for class outputs.
         regions_class_order: the label value each region paints in the label map (one per region).
         ignore_label: the label value of unannotated voxels (after the classes), or None.
+        label_sets: for a union of datasets, what each source's labels say about the classes (the training
+            label maps then hold :class:`LabelSets` codes); None otherwise.
     """
 
     def __init__(
@@ -50,8 +57,12 @@ class LabelManager:
         regions: Mapping[str, Sequence[int]] | None = None,
         regions_class_order: Sequence[int] | None = None,
         ignore_label: int | None = None,
+        label_sets: LabelSets | None = None,
     ) -> None:
         self.classes = tuple(str(name) for name in classes)
+        self.label_sets = label_sets
+        if label_sets is not None and (regions or tuple(label_sets.classes) != self.classes):
+            raise ValueError("label sets need the classes they are sets of, and no regions")
         self.regions = {str(name): tuple(int(v) for v in values) for name, values in (regions or {}).items()}
         self.regions_class_order = tuple(int(v) for v in regions_class_order or ())
         self.ignore_label = ignore_label
@@ -113,8 +124,12 @@ class LabelManager:
 
     def to_card(self) -> dict:
         """The model card's entries (``classes``; with regions, ``regions`` and ``regions_class_order``): also
-        the constructor's arguments (the bundle's config builds its manager from them)."""
+        the constructor's arguments (the bundle's config builds its manager from them). A union's model also
+        records its sources (:meth:`LabelSets.to_card`), which :meth:`from_card` leaves aside: its outputs are
+        plain classes."""
         card = {"classes": list(self.classes)}
+        if self.label_sets is not None:
+            card.update(self.label_sets.to_card())
         if self.regions:
             card["regions"] = {name: list(values) for name, values in self.regions.items()}
             card["regions_class_order"] = list(self.regions_class_order)
@@ -199,3 +214,162 @@ class LabelManager:
     def annotated(self, label: torch.Tensor) -> torch.Tensor | None:
         """Where a label map is annotated (not the ignore label), or None without an ignore label."""
         return None if self.ignore_label is None else label != self.ignore_label
+
+
+#: What a union's loss does with the classes a source does not annotate: ``marginal`` (their probabilities
+#: count as the source's background: the label-set loss) or ``background`` (they are trained towards 0
+#: there, as if the source had annotated them absent: naive merging, the baseline it is measured against).
+UNANNOTATED = ("marginal", "background")
+
+
+@dataclass(frozen=True)
+class SourceLabels:
+    """One source of a union of datasets: what its label values say about the unified classes.
+
+    Args:
+        name: the source's name.
+        label_names: the names of its label values 1, 2, ... (background 0 aside).
+        sets: for each of those values, the unified class values it stands for (several: the voxel is one of
+            them, e.g. FLARE's kidney is the right or the left kidney).
+        ignore_label: the value of unannotated voxels in its label files (nnU-Net's ``ignore``), or None.
+        weight: the share of the training batches drawn from this source (relative to the others').
+    """
+
+    name: str
+    label_names: tuple[str, ...]
+    sets: tuple[tuple[int, ...], ...]
+    ignore_label: int | None = None
+    weight: float = 1.0
+
+    @property
+    def annotated(self) -> tuple[int, ...]:
+        """The unified classes this source's labels say something about (background aside)."""
+        return tuple(sorted(value for group in self.sets for value in group))
+
+
+class LabelSets:
+    """The label sets of a union of datasets that annotate different classes: a source's label value stands
+    for a set of unified classes; where a source says background, each class it does not annotate may be
+    there (the label-set, or marginal, loss of Fidon et al. 2021 and Shi et al. 2021).
+
+    Training label maps hold *codes*, one value space for every source: a class of one source label is its
+    class value, a set of several classes a value after the classes (:attr:`codes`), unannotated voxels
+    :attr:`ignore_code`. Each source's background 0 stays 0 and means that source's background set.
+
+    For a case of source ``k``, the loss and validation look at the source's *channels*
+    (:meth:`channels`): its background set (background and, under ``marginal``, every class the source does
+    not annotate), then one per source label value; under ``background`` (naive merging), each unannotated
+    class a channel of its own, never present.
+
+    Args:
+        classes: the unified classes (background first).
+        sources: the sources, each with its label values' sets.
+        unannotated: one of :data:`UNANNOTATED`.
+    """
+
+    def __init__(self, classes: Sequence[str], sources: Sequence[SourceLabels], unannotated: str = "marginal") -> None:
+        self.classes = tuple(classes)
+        self.sources = tuple(sources)
+        self.unannotated = unannotated
+        if unannotated not in UNANNOTATED:
+            raise ValueError(f"unannotated {unannotated!r}: expected one of {', '.join(UNANNOTATED)}")
+        if not self.sources:
+            raise ValueError("a union needs at least one source")
+        codes = [(value,) for value in range(len(self.classes))]
+        for source in self.sources:
+            if len(source.sets) != len(source.label_names):
+                raise ValueError(f"source {source.name!r}: one set per label value expected")
+            seen: set[int] = set()
+            for name, group in zip(source.label_names, source.sets, strict=True):
+                if not group or any(not 0 < value < len(self.classes) for value in group):
+                    raise ValueError(f"source {source.name!r}: label {name!r} maps to class values {list(group)}")
+                if seen & set(group):
+                    raise ValueError(f"source {source.name!r}: label {name!r} overlaps another label's classes")
+                seen |= set(group)
+                if tuple(sorted(group)) not in codes:
+                    codes.append(tuple(sorted(group)))
+        self.codes = tuple(codes)
+        #: The code of unannotated voxels (every source's ignore label).
+        self.ignore_code = len(self.codes)
+        if self.ignore_code > 255:
+            raise ValueError(f"{self.ignore_code} label codes: at most 255 fit a uint8 label map")
+
+    def code_of(self, group: Sequence[int]) -> int:
+        return self.codes.index(tuple(sorted(group)))
+
+    def channels(self, source: int) -> list[tuple[int, ...]]:
+        """The class values of each of source ``source``'s channels: its background set, its label values' sets,
+        then (``background``) each unannotated class alone."""
+        annotated = set(self.sources[source].annotated)
+        missing = tuple(value for value in range(1, len(self.classes)) if value not in annotated)
+        sets = [tuple(sorted(group)) for group in self.sources[source].sets]
+        if self.unannotated == "marginal":
+            return [(0, *missing), *sets]
+        return [(0,), *sets, *((value,) for value in missing)]
+
+    def channel_names(self, source: int) -> list[str]:
+        """What each of :meth:`channels` is called: background, the source's label names, the classes."""
+        names = ["background", *self.sources[source].label_names]
+        if self.unannotated == "background":
+            names += [self.classes[group[0]] for group in self.channels(source)[len(names) :]]
+        return names
+
+    def raw_to_code(self, source: int) -> list[int]:
+        """Lookup table: the code of each value of the source's label files (0..N, then its ignore label)."""
+        labels = self.sources[source]
+        table = [0, *(self.code_of(group) for group in labels.sets)]
+        if labels.ignore_label is not None:
+            table += [self.ignore_code] * (labels.ignore_label + 1 - len(table))
+            table[labels.ignore_label] = self.ignore_code
+        return table
+
+    def code_to_channel(self, source: int) -> list[int]:
+        """Lookup table over codes (0..:attr:`ignore_code`): the channel of the source each stands for; -1 for
+        the ignore code and codes of other sources."""
+        table = [-1] * (self.ignore_code + 1)
+        table[0] = 0
+        for channel, group in enumerate(self.sources[source].sets, start=1):
+            table[self.code_of(group)] = channel
+        return table
+
+    def class_to_channel(self, source: int) -> list[int]:
+        """Lookup table over the unified classes: the source's channel a predicted class falls in."""
+        table = [0] * len(self.classes)
+        for channel, group in enumerate(self.channels(source)):
+            for value in group:
+                table[value] = channel
+        return table
+
+    def code_pairs(self, class_pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+        """The codes a left-right flip exchanges: the class pairs, and each set of several classes with its
+        mirror image (``dataset.union.check_mirror_images`` has checked it is a set of the same source)."""
+        swap = {a: b for a, b in class_pairs} | {b: a for a, b in class_pairs}
+        pairs = list(class_pairs)
+        for code, group in enumerate(self.codes[len(self.classes) :], start=len(self.classes)):
+            mirrored = tuple(sorted(swap.get(value, value) for value in group))
+            if mirrored != group and mirrored in self.codes:
+                pair = tuple(sorted((code, self.code_of(mirrored))))
+                if pair not in pairs:
+                    pairs.append(pair)
+        return tuple(pairs)
+
+    @property
+    def columns(self) -> list[tuple[int, str]]:
+        """The validation table's columns: (source, channel name) of every source's channels in turn."""
+        return [(k, name) for k in range(len(self.sources)) for name in self.channel_names(k)]
+
+    def to_card(self) -> dict:
+        """The model card's ``sources`` (each source's labels, by name: the classes each stands for) and
+        ``unannotated``."""
+        sources = [
+            {
+                "name": source.name,
+                "labels": {
+                    name: [self.classes[value] for value in group]
+                    for name, group in zip(source.label_names, source.sets, strict=True)
+                },
+                "weight": source.weight,
+            }
+            for source in self.sources
+        ]
+        return {"sources": sources, "unannotated": self.unannotated}

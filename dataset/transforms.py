@@ -24,6 +24,7 @@ from monai.transforms import (
 )
 
 from dataset.description import DatasetConfig
+from dataset.labels import LabelSets
 from dataset.laterality import LEFT_RIGHT_AXIS, check_mirror_axes, swap_lateral_labels
 from dataset.portable import AnyChannelForeground, LoadCased, NormalizeChannelsd, nonzero_region
 
@@ -40,6 +41,7 @@ __all__ = [
     "NormalizeChannelsd",
     "ORIENTATION",
     "RandMirrord",
+    "UnifyLabelsd",
     "build_transforms",
     "nonzero_region",
 ]
@@ -119,6 +121,37 @@ class RandMirrord(Randomizable, MapTransform):
         return data
 
 
+class UnifyLabelsd(MapTransform):
+    """A union's label map in one value space: each value of a source's label file becomes its code
+    (``LabelSets.raw_to_code``), the source read from the case's ``source_key``.
+
+    Args:
+        label_sets: the union's label sets.
+        keys: the label key.
+        source_key: the key of the source index (``dataset.cases`` marks each case of a union).
+    """
+
+    def __init__(self, label_sets: LabelSets, keys: KeysCollection = "label", source_key: str = "source") -> None:
+        super().__init__(keys)
+        self.source_key = source_key
+        self.tables = [torch.tensor(label_sets.raw_to_code(k)) for k in range(len(label_sets.sources))]
+        self.names = [source.name for source in label_sets.sources]
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        table = self.tables[int(data[self.source_key])]
+        for key in self.key_iterator(data):
+            label = data[key]
+            values = torch.as_tensor(label).long()
+            if values.numel() and (values.min() < 0 or values.max() >= len(table)):
+                name = self.names[int(data[self.source_key])]
+                raise ValueError(
+                    f"a label of source {name!r} holds value {int(values.max())}: its labels are 0..{len(table) - 1}"
+                )
+            label.copy_(table.to(values.device)[values].to(label.dtype))
+        return data
+
+
 def build_transforms(
     config: DatasetConfig,
     mode: str,
@@ -142,8 +175,10 @@ def build_transforms(
     keys = ["image", "label"] if mode == "train" else ["image"]
     interpolation = ("bilinear", "nearest") if mode == "train" else ("bilinear",)
     # Reoriented before resampling, so that the spacing is along the RAS axes whatever the stored order.
+    union = config.label_sets is not None and mode == "train"
     preprocessing = [
         LoadCased(keys=keys),
+        *([UnifyLabelsd(config.label_sets)] if union else []),
         Orientationd(keys=keys, axcodes=ORIENTATION, labels=AXIS_LABELS),
     ]
     if config.spacing is not None:
@@ -160,14 +195,16 @@ def build_transforms(
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
     roi_size = tuple(roi_size)
     to_device = [EnsureTyped(keys=keys, device=device, track_meta=False)] if device is not None else []
-    mirror = [RandMirrord(keys, config.mirror_axes, config.pairs)] if config.mirror_axes else []
+    pairs = config.label_sets.code_pairs(config.pairs) if union else config.pairs
+    ignore = config.label_sets.ignore_code if union else config.ignore_label
+    mirror = [RandMirrord(keys, config.mirror_axes, pairs)] if config.mirror_axes else []
     train = Compose(
         preprocessing
         + to_device
         + [
             SpatialPadd(keys=keys, spatial_size=roi_size),  # crops need volumes at least as large as the ROI
             BalancedCropd(
-                CropCentres(config.background_crops, config.ignore_label),
+                CropCentres(config.background_crops, ignore),
                 keys=keys,
                 label_key="label",
                 spatial_size=roi_size,

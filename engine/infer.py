@@ -122,7 +122,7 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
             ignored.append(f"--network and shape flags (card: {choice.name} {choice.overrides})")
     if args.dataset is not None:
         differing = _preprocessing_differences(config, card_config) if card_config is not None else []
-        if classes and not args.label_map and config.labels != classes:
+        if classes and not _relabelled(args) and config.labels != classes:
             differing.append(f"{config.num_classes} classes (card: {len(classes)})")
         if differing:
             ignored.append(f"--dataset {args.dataset}: {', '.join(differing)}")
@@ -131,7 +131,7 @@ def _model_from_card(card: dict, source: str, args, config: DatasetConfig):
     if card_config is None:
         print(f"note: {source} records no preprocessing; using that of {config.source or config.name}")
         card_config = config
-    if classes and not args.label_map:  # with a label map, the dataset's labels describe the test labels
+    if classes and not _relabelled(args):  # with a label map, the dataset's labels describe the test labels
         card_config = replace(card_config, labels=classes, ignore_label=card.get("ignore_label"))
     try:  # the model's outputs; with a label map, card_config's labels are the test set's
         named = card_config.labels if card_config.num_classes == out_channels else None
@@ -228,6 +228,30 @@ def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> Traine
         classes = card.get("classes")
         pairs = find_lateral_pairs(classes) if classes else config.pairs if config.num_classes == num_classes else ()
     return TrainedMirroring(axes, pairs, source)
+
+
+def _relabelled(args) -> bool:
+    """Whether the test labels are not the model's classes (``--label_map``, or ``--source``'s labels)."""
+    return bool(args.label_map or getattr(args, "source", None))
+
+
+def _source_of(args, config: DatasetConfig) -> tuple[DatasetConfig, dict[int, int] | None]:
+    """With ``--source NAME`` (a union ``--dataset``): that source's dataset, whose test cases are segmented,
+    and the label map that scores them on its labels (each unified class to the source label whose set holds
+    it: a set's prediction is the union of its classes'); else the dataset and None."""
+    name = getattr(args, "source", None)
+    if name is None:
+        return config, None
+    if not config.sources:
+        raise UsageError(f"--source {name}: --dataset {_dataset_of(args)} is not a union of datasets (no 'sources')")
+    if args.label_map:
+        raise UsageError(f"--source {name} and --label_map: the source's labels map the classes; give one of them")
+    names = [source.name for source in config.sources]
+    if name not in names:
+        raise UsageError(f"--source {name}: {config.source} has the sources {', '.join(names)}")
+    index = names.index(name)
+    sets = config.label_sets.sources[index].sets
+    return config.sources[index].config, {value: label for label, group in enumerate(sets, 1) for value in group}
 
 
 def _label_map_of(args, outputs: LabelManager, config: DatasetConfig) -> dict[int, int] | None:
@@ -421,7 +445,9 @@ def _infer(args, given: list[dict] | None = None) -> list[Path]:
     output = check_output_folder(args.output)
     if args.runtime == "openvino" and device.type != "cpu" and any(w.endswith(".onnx") for w in args.trained_weights):
         raise UsageError("--runtime openvino runs model.onnx on the CPU: add --device cpu, or use onnxruntime")
-    models = _models_to_run(args, load_dataset_config(_dataset_of(args), args.datalist))
+    dataset = load_dataset_config(_dataset_of(args), args.datalist)
+    tested, source_map = _source_of(args, dataset)
+    models = _models_to_run(args, tested)
     if args.amp and args.runtime == "onnxruntime" and any(w.endswith(".onnx") for w in args.trained_weights):
         print(
             "note: --amp: model.onnx runs in float32 on ONNX Runtime (the export is float32); the other routes, "
@@ -430,7 +456,12 @@ def _infer(args, given: list[dict] | None = None) -> list[Path]:
     config = models[0].config
     cases = _cases_to_segment(args, config) if given is None else _given_cases(args, given)
     outputs = models[0].outputs
-    label_map = _label_map_of(args, outputs, config)
+    label_map = _label_map_of(args, outputs, config) if source_map is None else source_map
+    if source_map is not None and outputs.classes != dataset.labels:
+        raise UsageError(
+            f"--source {args.source}: the model's classes ({', '.join(outputs.classes)}) are not those of "
+            f"{dataset.source} ({', '.join(dataset.labels)})"
+        )
     keep = _classes_to_keep(args.keep_largest, outputs) if plan is None else _plan_keep(plan, args.plan, outputs)
     _check_memory(args, cases, models, device)  # from the headers, before any voxel is read
     verify_cases(

@@ -1,5 +1,6 @@
 """The training loss: MONAI's Dice + cross-entropy as published, over the annotated voxels only when the
-dataset has nnU-Net's ignore label; for regions, nnU-Net's soft Dice + binary cross-entropy."""
+dataset has nnU-Net's ignore label; for regions, nnU-Net's soft Dice + binary cross-entropy; for a union of
+datasets that annotate different classes, the same Dice + cross-entropy on each source's label sets."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from dataset.labels import LabelManager
+from dataset.labels import LabelManager, LabelSets
 
-__all__ = ["AnnotatedDiceCELoss", "RegionDiceBCELoss", "segmentation_loss"]
+__all__ = ["AnnotatedDiceCELoss", "LabelSetDiceCELoss", "RegionDiceBCELoss", "segmentation_loss"]
 
 
 class AnnotatedDiceCELoss(nn.Module):
@@ -95,8 +96,64 @@ class RegionDiceBCELoss(nn.Module):
         return bce + 1 - dice[crops].mean()
 
 
+class LabelSetDiceCELoss(nn.Module):
+    """The label-set (marginal) loss of a union of datasets (Fidon et al., "Label-set loss functions for
+    partial supervision", 2021; Shi et al., "Marginal loss and exclusion loss", 2021): the softmax of the
+    unified classes is summed, for each crop, into the channels of its source (``LabelSets.channels``: the
+    background set, which takes every class the source does not annotate, then one set per source label),
+    and MONAI's Dice + cross-entropy of :class:`AnnotatedDiceCELoss` is computed on those marginal
+    probabilities: cross-entropy ``-log`` of the marginal probability of the voxel's set (a log-sum-exp of
+    the log-softmax, stable), the mean over the annotated voxels of the batch; Dice per crop and channel
+    (smooth 1e-5 above and below, as MONAI's), the mean over a crop's channels, then over the crops that have
+    annotated voxels. A source that annotates every class, each alone, gives exactly the published loss.
+
+    Args:
+        label_sets: the union's sources and their sets.
+    """
+
+    SMOOTH = 1e-5
+
+    def __init__(self, label_sets: LabelSets) -> None:
+        super().__init__()
+        self.label_sets = label_sets
+        count = len(label_sets.sources)
+        self.channels = [label_sets.channels(k) for k in range(count)]
+        self.tables = [torch.tensor(label_sets.code_to_channel(k)) for k in range(count)]
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        label = label[:, 0].long() if label.dim() == logits.dim() else label.long()
+        log_probabilities = torch.log_softmax(logits.float(), 1)
+        source = torch.as_tensor(source, device=logits.device).reshape(-1).long()
+        cross_entropy, voxels, dice = log_probabilities.new_zeros(()), 0, []
+        for k in source.unique().tolist():
+            rows = source == k
+            chosen = log_probabilities[rows]
+            marginal = torch.stack(
+                [torch.logsumexp(chosen[:, list(group)], 1) for group in self.channels[k]], 1
+            )  # log of each set's probability
+            target = self.tables[k].to(label.device)[label[rows]]
+            annotated = target >= 0
+            target = target.clamp_min(0)
+            cross_entropy = cross_entropy - (marginal.gather(1, target[:, None])[:, 0] * annotated).sum()
+            voxels += int(annotated.sum())
+            mask = annotated.unsqueeze(1).to(marginal.dtype)
+            probabilities = marginal.exp() * mask
+            one_hot = F.one_hot(target, marginal.shape[1]).movedim(-1, 1).to(marginal.dtype) * mask
+            axes = tuple(range(2, marginal.dim()))
+            intersection = (probabilities * one_hot).sum(axes)
+            denominator = probabilities.sum(axes) + one_hot.sum(axes)
+            per_crop = (1 - (2 * intersection + self.SMOOTH) / (denominator + self.SMOOTH)).mean(1)
+            dice.append(per_crop[annotated.flatten(1).any(1)])
+        if not voxels:  # unannotated voxels only: nothing to learn from these labels
+            return logits.sum() * 0
+        return torch.cat(dice).mean() + cross_entropy / voxels
+
+
 def segmentation_loss(label_manager: LabelManager) -> nn.Module:
-    """The published loss, its annotated-voxels form for a dataset with an ignore label, or the region loss."""
+    """The published loss, its annotated-voxels form for a dataset with an ignore label, the region loss, or
+    the label-set loss of a union of datasets."""
+    if label_manager.label_sets is not None:
+        return LabelSetDiceCELoss(label_manager.label_sets)
     if label_manager.has_regions:
         return RegionDiceBCELoss(label_manager)
     if label_manager.ignore_label is None:

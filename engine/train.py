@@ -25,7 +25,7 @@ from monai.data import DataLoader, ThreadDataLoader
 from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler, WeightedRandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -36,6 +36,7 @@ from dataset.description import DatasetConfig, DatasetError, counted, load_datas
 from dataset.fingerprint import FINGERPRINT_FILE, derive_from_data
 from dataset.laterality import LEFT_RIGHT_AXIS, describe_axes, describe_pairs
 from dataset.transforms import build_transforms
+from dataset.union import check_mirror_images
 from engine.checkpoint import (
     check_resumed_run,
     load_checkpoint,
@@ -64,7 +65,7 @@ from engine.distributed import Distributed
 from engine.loading import cached_dataset, data_preparation_seconds, data_worker_init, fit_cache_rate
 from engine.losses import segmentation_loss
 from engine.memory import peak_text, start_peak
-from engine.validation import foreground_dice, summarise_scores, validation_scores
+from engine.validation import foreground_dice, source_means, summarise_scores, validation_scores
 from networks import replace_head
 from networks.dwconv import use_algorithm
 from optimizers import build_optimizer, build_scheduler
@@ -212,6 +213,8 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
         raise DatasetError(outcome)
     config, derivation, cache_rate = outcome
     if main:
+        if config.sources:
+            print(_sources_line(config, train_cases, val_cases))
         print(
             f"Dataset {config.name}: {len(train_cases)} training and {counted(len(val_cases), 'validation case')}, "
             f"{config.label_manager.describe()}, {config.in_channels} input channel"
@@ -220,6 +223,28 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
         )
         print(_mirroring_line(config))
     return RunData(config, train_cases, val_cases, derivation, cache_rate)
+
+
+def _sources_line(config: DatasetConfig, train_cases: list[dict], val_cases: list[dict]) -> str:
+    """A union's sources: their cases, batch weights and labels (each with the classes it stands for)."""
+    sets, described = config.label_sets, []
+    total = sum(source.weight for source in config.sources)
+    for index, source in enumerate(config.sources):
+        cases = sum(case["source"] == index for case in train_cases)
+        checked = sum(case["source"] == index for case in val_cases)
+        labels = ", ".join(
+            name
+            if [sets.classes[v] for v in group] == [name]
+            else f"{name} = {' + '.join(sets.classes[v] for v in group)}"
+            for name, group in zip(sets.sources[index].label_names, sets.sources[index].sets, strict=True)
+        )
+        described.append(
+            f"{source.name} ({cases} training, {checked} validation cases, {source.weight / total:.0%} of the batches; "
+            f"{labels})"
+        )
+    rule = "summed into its background" if sets.unannotated == "marginal" else "trained as background (naive)"
+    sources = counted(len(config.sources), "source")
+    return f"Union of {sources}: {'; '.join(described)}; a class a source does not annotate is {rule}"
 
 
 def _mirroring_line(config: DatasetConfig) -> str:
@@ -238,9 +263,7 @@ def _checked_and_derived(args, config, training, train_cases, val_cases, distrib
     """Check every case, warn of labels without foreground, derive what the dataset leaves to the
     data, fit the cache rate to the memory: ``(config, derivation, cache_rate)``."""
     cases = train_cases + val_cases
-    summaries = verify_cases(
-        cases, config.num_classes, args.num_workers, in_channels=config.in_channels, ignore_label=config.ignore_label
-    )
+    summaries = _verified(cases, config, args.num_workers)
     for case, summary in zip(cases, summaries, strict=True):
         if summary.foreground is False:
             print(
@@ -260,6 +283,28 @@ def _checked_and_derived(args, config, training, train_cases, val_cases, distrib
         if note:
             print(note)
     return config, derivation, cache_rate
+
+
+def _verified(cases: list[dict], config: DatasetConfig, workers: int) -> list:
+    """Every case read through (``dataset.checks.verify_cases``) against its dataset's labels: a union's
+    against its source's."""
+    if not config.sources:
+        return verify_cases(
+            cases, config.num_classes, workers, in_channels=config.in_channels, ignore_label=config.ignore_label
+        )
+    summaries: list = [None] * len(cases)
+    for index, source in enumerate(config.sources):
+        chosen = [i for i, case in enumerate(cases) if case["source"] == index]
+        found = verify_cases(
+            [cases[i] for i in chosen],
+            source.config.num_classes,
+            workers,
+            in_channels=config.in_channels,
+            ignore_label=source.config.ignore_label,
+        )
+        for i, summary in zip(chosen, found, strict=True):
+            summaries[i] = summary
+    return summaries
 
 
 @dataclass
@@ -348,7 +393,10 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
             f"{run.progress['best_step']}; weights in {run.best_path}"
         )
     if run.main and isinstance(args.fold, int) and args.held_out != "none":
-        _segment_held_out(run)
+        if run.config.sources:  # its held-out labels are the sources' label sets, which crossval.py does not score
+            print("note: the held-out cases of a union of datasets are not segmented (crossval.py scores classes)")
+        else:
+            _segment_held_out(run)
     return run.progress["best_dice"]
 
 
@@ -404,9 +452,11 @@ def _epoch_batches(run: Run, epoch: int) -> DataLoader:
     the random transforms from the loader's generator)."""
     args, distributed = run.args, run.distributed
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + distributed.rank)
-    if distributed.enabled:
+    if distributed.enabled and not run.config.sources:
         sampler = DistributedSampler(run.train_ds, distributed.world_size, distributed.rank, seed=args.seed)
         sampler.set_epoch(epoch)
+    elif run.config.sources:
+        sampler = _source_sampler(run, generator)
     else:
         sampler = RandomSampler(run.train_ds, generator=generator)
     loader_class = ThreadDataLoader if run.gpu_transforms else DataLoader
@@ -419,6 +469,15 @@ def _epoch_batches(run: Run, epoch: int) -> DataLoader:
         generator=generator,
         worker_init_fn=data_worker_init,
     )
+
+
+def _source_sampler(run: Run, generator: torch.Generator) -> WeightedRandomSampler:
+    """A union's cases drawn with replacement, each source in proportion to its ``weight`` (whatever its case
+    count), as many draws an epoch as this process's share of the cases."""
+    sources = [case["source"] for case in run.train_ds.data]
+    weights = [run.config.sources[k].weight / sources.count(k) for k in sources]
+    share = -(-len(sources) // run.distributed.world_size)
+    return WeightedRandomSampler(weights, share, replacement=True, generator=generator)
 
 
 def _record_step(run: Run, step: int, loss: float, problem: str | None, writer, bar: tqdm) -> None:
@@ -473,14 +532,16 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
     )
     peak = peak_text(run.device)
     scores = torch.cat(run.distributed.gather(scores))
-    dice, per_class = summarise_scores(scores)
+    dice, per_class = summarise_scores(scores, run.config.label_manager)
     foreground = foreground_dice(scores, run.config.label_manager)
     improved = dice > progress["best_dice"]
     if improved:
         progress["best_dice"], progress["best_step"] = dice, step
     if not run.main:
         return
-    _report(writer, bar, run.config.label_manager, step, dice, foreground, per_class, progress, improved, peak)
+    _report(
+        writer, bar, run.config.label_manager, step, (dice, foreground, per_class, scores), progress, improved, peak
+    )
     if "overlay" in snapshot:
         writer.add_image("val/overlay", snapshot["overlay"], step, dataformats="HWC")
     # The checkpoint first: it also holds what the best weights hold, so that a run killed between the two
@@ -534,6 +595,7 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     config = load_dataset_config(args.dataset, args.datalist)
     if args.mirror_axes is not None:
         config = replace(config, mirror_axes=args.mirror_axes)
+        check_mirror_images(config, f"--mirror_axes with {config.source}")
     choice = network_from_flags(args, roi)
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     set_determinism(seed=args.seed)
@@ -662,9 +724,10 @@ def _training_step(
     optimizer state and BatchNorm statistics stay as they were. Returns the loss and, for a skipped step,
     what was not finite; every rank agrees."""
     image, label = batch["image"].to(device), batch["label"].to(device)
+    targets = (label, batch["source"].to(device)) if "source" in batch else (label,)  # a union's crops' sources
     buffers = [buffer.clone() for buffer in stateful_buffers]  # the forward also updates BatchNorm statistics
     with autocast:
-        loss = loss_function(network(image), label)
+        loss = loss_function(network(image), *targets)
     optimizer.zero_grad(set_to_none=True)
     problem = None
     if distributed.any(not torch.isfinite(loss).item(), device):
@@ -738,17 +801,29 @@ def _describe(bar: tqdm, step: int, max_iter: int, loss: float, progress: dict, 
     bar.set_description(f"Training ({step} / {max_iter} Steps) (loss={loss:2.5f}{best})", refresh=refresh)
 
 
-def _report(writer, bar, label_manager, step, dice, foreground, per_class, progress, improved, peak: str) -> None:
-    names = label_manager.output_names
+def _report(writer, bar, label_manager, step, summary: tuple, progress, improved, peak: str) -> None:
+    """One validation's line and TensorBoard scalars; ``summary``: the mean Dice, the foreground mean, each
+    output's (or a union's column's) Dice and the scores (cases x outputs)."""
+    dice, foreground, per_class, scores = summary
+    sets = label_manager.label_sets
+    names = label_manager.output_names if sets is None else [f"{sets.sources[k].name} {n}" for k, n in sets.columns]
     writer.add_scalar("val/mean_dice", dice, step)
     writer.add_scalar("val/mean_dice_foreground", foreground, step)
     for name, value in zip(names, per_class, strict=True):
         writer.add_scalar(f"val/dice_{name.replace(' ', '_')}", value, step)
     verdict = "saved new best model" if improved else "not improved"
-    scores = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, per_class, strict=True))
+    listed = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, per_class, strict=True))
     mean = "over the regions" if label_manager.has_regions else "background included, as published"
+    if sets is not None:
+        mean = "the mean over the sources of each one's mean over its label sets, background included"
+    kind = "region" if label_manager.has_regions else "class" if sets is None else "source label"
+    if sets is not None:
+        means = source_means(scores, sets)
+        for source, value in zip(sets.sources, means, strict=True):
+            writer.add_scalar(f"val/mean_dice_{source.name.replace(' ', '_')}", value, step)
+        mean += "; per source: " + ", ".join(f"{s.name} {v:.4f}" for s, v in zip(sets.sources, means, strict=True))
     bar.write(
         f"step {step}: mean Dice {dice:.4f} ({mean}; {verdict}; best "
         f"{progress['best_dice']:.4f} at step {progress['best_step']}), foreground mean Dice {foreground:.4f}; "
-        f"per {'region' if label_manager.has_regions else 'class'}: {scores}" + (f"; validation {peak}" if peak else "")
+        f"per {kind}: {listed}" + (f"; validation {peak}" if peak else "")
     )

@@ -3,20 +3,24 @@ summaries."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dataset.labels import REGION_THRESHOLD, LabelManager
+from dataset.labels import REGION_THRESHOLD, LabelManager, LabelSets
 from engine.common import autocast_for
 from engine.stitching import stitched_slabs
 
 __all__ = [
     "dice_per_class",
+    "dice_per_label_set",
     "dice_per_region",
     "foreground_dice",
     "overlay_slice",
+    "source_means",
     "summarise_scores",
     "validation_scores",
 ]
@@ -50,7 +54,8 @@ def validation_scores(
     was_training = model.training
     model.eval()
     outputs = label_manager.num_outputs
-    scores = [torch.empty(0, outputs)]
+    sets = label_manager.label_sets
+    scores = [torch.empty(0, outputs if sets is None else len(sets.columns))]
     autocast = autocast_for(amp, device)
     regions = label_manager.has_regions
 
@@ -74,7 +79,9 @@ def validation_scores(
                     inside[..., slab.start : slab.stop] = slab.values[1:].cpu().bool()
             if snapshot is not None and len(scores) == 1:
                 snapshot["overlay"] = overlay_slice(image[0, 0].numpy(), label.numpy(), prediction.numpy())
-            if regions:
+            if sets is not None:
+                scores.append(dice_per_label_set(prediction, label, int(batch["source"][0]), sets)[None])
+            elif regions:
                 expected = label_manager.region_masks(label[None])[0]
                 scores.append(dice_per_region(inside, expected, label_manager.annotated(label))[None])
             else:
@@ -98,6 +105,22 @@ def dice_per_class(
     return torch.where(truth > 0, dice, torch.nan).float()
 
 
+def dice_per_label_set(
+    prediction: torch.Tensor, codes: torch.Tensor, source: int, label_sets: LabelSets
+) -> torch.Tensor:
+    """One validation case of a union: the Dice of each of its source's channels (``LabelSets.channels``: a
+    set's prediction is the union of its classes' predictions), NaN where absent from the label as
+    :func:`dice_per_class`, in the source's columns of ``label_sets.columns`` (NaN in the other sources')."""
+    row = torch.full((len(label_sets.columns),), torch.nan)
+    count = len(label_sets.channels(source))
+    predicted = torch.tensor(label_sets.class_to_channel(source))[prediction.long()]
+    expected = torch.tensor(label_sets.code_to_channel(source))[codes.long()]
+    expected = torch.where(expected < 0, count, expected)  # unannotated voxels
+    first = next(i for i, (k, _) in enumerate(label_sets.columns) if k == source)
+    row[first : first + count] = dice_per_class(predicted, expected, count, ignore_label=count)
+    return row
+
+
 def dice_per_region(
     predicted: torch.Tensor, expected: torch.Tensor, annotated: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -113,17 +136,41 @@ def dice_per_region(
     return torch.where(truth + found > 0, dice, torch.nan).float()
 
 
-def summarise_scores(scores: torch.Tensor) -> tuple[float, list[float]]:
+def summarise_scores(scores: torch.Tensor, label_manager: LabelManager | None = None) -> tuple[float, list[float]]:
     """The mean Dice over every (case, output) pair that has a score (a class present in the label,
     background included, as the published training selects its best model; a region present in the label or
-    the prediction); and the Dice of each output (mean over the cases where it has one)."""
-    return float(torch.nanmean(scores)), torch.nanmean(scores, dim=0).tolist()
+    the prediction); and the Dice of each output (mean over the cases where it has one). For a union of
+    datasets, the mean over the sources of that mean over each source's columns (a large source does not
+    outweigh a small one), and the Dice of each column."""
+    per_column = torch.nanmean(scores, dim=0).tolist()
+    if label_manager is None or label_manager.label_sets is None:
+        return float(torch.nanmean(scores)), per_column
+    return _mean_over_sources(scores, label_manager.label_sets, background=True), per_column
 
 
 def foreground_dice(scores: torch.Tensor, label_manager: LabelManager) -> float:
     """The mean Dice over the (case, output) pairs of the foreground classes (background left out) or of
-    the regions, as test_seg.py's evaluation reports it."""
+    the regions, as test_seg.py's evaluation reports it; for a union, the mean of it over the sources."""
+    if label_manager.label_sets is not None:
+        return _mean_over_sources(scores, label_manager.label_sets, background=False)
     return float(torch.nanmean(scores if label_manager.has_regions else scores[:, 1:]))
+
+
+def source_means(scores: torch.Tensor, label_sets: LabelSets, background: bool = True) -> list[float]:
+    """Each source's mean Dice over its (case, column) pairs (background left out without ``background``;
+    NaN for a source without validation cases)."""
+    means = []
+    for k in range(len(label_sets.sources)):
+        columns = [i for i, (source, _) in enumerate(label_sets.columns) if source == k][0 if background else 1 :]
+        block = scores[:, columns]
+        means.append(float(torch.nanmean(block)) if (~torch.isnan(block)).any() else float("nan"))
+    return means
+
+
+def _mean_over_sources(scores: torch.Tensor, label_sets: LabelSets, background: bool) -> float:
+    """The mean over the sources (those with scores) of each source's mean (:func:`source_means`)."""
+    means = [mean for mean in source_means(scores, label_sets, background) if not math.isnan(mean)]
+    return sum(means) / len(means) if means else float("nan")
 
 
 # Distinct colours for label values 1, 2, ... (value 0 is background).

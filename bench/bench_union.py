@@ -1,0 +1,86 @@
+"""Training on a union of datasets that annotate different classes, on the two-source phantom
+(``phantom.py --union``): the per-class test Dice of (a) the union with the label-set loss, (b) naive
+merging (the classes a source does not annotate trained as its background) and (c) one model trained on the
+same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
+fully labelled test cases.
+
+    python bench/bench_union.py --json bench/results/union_cpu.json
+    python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
+
+Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
+commands are printed as they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+#: name: (the --only key, the dataset the run trains on)
+RUNS = {
+    "union, label-set loss": ("union", "union.json"),
+    "naive merging": ("naive", "union_naive.json"),
+    "fully labelled": ("full", "full/dataset.json"),
+}
+NETWORK = ["--network", "REPUXNET", "--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21"]
+NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
+
+
+def run(command: list[str]) -> None:
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="data/union", help="where the two-source phantom is written")
+    parser.add_argument("--runs", default="runs/union_bench", help="folder of the three runs")
+    parser.add_argument("--max_iter", type=int, default=1000)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--only", default="union,naive,full", help="the runs, of union, naive, full (default all)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    data, runs = Path(args.data), Path(args.runs)
+    python = sys.executable
+    if not (data / "union.json").is_file():
+        run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
+    results = []
+    chosen = args.only.split(",")
+    for name, (key, dataset) in RUNS.items():
+        if key not in chosen:
+            continue
+        output = runs / f"{key}_{args.max_iter}"
+        started = time.perf_counter()
+        run(
+            [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
+            + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
+            + ["--num_workers", str(args.num_workers), "--overwrite"]
+        )
+        seconds = time.perf_counter() - started
+        predictions = output / "test"
+        run(
+            [python, "test_seg.py", "--dataset", str(data / "union.json"), "--output", str(predictions)]
+            + ["--trained_weights", str(output / "best_metric_model.pth"), "--evaluate", "--device", "cpu"]
+        )
+        summary = json.loads((predictions / "summary.json").read_text())
+        dice = {cls: values["dice"]["mean"] for cls, values in summary["classes"].items()}
+        results.append({"run": name, "dataset": dataset, "train_seconds": seconds, "dice": dice})
+        print(name, {cls: round(value, 3) for cls, value in dice.items()}, flush=True)
+    classes = list(results[0]["dice"])
+    rows = [
+        [r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['train_seconds'] / 60:.0f} min"] for r in results
+    ]
+    print(common.markdown_table(["run", *classes, "training"], rows))
+    common.write_json(args.json, {"machine": common.machine(), "max_iter": args.max_iter, "results": results})
+
+
+if __name__ == "__main__":
+    main()
