@@ -232,14 +232,14 @@ def _trained_mirroring(card: dict, source: str, config: DatasetConfig) -> Traine
 
 def _relabelled(args) -> bool:
     """Whether the test labels are not the model's classes (``--label_map``, or ``--source``'s labels)."""
-    return bool(args.label_map or getattr(args, "source", None))
+    return bool(args.label_map or args.source)
 
 
 def _source_of(args, config: DatasetConfig) -> tuple[DatasetConfig, dict[int, int] | None]:
     """With ``--source NAME`` (a union ``--dataset``): that source's dataset, whose test cases are segmented,
     and the label map that scores them on its labels (each unified class to the source label whose set holds
     it: a set's prediction is the union of its classes'); else the dataset and None."""
-    name = getattr(args, "source", None)
+    name = args.source
     if name is None:
         return config, None
     if not config.sources:

@@ -452,11 +452,11 @@ def _epoch_batches(run: Run, epoch: int) -> DataLoader:
     the random transforms from the loader's generator)."""
     args, distributed = run.args, run.distributed
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + distributed.rank)
-    if distributed.enabled and not run.config.sources:
+    if run.config.sources:
+        sampler = _source_sampler(run, generator)
+    elif distributed.enabled:
         sampler = DistributedSampler(run.train_ds, distributed.world_size, distributed.rank, seed=args.seed)
         sampler.set_epoch(epoch)
-    elif run.config.sources:
-        sampler = _source_sampler(run, generator)
     else:
         sampler = RandomSampler(run.train_ds, generator=generator)
     loader_class = ThreadDataLoader if run.gpu_transforms else DataLoader

@@ -378,3 +378,15 @@ def test_the_training_chain_gives_codes_and_mirrors_them_with_the_side(union):
     case = {"image": str(root / cases[0]["image"]), "label": str(root / cases[0]["label"]), "source": 0}
     values = set(torch.unique(val(case)["label"]).tolist())
     assert values == {0, 1, 4, 6}  # spleen 1, kidney (both sides) code 6, liver 4
+
+
+def test_mirroring_left_right_by_flag_is_checked_against_the_sources_labels(tmp_path):
+    from dataclasses import replace
+
+    from dataset.union import check_mirror_images
+
+    one_sided = {"right kidney": "right kidney", "left kidney": "spleen", "pancreas": "pancreas"}
+    path = union_file(tmp_path, source_1={"labels": one_sided}, mirror_axes=[1, 2])
+    config = load_dataset_config(str(path))  # no left-right flips: nothing to check
+    with pytest.raises(DatasetError, match="source 'kidneys': label 'right kidney' has no mirror image"):
+        check_mirror_images(replace(config, mirror_axes=(0, 1, 2)), "--mirror_axes with union")
