@@ -279,6 +279,10 @@ class LabelSets:
         for source in self.sources:
             if len(source.sets) != len(source.label_names):
                 raise ValueError(f"source {source.name!r}: one set per label value expected")
+            if source.ignore_label not in (None, len(source.sets) + 1):
+                raise ValueError(
+                    f"source {source.name!r}: the ignore label must follow its labels ({len(source.sets) + 1})"
+                )
             seen: set[int] = set()
             for name, group in zip(source.label_names, source.sets, strict=True):
                 if not group or any(not 0 < value < len(self.classes) for value in group):
@@ -318,10 +322,7 @@ class LabelSets:
         """Lookup table: the code of each value of the source's label files (0..N, then its ignore label)."""
         labels = self.sources[source]
         table = [0, *(self.code_of(group) for group in labels.sets)]
-        if labels.ignore_label is not None:
-            table += [self.ignore_code] * (labels.ignore_label + 1 - len(table))
-            table[labels.ignore_label] = self.ignore_code
-        return table
+        return table + [self.ignore_code] * (labels.ignore_label is not None)
 
     def code_to_channel(self, source: int) -> list[int]:
         """Lookup table over codes (0..:attr:`ignore_code`): the channel of the source each stands for; -1 for
@@ -340,13 +341,18 @@ class LabelSets:
                 table[value] = channel
         return table
 
+    @staticmethod
+    def mirror_image(group: Sequence[int], class_pairs: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+        """The classes of ``group`` once a left-right flip has exchanged each pair's values, sorted."""
+        swap = {a: b for a, b in class_pairs} | {b: a for a, b in class_pairs}
+        return tuple(sorted(swap.get(value, value) for value in group))
+
     def code_pairs(self, class_pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         """The codes a left-right flip exchanges: the class pairs, and each set of several classes with its
         mirror image (``dataset.union.check_mirror_images`` has checked it is a set of the same source)."""
-        swap = {a: b for a, b in class_pairs} | {b: a for a, b in class_pairs}
         pairs = list(class_pairs)
         for code, group in enumerate(self.codes[len(self.classes) :], start=len(self.classes)):
-            mirrored = tuple(sorted(swap.get(value, value) for value in group))
+            mirrored = self.mirror_image(group, class_pairs)
             if mirrored != group and mirrored in self.codes:
                 pair = tuple(sorted((code, self.code_of(mirrored))))
                 if pair not in pairs:
@@ -357,6 +363,10 @@ class LabelSets:
     def columns(self) -> list[tuple[int, str]]:
         """The validation table's columns: (source, channel name) of every source's channels in turn."""
         return [(k, name) for k in range(len(self.sources)) for name in self.channel_names(k)]
+
+    def columns_of(self, source: int) -> list[int]:
+        """The indices of source ``source``'s columns in :attr:`columns`, its background's first."""
+        return [i for i, (k, _) in enumerate(self.columns) if k == source]
 
     def to_card(self) -> dict:
         """The model card's ``sources`` (each source's labels, by name: the classes each stands for) and

@@ -26,12 +26,12 @@ those every source mirrors.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dataset.description import (
     MEDIAN,
+    PRESETS,
     DatasetConfig,
     DatasetError,
     _is_number,
@@ -169,9 +169,8 @@ def _source(entry: object, index: int, folder: Path, where: str) -> UnionSource:
     if not (_is_number(weight) and weight > 0):
         raise DatasetError(f"{here}: 'weight' {weight!r} must be a positive number")
     dataset = entry["dataset"]
-    is_path = dataset.lower().endswith(".json") or "/" in dataset
     try:
-        config = load_dataset_config(str(folder / dataset) if is_path else dataset)
+        config = load_dataset_config(dataset if dataset.lower() in PRESETS else str(folder / dataset))
     except DatasetError as error:
         raise DatasetError(f"{here}: {error}") from None
     if config.sources:
@@ -289,7 +288,7 @@ def _settings(content: dict, sources: list[UnionSource], channels: tuple[str, ..
     return {
         "spacing": spacing,
         "normalization": normalization,
-        "rotate_z": float(rotate_z) if math.isfinite(rotate_z) else rotate_z,
+        "rotate_z": float(rotate_z),
         "mirror_axes": mirror_axes,
         "lateral_pairs": pairs,
     }
@@ -301,13 +300,12 @@ def check_mirror_images(config: DatasetConfig, where: str) -> None:
     what the source knows. A DatasetError naming the label otherwise."""
     if not config.sources or LEFT_RIGHT_AXIS not in config.mirror_axes:
         return
-    label_sets, pairs = config.label_sets, config.pairs
-    swap = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    label_sets = config.label_sets
     classes = label_sets.classes
     for source in label_sets.sources:
         groups = {tuple(sorted(group)) for group in source.sets}
         for name, group in zip(source.label_names, source.sets, strict=True):
-            mirrored = tuple(sorted(swap.get(value, value) for value in group))
+            mirrored = label_sets.mirror_image(group, config.pairs)
             if mirrored not in groups:
                 missing = ", ".join(classes[v] for v in mirrored)
                 raise DatasetError(

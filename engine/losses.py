@@ -115,7 +115,6 @@ class LabelSetDiceCELoss(nn.Module):
 
     def __init__(self, label_sets: LabelSets) -> None:
         super().__init__()
-        self.label_sets = label_sets
         count = len(label_sets.sources)
         self.channels = [label_sets.channels(k) for k in range(count)]
         self.tables = [torch.tensor(label_sets.code_to_channel(k)) for k in range(count)]

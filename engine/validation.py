@@ -116,8 +116,7 @@ def dice_per_label_set(
     predicted = torch.tensor(label_sets.class_to_channel(source))[prediction.long()]
     expected = torch.tensor(label_sets.code_to_channel(source))[codes.long()]
     expected = torch.where(expected < 0, count, expected)  # unannotated voxels
-    first = next(i for i, (k, _) in enumerate(label_sets.columns) if k == source)
-    row[first : first + count] = dice_per_class(predicted, expected, count, ignore_label=count)
+    row[label_sets.columns_of(source)] = dice_per_class(predicted, expected, count, ignore_label=count)
     return row
 
 
@@ -161,8 +160,7 @@ def source_means(scores: torch.Tensor, label_sets: LabelSets, background: bool =
     NaN for a source without validation cases)."""
     means = []
     for k in range(len(label_sets.sources)):
-        columns = [i for i, (source, _) in enumerate(label_sets.columns) if source == k][0 if background else 1 :]
-        block = scores[:, columns]
+        block = scores[:, label_sets.columns_of(k)[0 if background else 1 :]]
         means.append(float(torch.nanmean(block)) if (~torch.isnan(block)).any() else float("nan"))
     return means
 
