@@ -2,10 +2,12 @@
 (``phantom.py --union``): the per-class test Dice of (a) the union with the label-set loss, (b) naive
 merging (the classes a source does not annotate trained as its background) and (c) one model trained on the
 same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
-fully labelled test cases.
+fully labelled test cases; and (d), the control of the pancreas, which only the ``kidneys`` source labels: one
+model trained on that source's 8 cases with every class labelled (the pancreas annotations the union has).
 
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
+    python bench/bench_union.py --only full8 --json bench/results/union_full8_cpu.json
 
 Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
 commands are printed as they run.
@@ -29,6 +31,7 @@ RUNS = {
     "union, label-set loss": ("union", "union.json"),
     "naive merging": ("naive", "union_naive.json"),
     "fully labelled": ("full", "full/dataset.json"),
+    "fully labelled, the kidneys source's cases": ("full8", "full/dataset_kidneys.json"),
 }
 NETWORK = ["--network", "REPUXNET", "--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21"]
 NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
@@ -39,19 +42,32 @@ def run(command: list[str]) -> None:
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
+def _write_kidneys_cases(data: Path) -> None:
+    """``full/dataset_kidneys.json``: the ``kidneys`` source's training and validation cases with every class
+    labelled (the control run ``full8``)."""
+    full = json.loads((data / "full" / "dataset.json").read_text())
+    kidneys = json.loads((data / "kidneys" / "dataset.json").read_text())
+    subset = {**full, "training": kidneys["training"], "validation": kidneys["validation"]}
+    subset["numTraining"] = len(kidneys["training"])
+    (data / "full" / "dataset_kidneys.json").write_text(json.dumps(subset, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/union", help="where the two-source phantom is written")
     parser.add_argument("--runs", default="runs/union_bench", help="folder of the three runs")
     parser.add_argument("--max_iter", type=int, default=1000)
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--only", default="union,naive,full", help="the runs, of union, naive, full (default all)")
+    parser.add_argument(
+        "--only", default="union,naive,full,full8", help="the runs, of union, naive, full, full8 (default all)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     data, runs = Path(args.data), Path(args.runs)
     python = sys.executable
     if not (data / "union.json").is_file():
         run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
+    _write_kidneys_cases(data)
     results = []
     chosen = args.only.split(",")
     for name, (key, dataset) in RUNS.items():
