@@ -117,6 +117,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -278,14 +285,43 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
         parser.add_argument(
             "--pretrain_classes",
             type=positive_int,
-            default=5,
-            help="outputs of the pretrained model's head: its classes, or its regions for a region model",
+            default=None,
+            help="outputs of the pretrained model's head, its classes or regions (default: as its weights have "
+            "them); checked against the weights",
+        )
+        parser.add_argument(
+            "--head",
+            default=None,
+            choices=["mapped", "fresh"],
+            help="the new output head: mapped (each output starts from the old output of its name, or of its name "
+            "without its side; the default where the pretrained model's card names its outputs) or fresh "
+            "(all new, as published)",
+        )
+        parser.add_argument(
+            "--freeze_steps",
+            type=non_negative_int,
+            default=0,
+            help="a frozen start: the first N steps train only what the pretrained weights did not give (the head, "
+            "a new stem); then everything, the learning-rate schedule starting there (default 0)",
+        )
+        parser.add_argument(
+            "--encoder_lr_scale",
+            type=positive_float,
+            default=1.0,
+            help="the pretrained weights train at this times --lr, the new head (and stem) at --lr (default 1)",
         )
     else:
         parser.add_argument("--pretrain", type=str2bool, default=False, help="load --pretrained_weights (true/false)")
         parser.add_argument(
             "--pretrained_weights", default=None, help="state_dict to start from when --pretrain true (default: none)"
         )
+    parser.add_argument(
+        "--channel_init",
+        default=None,
+        help="pretrained weights of other input channels: repeat (each new channel takes the old kernels' sum "
+        "divided by the new count) or copy:NEW=OLD,... (each dataset channel the kernel of a pretrained one, by "
+        "name or number); default: the channels must match",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=1, help="subjects per step")
     parser.add_argument("--crop_sample", type=positive_int, default=2, help="random crops per subject")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate")
@@ -299,6 +335,19 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
     parser.add_argument("--warmup_iter", type=int, default=0, help="warm-up iterations of warmup_cosine")
     parser.add_argument("--max_iter", type=positive_int, default=60000, help="training iterations")
     parser.add_argument("--eval_step", type=positive_int, default=500, help="validate every N iterations")
+    parser.add_argument(
+        "--select",
+        default="best",
+        choices=["best", "ema", "last"],
+        help="which validation's weights are best_metric_model.pth: the best mean Dice (published), the best "
+        "exponential moving average of it (0.9 old + 0.1 new, as nnU-Net), or the last",
+    )
+    parser.add_argument(
+        "--patience",
+        type=positive_int,
+        default=None,
+        help="stop after this many validations without a better selection score (default: never)",
+    )
     parser.add_argument("--sw_batch_size", type=positive_int, default=2, help="sliding-window batch in validation")
     parser.add_argument(
         "--fold",

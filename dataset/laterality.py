@@ -31,6 +31,7 @@ __all__ = [
     "mirrorings",
     "lateral_order",
     "swap_lateral_labels",
+    "unsided_name",
 ]
 
 #: The spatial axis (after reorientation to RAS) that runs from the patient's left to their right.
@@ -53,6 +54,15 @@ def _side_and_key(name: str) -> tuple[str, tuple] | None:
     if not sides and len(words) == 1 and len(words[0]) >= 3 and words[0][0] in "lr" and words[0][1].isalpha():
         return ("left" if words[0][0] == "l" else "right"), ("abbreviation", words[0][1:])
     return None
+
+
+def unsided_name(name: str) -> str | None:
+    """The name without the side it states (``right kidney`` -> ``kidney``, ``Kidney_L`` -> ``kidney``), in
+    lower-case words; None for a name that states no side or more than one."""
+    found = _side_and_key(name)
+    if found is None:
+        return None
+    return " ".join(word for word in found[1][1:] if word != "<side>")
 
 
 def find_lateral_pairs(labels: Sequence[str]) -> Pairs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,17 @@ CARD_KEPT_ON_RESUME = (
 #: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
 #: depends on them (data order and augmentation: seed, batch_size, crop_sample, fold) or the saved state
 #: does (optimizer and schedule state).
-REFUSED_ON_RESUME = ("seed", "batch_size", "crop_sample", "fold", "num_folds", "optim", "lr_schedule", "warmup_iter")
+REFUSED_ON_RESUME = (
+    "seed",
+    "batch_size",
+    "crop_sample",
+    "fold",
+    "num_folds",
+    "optim",
+    "lr_schedule",
+    "warmup_iter",
+    "select",
+)
 #: ... and applies other values of these from the resumed step on, saying so (flag: what then changes).
 APPLIED_ON_RESUME = {
     "lr": "the schedule takes it as its base rate from the resumed step on",
@@ -54,7 +65,10 @@ APPLIED_ON_RESUME = {
     "eval_step": "validation follows it from the resumed step on",
     "max_bad_steps": "the bound on non-finite steps in a row follows it",
     "amp": "the resumed steps run in that precision",
+    "patience": "the early stop counts validations without a better selection score against it",
 }
+#: The value of a flag that checkpoints from before it existed trained with.
+FLAG_DEFAULTS = {"select": "best", "patience": None}
 
 
 def _rates(scheduler: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
@@ -63,7 +77,7 @@ def _rates(scheduler: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         pairs = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         return [lr * factor(scheduler.last_epoch) for lr, factor in pairs]
-    return [scheduler.lr_at(lr, scheduler.last_epoch) for lr in scheduler.base_lrs]
+    return [scheduler.lr_at(lr, scheduler.last_epoch, group) for group, lr in enumerate(scheduler.base_lrs)]
 
 
 def rng_states() -> dict:
@@ -186,7 +200,9 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
         return [f"note: --resume {resume}: the checkpoint records no training flags; they are not checked"]
     current = recorded_flags(args)
     refused = [
-        f"--{n} {current[n]} (checkpoint: {saved.get(n)})" for n in REFUSED_ON_RESUME if current[n] != saved.get(n)
+        f"--{n} {current[n]} (checkpoint: {saved.get(n, FLAG_DEFAULTS.get(n))})"
+        for n in REFUSED_ON_RESUME
+        if current[n] != saved.get(n, FLAG_DEFAULTS.get(n))
     ]
     if refused:
         raise UsageError(
@@ -194,9 +210,9 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
             "augmentation and optimizer state depend on; pass the checkpoint's values or start a new run"
         )
     return [
-        f"note: --{n} {current[n]} (checkpoint: {saved.get(n)}): applied: {what}"
+        f"note: --{n} {current[n]} (checkpoint: {saved.get(n, FLAG_DEFAULTS.get(n))}): applied: {what}"
         for n, what in APPLIED_ON_RESUME.items()
-        if current[n] != saved.get(n)
+        if current[n] != saved.get(n, FLAG_DEFAULTS.get(n))
     ]
 
 
@@ -206,12 +222,12 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-    lr: float | None = None,
+    lr: float | Sequence[float] | None = None,
     max_iter: int | None = None,
 ) -> dict:
     """Load a checkpoint into the run's objects and RNGs; returns its progress dict. ``lr`` and
-    ``max_iter``: a new base learning rate and a new end of the schedule (one that has an end), applied from
-    the checkpoint's step on."""
+    ``max_iter``: a new base learning rate (or one per optimizer group) and a new end of the schedule (one
+    that has an end), applied from the checkpoint's step on."""
     model.load_state_dict(checkpoint["model"], strict=True)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -222,10 +238,11 @@ def restore_training_state(
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # older checkpoints: a hand-written constant
         scheduler_state.setdefault("lr_lambdas", [None] * len(optimizer.param_groups))
     scheduler.load_state_dict(scheduler_state)
-    if lr is not None and scheduler.base_lrs != [lr] * len(scheduler.base_lrs):
-        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-        for group, value in zip(optimizer.param_groups, _rates(scheduler), strict=True):
-            group["initial_lr"], group["lr"] = lr, value
+    rates = [lr] * len(scheduler.base_lrs) if isinstance(lr, (int, float)) else lr
+    if rates is not None and scheduler.base_lrs != list(rates):
+        scheduler.base_lrs = list(rates)
+        for group, base, value in zip(optimizer.param_groups, rates, _rates(scheduler), strict=True):
+            group["initial_lr"], group["lr"] = base, value
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if max_iter is not None and hasattr(scheduler, "max_iter"):
         scheduler.max_iter = max_iter
@@ -233,4 +250,5 @@ def restore_training_state(
         scaler.load_state_dict(checkpoint["scaler"])
     set_rng_states(checkpoint["rng"])
     progress = {"nonfinite_in_a_row": 0, "first_nonfinite": 0}  # absent from older checkpoints
-    return {**progress, **checkpoint["progress"]}
+    # a run stopped early (--patience) and resumed goes on until the counters say so again
+    return {**progress, **checkpoint["progress"], "stopped_early": False}

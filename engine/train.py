@@ -32,8 +32,9 @@ from tqdm import tqdm
 from atomic_files import save_json
 from dataset.cases import case_files, find_cases, resolve_root, split_folds
 from dataset.checks import verify_cases
-from dataset.description import DatasetConfig, DatasetError, counted, load_dataset_config
+from dataset.description import DatasetConfig, DatasetError, card_preprocessing, counted, load_dataset_config
 from dataset.fingerprint import FINGERPRINT_FILE, derive_from_data
+from dataset.labels import LabelManager
 from dataset.laterality import LEFT_RIGHT_AXIS, describe_axes, describe_pairs
 from dataset.transforms import build_transforms
 from dataset.union import check_mirror_images
@@ -53,8 +54,7 @@ from engine.common import (
     UsageError,
     autocast_for,
     check_output_folder,
-    load_into,
-    load_weights,
+    load_with_card,
     model_card_path,
     network_from_flags,
     roi_of,
@@ -65,9 +65,10 @@ from engine.distributed import Distributed
 from engine.loading import cached_dataset, data_preparation_seconds, data_worker_init, fit_cache_rate
 from engine.losses import segmentation_loss
 from engine.memory import peak_text, start_peak
+from engine.pretrained import load_pretrained, parse_channel_init
 from engine.validation import foreground_dice, source_means, summarise_scores, validation_scores
-from networks import replace_head
 from networks.dwconv import use_algorithm
+from networks.registry import head_convolution, head_keys
 from optimizers import build_optimizer, build_scheduler
 
 __all__ = ["run_training"]
@@ -110,8 +111,18 @@ def run_training(args, finetune: bool = False) -> float:
         distributed.close()
 
 
-def _pretrained_weights(args, finetune: bool, resuming: bool, main: bool) -> dict | None:
-    """The state_dict to start from, or None (training from scratch, or resuming)."""
+@dataclass(frozen=True)
+class Pretrained:
+    """The weights a run starts from: the state_dict, the model card read with it (None for published
+    weights), and the file."""
+
+    state: dict
+    card: dict | None
+    path: str
+
+
+def _pretrained_weights(args, finetune: bool, resuming: bool, main: bool) -> Pretrained | None:
+    """The weights to start from, or None (training from scratch, or resuming)."""
     if resuming:
         return None
     if not (args.pretrain if args.pretrain is not None else finetune):
@@ -125,40 +136,83 @@ def _pretrained_weights(args, finetune: bool, resuming: bool, main: bool) -> dic
                 "pass --pretrain false to train from scratch instead"
             )
         raise UsageError("--pretrain true needs --pretrained_weights")
-    return load_weights(args.pretrained_weights, "--pretrained_weights")
+    state, card, _ = load_with_card(args.pretrained_weights, "--pretrained_weights")
+    return Pretrained(state, card, str(args.pretrained_weights))
 
 
-def _initial_model(args, choice, config: DatasetConfig, pretrained: dict | None, finetune: bool, main: bool):
-    """The network to train, for the dataset's channels and classes: initialised by ``--seed``, or the
-    pretrained weights (fine-tuning: with a new output head for the dataset's classes)."""
+def _initial_model(args, choice, config: DatasetConfig, pretrained: Pretrained | None, finetune: bool, main: bool):
+    """The network to train, for the dataset's channels and outputs, initialised by ``--seed``, and the
+    report of the pretrained weights loaded into it (None without them): fine-tuning gives it an output head
+    for the dataset's outputs, mapped by name from the old one or fresh (``engine.pretrained``)."""
+    model = choice.build(config.in_channels, config.num_outputs)
     if pretrained is None:
-        return choice.build(config.in_channels, config.num_outputs)
-    loaded_classes = (getattr(args, "pretrain_classes", None) if finetune else None) or config.num_outputs
-    model = choice.build(config.in_channels, loaded_classes)
-    channels = _input_channels_of(pretrained, model)
-    if channels is not None and channels != config.in_channels:
-        raise UsageError(
-            f"--pretrained_weights {args.pretrained_weights}: a model of {channels} input channel"
-            f"{'s' * (channels > 1)}; the dataset has {config.in_channels} ({', '.join(config.channels)}); "
-            "fine-tuning needs the same input channels"
-        )
-    load_into(model, pretrained, args.pretrained_weights, "--pretrained_weights", choice.name)
+        return model, None
+    source = f"--pretrained_weights {pretrained.path}"
+    old_channels = _old_channels(pretrained, model, choice.name, config)
+    channel_init = getattr(args, "channel_init", None)
+    if channel_init is not None:
+        channel_init = parse_channel_init(channel_init, old_channels, config.channels)
+    old_outputs = None
     if finetune:
-        replace_head(model, choice.name, config.num_outputs)
+        old_outputs = _old_outputs(args, pretrained, model, choice.name, source)
+    head = (args.head or "mapped") if finetune else None  # mapped where the old outputs have names
+    report = load_pretrained(
+        model,
+        pretrained.state,
+        choice.name,
+        source,
+        head=head,
+        old_outputs=old_outputs,
+        new_outputs=config.label_manager.output_names,
+        channel_init=channel_init,
+        old_channels=old_channels,
+        new_channels=config.channels,
+    )
     if main:
-        print(
-            f"Loaded {args.pretrained_weights} ({loaded_classes} outputs); output head for "
-            f"{config.label_manager.describe()}"
-        )
-    return model
+        print("\n".join(report.lines(pretrained.path)))
+        if finetune:
+            print(f"Output head for {config.label_manager.describe()}")
+    return model, report
 
 
-def _input_channels_of(state: dict, model: nn.Module) -> int | None:
+def _old_channels(pretrained: Pretrained, model: nn.Module, network: str, config: DatasetConfig) -> list[str]:
+    """The pretrained model's input channel names: its card's, else (published weights) numbered, as many
+    as its first kernel reads."""
+    if pretrained.card is not None:
+        return list(card_preprocessing(pretrained.card)["channels"])
+    count = _input_channels_of(pretrained.state, model, set(head_keys(model, network)))
+    return list(config.channels) if count is None else [str(i) for i in range(count)]
+
+
+def _old_outputs(args, pretrained: Pretrained, model: nn.Module, network: str, source: str) -> list[str] | None:
+    """The pretrained model's output names (None where no card names them), its output count checked
+    against ``--pretrain_classes`` where that is given."""
+    count = None
+    try:
+        path, conv = head_convolution(model, network)
+        weight = pretrained.state.get(f"{path}.weight")
+        if weight is not None:
+            count = int(weight.shape[int(isinstance(conv, nn.ConvTranspose3d))])
+    except ValueError:  # a head block (UNet): its count is read from the card, if any
+        pass
+    if pretrained.card is not None:
+        card_count = LabelManager.from_card(pretrained.card).num_outputs
+        count = card_count if count is None else count
+    flag = getattr(args, "pretrain_classes", None)
+    if flag is not None and count is not None and flag != count:
+        raise UsageError(f"--pretrain_classes {flag}: {source} has {count} outputs")
+    if pretrained.card is None or not pretrained.card.get("classes"):
+        return None
+    return LabelManager.from_card(pretrained.card).output_names
+
+
+def _input_channels_of(state: dict, model: nn.Module, head: set[str]) -> int | None:
     """The input channel count of weights where it differs from ``model``'s: dimension 1 of the first
-    weight (in the model's order) whose shape differs from the model's there and only there."""
+    weight (in the model's order, the output head aside) whose shape differs from the model's there and only
+    there."""
     for name, tensor in model.state_dict().items():
         loaded = state.get(name)
-        if loaded is None or loaded.shape == tensor.shape:
+        if name in head or loaded is None or loaded.shape == tensor.shape:
             continue
         same_elsewhere = loaded.shape[0] == tensor.shape[0] and loaded.shape[2:] == tensor.shape[2:]
         if loaded.dim() == tensor.dim() >= 2 and same_elsewhere:
@@ -443,8 +497,8 @@ def _train_to_the_end(run: Run, writer: SummaryWriter | None, bar: tqdm) -> None
                     _describe(bar, step, args.max_iter, loss, progress, refresh=True)
                 if run.distributed.any(stop.signum is not None, run.device):
                     raise _stopped(stop.signum, step, progress, run.last_path, run.save_last if run.main else None)
-                if progress["step"] >= args.max_iter:
-                    break
+                if progress["step"] >= args.max_iter or progress.get("stopped_early"):
+                    return
 
 
 def _epoch_batches(run: Run, epoch: int) -> DataLoader:
@@ -534,9 +588,9 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
     scores = torch.cat(run.distributed.gather(scores))
     dice, per_class = summarise_scores(scores, run.config.label_manager)
     foreground = foreground_dice(scores, run.config.label_manager)
-    improved = dice > progress["best_dice"]
-    if improved:
-        progress["best_dice"], progress["best_step"] = dice, step
+    improved = select_weights(progress, dice, step, args.select)
+    stop_early = args.patience is not None and progress["validations_without_better"] >= args.patience
+    progress["stopped_early"] = stop_early
     if not run.main:
         return
     _report(
@@ -550,10 +604,58 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         run.save_last()
     if improved:
         save_torch(run.model.state_dict(), run.best_path)
-        best_card = {**run.card, "best_metric": dice, "best_metric_foreground": foreground, "best_step": step}
+        best_card = {
+            **run.card,
+            "best_metric": dice,
+            "best_metric_foreground": foreground,
+            "best_step": step,
+            "selection": _selection_record(args.select, progress),
+        }
         save_json(best_card, model_card_path(run.best_path))
-    if step == args.max_iter and isinstance(args.fold, int):  # the model a fold's held-out cases are scored with
+    if stop_early:
+        bar.write(
+            f"Stopped early at step {step}: {args.patience} validations without a better "
+            f"{SELECTION_SCORES[args.select]} (--patience {args.patience})"
+        )
+    if (step == args.max_iter or stop_early) and isinstance(args.fold, int):  # what held-out cases are scored with
         _save_final(run, step)
+
+
+#: nnU-Net's smoothing of the score it selects its best checkpoint on (``ema_fg_dice``): 0.9 old + 0.1 new,
+#: the first validation's score as it is.
+EMA_MOMENTUM = 0.9
+#: What each ``--select`` rule compares between validations.
+SELECTION_SCORES = {
+    "best": "mean Dice",
+    "ema": f"moving average of the mean Dice ({EMA_MOMENTUM:g} old + {1 - EMA_MOMENTUM:g} new)",
+    "last": "validation (the last one is kept)",
+}
+
+
+def select_weights(progress: dict, dice: float, step: int, rule: str) -> bool:
+    """Record a validation's mean Dice in ``progress`` under the ``--select`` rule (``best``: the mean Dice,
+    ``ema``: its moving average, ``last``: every validation); True when these weights become the best
+    ones. ``progress`` keeps the selection score, its best, the Dice and step of the best weights and the
+    validations since the score last improved (for ``--patience``)."""
+    score = dice
+    if rule == "ema":
+        previous = progress.get("ema_dice")
+        score = dice if previous is None else EMA_MOMENTUM * previous + (1 - EMA_MOMENTUM) * dice
+        progress["ema_dice"] = score
+    improved = rule == "last" or score > progress.get("best_score", progress["best_dice"])
+    if improved:
+        progress.update(best_dice=dice, best_step=step, best_score=score, validations_without_better=0)
+    else:
+        progress["validations_without_better"] = progress.get("validations_without_better", 0) + 1
+    return improved
+
+
+def _selection_record(rule: str, progress: dict) -> dict:
+    """The model card's account of how the best weights were chosen."""
+    record = {"rule": rule, "compared": SELECTION_SCORES[rule]}
+    if rule == "ema":
+        record["score"] = progress.get("best_score", progress["best_dice"])
+    return record
 
 
 def _save_without_validation(run: Run, step: int) -> None:
@@ -591,6 +693,15 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
             f"--output {output}: already holds {trained}; pass --resume auto to continue that run, "
             "--overwrite to start over, or choose another folder"
         )
+    if args.patience is not None and (args.select == "last" or args.fold == "all"):
+        raise UsageError(
+            f"--patience {args.patience}: "
+            + (
+                "--select last keeps every validation, nothing to wait for"
+                if args.select == "last"
+                else "--fold all has no validation to wait on"
+            )
+        )
     checkpoint = load_checkpoint(resume) if resume else None
     config = load_dataset_config(args.dataset, args.datalist)
     if args.mirror_axes is not None:
@@ -599,27 +710,44 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     choice = network_from_flags(args, roi)
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     set_determinism(seed=args.seed)
-    model = _initial_model(args, choice, config, pretrained, finetune, main)
+    model, loaded = _initial_model(args, choice, config, pretrained, finetune, main)
     data = _prepare_data(args, config, distributed)
     card = _model_card(args, choice, data, roi)
+    if loaded is not None:
+        card["pretrained"] = {
+            "weights": pretrained.path,
+            "head": loaded.head_mapping,
+            "channel_init": getattr(args, "channel_init", None),
+            "new_keys": loaded.new_keys(),
+            "freeze_steps": getattr(args, "freeze_steps", 0),
+            "encoder_lr_scale": getattr(args, "encoder_lr_scale", 1.0),
+        }
+    elif checkpoint is not None and "pretrained" in checkpoint["card"]:
+        card["pretrained"] = checkpoint["card"]["pretrained"]
+        _check_frozen_start_on_resume(args, card["pretrained"], resume)
+    elif getattr(args, "freeze_steps", 0) or getattr(args, "encoder_lr_scale", 1.0) != 1.0:
+        raise UsageError("--freeze_steps and --encoder_lr_scale apply to pretrained weights (--pretrain true)")
     notes = check_resumed_run(checkpoint, card, args, resume) if checkpoint is not None else []
     gpu_transforms = args.gpu_transforms and device.type == "cuda"
     if args.gpu_transforms and not gpu_transforms and main:
         print("note: --gpu_transforms applies to CUDA devices; the transforms run on the CPU")
     model.to(device)
     train_ds, val_loader = _datasets(args, data, roi, distributed, device, gpu_transforms)
-    optimizer, scheduler, scaler = _optimisation(args, model, device)
+    optimizer, scheduler, scaler = _optimisation(args, model, device, card.get("pretrained"))
+    if main and card.get("pretrained", {}).get("freeze_steps") and checkpoint is None:
+        print(_frozen_start_line(card["pretrained"], args))
     progress = dict(step=0, best_dice=0.0, best_step=0, nonfinite_steps=0, nonfinite_in_a_row=0, first_nonfinite=0)
     if checkpoint is not None:
+        base_rates = [group["initial_lr"] for group in optimizer.param_groups]
         progress = restore_training_state(
-            checkpoint, model, optimizer, scheduler, scaler, lr=args.lr, max_iter=args.max_iter
+            checkpoint, model, optimizer, scheduler, scaler, lr=base_rates, max_iter=args.max_iter
         )
         if main:
             best = f" (best Dice {progress['best_dice']:.4f})" if args.fold != "all" else ""
             print(f"Resumed from {resume} at step {progress['step']}{best}")
             for note in notes:
                 print(note)
-            _restore_best_weights(checkpoint, progress, output / BEST_WEIGHTS)
+            _restore_best_weights(checkpoint, progress, output / BEST_WEIGHTS, args.select)
     network = model
     if distributed.enabled:
         network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -656,14 +784,54 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     )
 
 
-def _optimisation(args, model: nn.Module, device: torch.device) -> tuple:
-    """The optimizer, learning-rate schedule and gradient scaler (fp16 only) of the flags."""
+def _optimisation(args, model: nn.Module, device: torch.device, pretrained: dict | None) -> tuple:
+    """The optimizer, learning-rate schedule and gradient scaler (fp16 only) of the flags. With pretrained
+    weights, a frozen start or an encoder rate scale (the card's ``pretrained`` entry), two groups: what the
+    loader initialised or adapted (head, new stem) at ``--lr``, the pretrained rest at ``--lr`` times the
+    scale, held still for the frozen steps."""
+    freeze = pretrained.get("freeze_steps", 0) if pretrained else 0
+    scale = pretrained.get("encoder_lr_scale", 1.0) if pretrained else 1.0
+    parameters: list | nn.Module = model
+    if freeze or scale != 1.0:
+        new_keys = set(pretrained["new_keys"])
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        parameters = [
+            {"params": [p for name, p in named if name in new_keys], "lr": args.lr},
+            {"params": [p for name, p in named if name not in new_keys], "lr": args.lr * scale},
+        ]
+        if not parameters[0]["params"]:
+            raise UsageError("--freeze_steps/--encoder_lr_scale: the pretrained weights left nothing newly initialised")
     try:
-        optimizer = build_optimizer(model, args.optim, lr=args.lr)
-        scheduler = build_scheduler(optimizer, args.lr_schedule, max_iter=args.max_iter, warmup_iter=args.warmup_iter)
+        optimizer = build_optimizer(parameters, args.optim, lr=args.lr)
+        scheduler = build_scheduler(
+            optimizer,
+            args.lr_schedule,
+            max_iter=args.max_iter,
+            warmup_iter=args.warmup_iter,
+            start_iter=freeze,
+            frozen_groups=(1,) if freeze else (),
+        )
     except ValueError as error:
-        raise UsageError(f"--optim/--lr/--lr_schedule: {error}") from None
+        raise UsageError(f"--optim/--lr/--lr_schedule/--freeze_steps: {error}") from None
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+
+def _frozen_start_line(pretrained: dict, args) -> str:
+    scale = pretrained.get("encoder_lr_scale", 1.0)
+    rate = f" at {scale:g} x --lr" if scale != 1.0 else ""
+    return (
+        f"Frozen start: steps 1-{pretrained['freeze_steps']} train only the newly initialised or adapted weights "
+        f"({len(pretrained['new_keys'])} tensors); then everything{rate}, the {args.lr_schedule} schedule "
+        "starting there"
+    )
+
+
+def _check_frozen_start_on_resume(args, pretrained: dict, resume: Path) -> None:
+    """A resumed run keeps the frozen start and the encoder rate of its checkpoint's card."""
+    for flag, default in (("freeze_steps", 0), ("encoder_lr_scale", 1.0)):
+        given, saved = getattr(args, flag, default), pretrained.get(flag, default)
+        if given != default and given != saved:
+            raise UsageError(f"--resume {resume}: --{flag} {given} (checkpoint: {saved}): a resumed run keeps it")
 
 
 def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
@@ -778,7 +946,7 @@ def _stopped(signum, step: int, progress: dict, last_path: Path, save_last) -> R
     )
 
 
-def _restore_best_weights(checkpoint: dict, progress: dict, best_path: Path) -> None:
+def _restore_best_weights(checkpoint: dict, progress: dict, best_path: Path, rule: str) -> None:
     """A checkpoint written at the step of the best Dice holds the best weights: rewrite them if a run was
     killed between the checkpoint and the best weights (or the best weights were removed)."""
     step = progress["best_step"]
@@ -792,7 +960,8 @@ def _restore_best_weights(checkpoint: dict, progress: dict, best_path: Path) -> 
     if saved_step == step:
         return
     save_torch(checkpoint["model"], best_path)
-    save_json({**checkpoint["card"], "best_metric": progress["best_dice"], "best_step": step}, card_path)
+    card = {**checkpoint["card"], "best_metric": progress["best_dice"], "best_step": step}
+    save_json({**card, "selection": _selection_record(rule, progress)}, card_path)
     print(f"note: rewrote {best_path} (step {step}) from the checkpoint")
 
 

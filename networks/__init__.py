@@ -170,6 +170,7 @@ register_network(
         defaults=dict(spatial_dims=3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
         input_multiple=16,
         min_input=32,  # instance norm at 1/16 of the input
+        head="model.2",
         new_head=_new_unet_head,
     ),
 )

@@ -22,6 +22,8 @@ __all__ = [
     "build_network",
     "canonical_name",
     "get_spec",
+    "head_convolution",
+    "head_keys",
     "overrides_from_flags",
     "register_network",
     "replace_head",
@@ -137,29 +139,49 @@ def overrides_from_flags(name: str, **flags: Any) -> dict[str, Any]:
     return overrides
 
 
+def head_convolution(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The qualified name and module of the last 3D convolution (plain or transposed) of the output head of
+    ``model`` (a registry network ``name``): the layer whose output channels are the classes. ValueError for
+    a network whose head is a block of several such layers (``NetworkSpec.new_head``) or has none."""
+    from torch import nn  # here: the registry's names load without PyTorch
+
+    spec = get_spec(name)
+    if spec.new_head is not None:
+        raise ValueError(f"the head of {canonical_name(name)} is a block whose inner layers have the class count too")
+    found = None
+    # The head's last convolution (UnetOutBlock wraps it as head.conv.conv; nnFormer's is transposed).
+    for module_name, module in model.get_submodule(spec.head).named_modules(prefix=spec.head):
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            found = (module_name, module)
+    if found is None:
+        raise ValueError(f"the head {spec.head!r} of {canonical_name(name)} has no 3D convolution")
+    return found
+
+
+def head_keys(model: nn.Module, name: str) -> tuple[str, ...]:
+    """The state_dict keys whose shape follows the class count: the head convolution's weight and bias, or
+    every key of the head block of a network with ``NetworkSpec.new_head``."""
+    spec = get_spec(name)
+    if spec.new_head is not None:
+        return tuple(key for key in model.state_dict() if key.startswith(spec.head + "."))
+    path, conv = head_convolution(model, name)
+    return tuple(f"{path}.{key}" for key in conv.state_dict())
+
+
 def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
     """Give ``model`` (a registry network ``name``) a new, freshly initialised output for ``out_channels`` classes.
 
     The last 3D convolution (plain or transposed) of the head is replaced by one of the same kind with the
     same input channels, kernel and stride, on the same device and dtype. Returns ``model``.
     """
-    from torch import nn  # here: the registry's names load without PyTorch
+    from torch import nn
 
     spec = get_spec(name)
     if spec.new_head is not None:
         spec.new_head(model, out_channels)
         return model
-    path = spec.head
+    path, conv = head_convolution(model, name)
     parent_path, _, attribute = path.rpartition(".")
-    head = model.get_submodule(path)
-    parent, conv = model.get_submodule(parent_path), head
-    # The head's last convolution (UnetOutBlock wraps it as head.conv.conv; nnFormer's is transposed).
-    for module in head.modules():
-        for child_name, child in module.named_children():
-            if isinstance(child, (nn.Conv3d, nn.ConvTranspose3d)):
-                parent, attribute, conv = module, child_name, child
-    if not isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)):
-        raise ValueError(f"the head {path!r} of {name} has no 3D convolution to replace")
     extra = {"output_padding": conv.output_padding} if isinstance(conv, nn.ConvTranspose3d) else {}
     new = type(conv)(
         conv.in_channels,
@@ -172,7 +194,7 @@ def replace_head(model: nn.Module, name: str, out_channels: int) -> nn.Module:
         dtype=conv.weight.dtype,
         **extra,
     )
-    setattr(parent, attribute, new)
+    setattr(model.get_submodule(parent_path), attribute, new)
     return model
 
 

@@ -6,7 +6,7 @@ support: RepUX-Net's kernels receive the frequency-reweighted gradient through a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,17 @@ def _constant_factor(step: int) -> float:
     return 1.0
 
 
+class FrozenStartFactor:
+    """The constant schedule's factor of one group under a frozen start: 0 before ``start_iter`` for a
+    ``frozen`` group, else 1 (a callable object, so that the schedule's state_dict records it)."""
+
+    def __init__(self, start_iter: int, frozen: bool) -> None:
+        self.start_iter, self.frozen = start_iter, frozen
+
+    def __call__(self, step: int) -> float:
+        return 0.0 if self.frozen and step < self.start_iter else 1.0
+
+
 def build_scheduler(
     optimizer: Optimizer,
     name: str = "constant",
@@ -76,6 +87,8 @@ def build_scheduler(
     warmup_iter: int = 0,
     warmup_start_factor: float = 0.0,
     min_lr: float = 0.0,
+    start_iter: int = 0,
+    frozen_groups: Sequence[int] = (),
 ) -> LRScheduler:
     """Build a per-iteration learning-rate schedule; its ``state_dict`` saves and restores it.
 
@@ -86,10 +99,18 @@ def build_scheduler(
         warmup_iter: warm-up iterations of ``warmup_cosine``.
         warmup_start_factor: fraction of the base rate at the first warm-up step.
         min_lr: final rate of ``warmup_cosine``.
+        start_iter: a frozen start: the steps before it train only the groups not in ``frozen_groups`` (at
+            their base rate); the schedule (its warm-up included) begins there.
+        frozen_groups: indices of the optimizer's groups held still before ``start_iter``.
     """
     name = _canonical(name, SCHEDULERS, "learning-rate schedule")
+    if start_iter < 0:
+        raise ValueError(f"the frozen start must be non-negative, got {start_iter!r}")
     if name == "constant":  # the base rate at every step, a closed form as the warm-up + cosine one
-        return LambdaLR(optimizer, lr_lambda=_constant_factor)
+        if not start_iter:
+            return LambdaLR(optimizer, lr_lambda=_constant_factor)
+        factors = [FrozenStartFactor(start_iter, i in frozen_groups) for i in range(len(optimizer.param_groups))]
+        return LambdaLR(optimizer, lr_lambda=factors)
     if max_iter is None:
         raise ValueError("the warmup_cosine schedule needs max_iter")
-    return WarmupCosineLR(optimizer, max_iter, warmup_iter, warmup_start_factor, min_lr)
+    return WarmupCosineLR(optimizer, max_iter, warmup_iter, warmup_start_factor, min_lr, -1, start_iter, frozen_groups)

@@ -14,6 +14,18 @@ TINY_RUN = dict(
     roi_size=32, feat_size="4,8,16,32", kernel_size=3, hidden_size=16, cache_rate=1, num_workers=0, device="cpu"
 )
 
+#: Narrower layers than the published ones, so that each comparison network runs in seconds, and the
+#: smallest ROI each trains on (instance norm needs more than one voxel in the deepest map).
+SMALL_NETWORKS = {
+    "UNETR": (dict(feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4), 32),
+    "SwinUNETR": (dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)), 64),
+    "nnFormer": (dict(embed_dim=12, num_heads=(3, 3, 3, 3)), 32),
+    "TransBTS": (dict(embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
+    "nnUNet": (dict(filters=[4, 8, 8, 8, 8, 8]), 64),
+    "SegResNet": (dict(init_filters=8), 32),
+    "UNet": (dict(channels=(4, 8, 8, 8, 8)), 32),
+}
+
 
 def flags(**values) -> list[str]:
     """``--name value`` command-line pairs from keyword arguments."""

@@ -63,6 +63,37 @@ def test_warmup_cosine_values():
     assert all(a >= b for a, b in zip(rates[10:-1], rates[11:], strict=True))
 
 
+def _two_groups(lr: float = 1.0):
+    head, encoder = nn.Linear(2, 2), nn.Linear(2, 2)
+    return build_optimizer([{"params": head.parameters()}, {"params": encoder.parameters(), "lr": lr / 10}], lr=lr)
+
+
+def _rates(optimizer, scheduler, steps: int) -> list[list[float]]:
+    rates = []
+    for _ in range(steps):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_frozen_start_holds_the_frozen_group_then_starts_the_schedule():
+    optimizer = _two_groups()
+    scheduler = build_scheduler(
+        optimizer, "warmup_cosine", max_iter=30, warmup_iter=10, start_iter=10, frozen_groups=(1,)
+    )
+    rates = _rates(optimizer, scheduler, 32)
+    assert rates[:10] == [[1.0, 0.0]] * 10  # frozen: the head at its base rate, the encoder still
+    assert rates[10] == [0.0, 0.0] and rates[15] == pytest.approx([0.5, 0.05])  # the warm-up starts at step 10
+    assert rates[20] == pytest.approx([1.0, 0.1]) and rates[25] == pytest.approx([0.5, 0.05])  # cosine to step 30
+    assert rates[30] == pytest.approx([0.0, 0.0])
+    constant = _two_groups()
+    rates = _rates(constant, build_scheduler(constant, start_iter=3, frozen_groups=(1,)), 5)
+    assert rates == [[1.0, 0.0]] * 3 + [[1.0, 0.1]] * 2
+    with pytest.raises(ValueError, match="warmup_iter must be in"):
+        build_scheduler(_two_groups(), "warmup_cosine", max_iter=30, warmup_iter=10, start_iter=20)
+
+
 def test_schedule_state_restores_exactly():
     def make():
         torch.manual_seed(0)

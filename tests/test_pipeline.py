@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_NETWORKS as SMALL
 from conftest import TINY_RUN as TINY
 from conftest import exit_message, flags
 
@@ -160,19 +161,6 @@ def test_phantom_cases_are_anisotropic_in_many_orientations(phantom):
     for image in images:
         zooms = np.array(image.header.get_zooms())
         assert zooms.max() / zooms.min() > 1.2 and image.header.get_xyzt_units()[0] == "mm"
-
-
-#: Narrower layers than the published ones, so that the scripts run each comparison network in seconds,
-#: and the smallest ROI each trains on (instance norm needs more than one voxel in the deepest map).
-SMALL = {
-    "UNETR": (dict(feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4), 32),
-    "SwinUNETR": (dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)), 64),
-    "nnFormer": (dict(embed_dim=12, num_heads=(3, 3, 3, 3)), 32),
-    "TransBTS": (dict(embedding_dim=32, num_heads=4, hidden_dim=64, base_channels=4), 32),
-    "nnUNet": (dict(filters=[4, 8, 8, 8, 8, 8]), 64),
-    "SegResNet": (dict(init_filters=8), 32),
-    "UNet": (dict(channels=(4, 8, 8, 8, 8)), 32),
-}
 
 
 @pytest.mark.parametrize("name", SMALL)
