@@ -339,8 +339,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
         "--select",
         default="best",
         choices=["best", "ema", "last"],
-        help="which validation's weights are best_metric_model.pth: the best mean Dice (published), the best "
-        "exponential moving average of it (0.9 old + 0.1 new, as nnU-Net), or the last",
+        help="which validation's weights are best_metric_model.pth: best, the best mean Dice (the default, as "
+        "published); ema, the best exponential moving average of it (0.9 old + 0.1 new, as nnU-Net); or last",
     )
     parser.add_argument(
         "--patience",

@@ -8,6 +8,7 @@ model trained on that source's 8 cases with every class labelled (the pancreas a
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
     python bench/bench_union.py --only full8 --json bench/results/union_full8_cpu.json
+    python bench/bench_union.py --only union,full,full8 --seed 1 --json bench/results/union_seed1_cpu.json
 
 Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
 commands are printed as they run.
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument(
         "--only", default="union,naive,full,full8", help="the runs, of union, naive, full, full8 (default all)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="main_train.py's --seed of every run (default 0)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     data, runs = Path(args.data), Path(args.runs)
@@ -73,12 +75,12 @@ def main() -> None:
     for name, (key, dataset) in RUNS.items():
         if key not in chosen:
             continue
-        output = runs / f"{key}_{args.max_iter}"
+        output = runs / (f"{key}_{args.max_iter}" + (f"_seed{args.seed}" if args.seed else ""))
         started = time.perf_counter()
         run(
             [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
             + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
-            + ["--num_workers", str(args.num_workers), "--overwrite"]
+            + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--overwrite"]
         )
         seconds = time.perf_counter() - started
         predictions = output / "test"
@@ -95,7 +97,8 @@ def main() -> None:
         [r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['train_seconds'] / 60:.0f} min"] for r in results
     ]
     print(common.markdown_table(["run", *classes, "training"], rows))
-    common.write_json(args.json, {"machine": common.machine(), "max_iter": args.max_iter, "results": results})
+    record = {"machine": common.machine(), "max_iter": args.max_iter, "seed": args.seed, "results": results}
+    common.write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def load_pretrained(
                 raise UsageError(
                     f"{source}: a model of {len(old_channels)} input channel{'s' * (len(old_channels) > 1)} "
                     f"({', '.join(old_channels)}); the dataset has {len(new_channels)} ({', '.join(new_channels)}): "
-                    "pass --channel_init repeat or copy:NEW=OLD,... to adapt its first layer"
+                    "pass --channel_init repeat or copy:NEW=OLD,... to adapt the layers that read the input"
                 )
             new_state[key] = channel_init.adapt(loaded, len(new_channels)).to(tensor.dtype)
             report.adapted[key] = channel_init.describe(old_channels, new_channels)

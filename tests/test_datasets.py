@@ -420,15 +420,15 @@ def test_two_channel_task_trains_and_segments_without_dataset_flags(
     assert set(np.unique(np.asarray(prediction.dataobj))) <= set(range(5))
 
 
-def test_fine_tuning_refuses_weights_of_other_channels(trained_decathlon, tmp_path):
+def test_fine_tuning_onto_other_channels_names_channel_init(trained_decathlon, tmp_path):
     ct = tmp_path / "ct"
     write_dataset(ct, num_train=2, num_val=1, num_test=0, seed=1)
     weights = trained_decathlon / "best_metric_model.pth"
     argv = flags(root=ct, output=tmp_path / "out", pretrained_weights=weights, max_iter=2, **TINY)
     message = exit_message(main_finetune.main, argv)
     assert message == (
-        f"error: --pretrained_weights {weights}: a model of 2 input channels; the dataset has 1 (CT); "
-        "fine-tuning needs the same input channels"
+        f"error: --pretrained_weights {weights}: a model of 2 input channels (T1, T2); the dataset has 1 (CT): "
+        "pass --channel_init repeat or copy:NEW=OLD,... to adapt the layers that read the input"
     )
 
 

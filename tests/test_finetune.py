@@ -217,3 +217,10 @@ def test_published_weights_without_a_card_copy_channels_by_number_and_start_a_fr
     printed = capsys.readouterr().out
     assert "input channels 1 -> 2: copied (T1<-0, T2<-0)" in printed
     assert "output head: fresh (the weights name no outputs)" in printed
+
+
+def test_a_training_checkpoint_is_pretrained_weights_with_its_card(lateral, pretrained, tmp_path, capsys):
+    checkpoint = pretrained.parent / "checkpoint_last.pth"
+    _finetune(lateral, tmp_path / "from_checkpoint", checkpoint, max_iter=1, eval_step=1)
+    printed = capsys.readouterr().out
+    assert f"Loaded {checkpoint}:" in printed and "right kidney<-kidney, left kidney<-kidney" in printed
