@@ -3,12 +3,14 @@
 merging (the classes a source does not annotate trained as its background) and (c) one model trained on the
 same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
 fully labelled test cases; and (d), the control of the pancreas, which only the ``kidneys`` source labels: one
-model trained on that source's 8 cases with every class labelled (the pancreas annotations the union has).
+model trained on that source's 8 cases with every class labelled (the pancreas annotations the union has);
+and (e) the union with the ``kidneys`` source drawn twice as often (its ``weight`` 2).
 
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
     python bench/bench_union.py --only full8 --json bench/results/union_full8_cpu.json
     python bench/bench_union.py --only union,full,full8 --seed 1 --json bench/results/union_seed1_cpu.json
+    python bench/bench_union.py --only weighted --json bench/results/union_weighted_cpu.json
 
 Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
 commands are printed as they run.
@@ -33,6 +35,7 @@ RUNS = {
     "naive merging": ("naive", "union_naive.json"),
     "fully labelled": ("full", "full/dataset.json"),
     "fully labelled, the kidneys source's cases": ("full8", "full/dataset_kidneys.json"),
+    "union, the kidneys source drawn twice as often": ("weighted", "union_weighted.json"),
 }
 NETWORK = ["--network", "REPUXNET", "--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21"]
 NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
@@ -41,6 +44,16 @@ NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--devi
 def run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def _write_weighted_union(data: Path) -> None:
+    """``union_weighted.json``: ``union.json`` with the ``kidneys`` source (the only one labelling the
+    pancreas) at weight 2, so that two batches in three supervise the pancreas (the run ``weighted``)."""
+    union = json.loads((data / "union.json").read_text())
+    for source in union["sources"]:
+        source["weight"] = 2 if source["name"] == "kidneys" else 1
+    union["name"] += ", kidneys source weighted 2"
+    (data / "union_weighted.json").write_text(json.dumps(union, indent=2) + "\n")
 
 
 def _write_kidneys_cases(data: Path) -> None:
@@ -60,7 +73,9 @@ def main() -> None:
     parser.add_argument("--max_iter", type=int, default=1000)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument(
-        "--only", default="union,naive,full,full8", help="the runs, of union, naive, full, full8 (default all)"
+        "--only",
+        default="union,naive,full,full8,weighted",
+        help="the runs, of union, naive, full, full8, weighted (default all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="main_train.py's --seed of every run (default 0)")
     parser.add_argument("--json", default=None)
@@ -70,6 +85,7 @@ def main() -> None:
     if not (data / "union.json").is_file():
         run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
     _write_kidneys_cases(data)
+    _write_weighted_union(data)
     results = []
     chosen = args.only.split(",")
     for name, (key, dataset) in RUNS.items():
