@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from bench_union import write_kidneys_cases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,12 +58,7 @@ def _datasets(data: Path) -> tuple[Path, Path, Path]:
     python = sys.executable
     if not (data / "union" / "union.json").is_file():
         run([python, "phantom.py", "--output", str(data / "union"), "--union", "--num_train", "8", "--num_test", "6"])
-    full = json.loads((data / "union" / "full" / "dataset.json").read_text())
-    kidneys = json.loads((data / "union" / "kidneys" / "dataset.json").read_text())
-    target = {**full, "training": kidneys["training"], "validation": kidneys["validation"]}
-    target["numTraining"] = len(kidneys["training"])
-    target_path = data / "union" / "full" / "dataset_kidneys.json"
-    target_path.write_text(json.dumps(target, indent=2) + "\n")
+    target_path = write_kidneys_cases(data / "union")
     mri = data / "mri"
     if not (mri / "dataset.json").is_file():
         write_dataset(mri, num_train=8, num_val=2, num_test=6, seed=21, modality="mri")

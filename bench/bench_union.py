@@ -56,14 +56,17 @@ def _write_weighted_union(data: Path) -> None:
     (data / "union_weighted.json").write_text(json.dumps(union, indent=2) + "\n")
 
 
-def _write_kidneys_cases(data: Path) -> None:
-    """``full/dataset_kidneys.json``: the ``kidneys`` source's training and validation cases with every class
-    labelled (the control run ``full8``)."""
+def write_kidneys_cases(data: Path) -> Path:
+    """``full/dataset_kidneys.json`` under the union phantom ``data``: the ``kidneys`` source's training and
+    validation cases with every class labelled (the control run ``full8``; bench_finetune.py's fine-tuning
+    target); returns its path."""
     full = json.loads((data / "full" / "dataset.json").read_text())
     kidneys = json.loads((data / "kidneys" / "dataset.json").read_text())
     subset = {**full, "training": kidneys["training"], "validation": kidneys["validation"]}
     subset["numTraining"] = len(kidneys["training"])
-    (data / "full" / "dataset_kidneys.json").write_text(json.dumps(subset, indent=2) + "\n")
+    path = data / "full" / "dataset_kidneys.json"
+    path.write_text(json.dumps(subset, indent=2) + "\n")
+    return path
 
 
 def main() -> None:
@@ -84,7 +87,7 @@ def main() -> None:
     python = sys.executable
     if not (data / "union.json").is_file():
         run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
-    _write_kidneys_cases(data)
+    write_kidneys_cases(data)
     _write_weighted_union(data)
     results = []
     chosen = args.only.split(",")

@@ -198,11 +198,9 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
     saved = checkpoint.get("flags")
     if saved is None:
         return [f"note: --resume {resume}: the checkpoint records no training flags; they are not checked"]
-    current = recorded_flags(args)
+    current, saved = recorded_flags(args), {**FLAG_DEFAULTS, **saved}
     refused = [
-        f"--{n} {current[n]} (checkpoint: {saved.get(n, FLAG_DEFAULTS.get(n))})"
-        for n in REFUSED_ON_RESUME
-        if current[n] != saved.get(n, FLAG_DEFAULTS.get(n))
+        f"--{n} {current[n]} (checkpoint: {saved.get(n)})" for n in REFUSED_ON_RESUME if current[n] != saved.get(n)
     ]
     if refused:
         raise UsageError(
@@ -210,9 +208,9 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
             "augmentation and optimizer state depend on; pass the checkpoint's values or start a new run"
         )
     return [
-        f"note: --{n} {current[n]} (checkpoint: {saved.get(n, FLAG_DEFAULTS.get(n))}): applied: {what}"
+        f"note: --{n} {current[n]} (checkpoint: {saved.get(n)}): applied: {what}"
         for n, what in APPLIED_ON_RESUME.items()
-        if current[n] != saved.get(n, FLAG_DEFAULTS.get(n))
+        if current[n] != saved.get(n)
     ]
 
 
@@ -222,12 +220,12 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-    lr: float | Sequence[float] | None = None,
+    lr: Sequence[float] | None = None,
     max_iter: int | None = None,
 ) -> dict:
     """Load a checkpoint into the run's objects and RNGs; returns its progress dict. ``lr`` and
-    ``max_iter``: a new base learning rate (or one per optimizer group) and a new end of the schedule (one
-    that has an end), applied from the checkpoint's step on."""
+    ``max_iter``: new base learning rates (one per optimizer group) and a new end of the schedule (one that
+    has an end), applied from the checkpoint's step on."""
     model.load_state_dict(checkpoint["model"], strict=True)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -238,10 +236,9 @@ def restore_training_state(
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # older checkpoints: a hand-written constant
         scheduler_state.setdefault("lr_lambdas", [None] * len(optimizer.param_groups))
     scheduler.load_state_dict(scheduler_state)
-    rates = [lr] * len(scheduler.base_lrs) if isinstance(lr, (int, float)) else lr
-    if rates is not None and scheduler.base_lrs != list(rates):
-        scheduler.base_lrs = list(rates)
-        for group, base, value in zip(optimizer.param_groups, rates, _rates(scheduler), strict=True):
+    if lr is not None and scheduler.base_lrs != list(lr):
+        scheduler.base_lrs = list(lr)
+        for group, base, value in zip(optimizer.param_groups, lr, _rates(scheduler), strict=True):
             group["initial_lr"], group["lr"] = base, value
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if max_iter is not None and hasattr(scheduler, "max_iter"):
@@ -250,5 +247,4 @@ def restore_training_state(
         scaler.load_state_dict(checkpoint["scaler"])
     set_rng_states(checkpoint["rng"])
     progress = {"nonfinite_in_a_row": 0, "first_nonfinite": 0}  # absent from older checkpoints
-    # a run stopped early (--patience) and resumed goes on until the counters say so again
-    return {**progress, **checkpoint["progress"], "stopped_early": False}
+    return {**progress, **checkpoint["progress"]}

@@ -195,15 +195,15 @@ def _old_outputs(args, pretrained: Pretrained, model: nn.Module, network: str, s
             count = int(weight.shape[int(isinstance(conv, nn.ConvTranspose3d))])
     except ValueError:  # a head block (UNet): its count is read from the card, if any
         pass
-    if pretrained.card is not None:
-        card_count = LabelManager.from_card(pretrained.card).num_outputs
-        count = card_count if count is None else count
+    labels = LabelManager.from_card(pretrained.card) if pretrained.card is not None else None
+    if count is None and labels is not None:
+        count = labels.num_outputs
     flag = getattr(args, "pretrain_classes", None)
     if flag is not None and count is not None and flag != count:
         raise UsageError(f"--pretrain_classes {flag}: {source} has {count} outputs")
-    if pretrained.card is None or not pretrained.card.get("classes"):
+    if labels is None or not pretrained.card.get("classes"):
         return None
-    return LabelManager.from_card(pretrained.card).output_names
+    return labels.output_names
 
 
 def _input_channels_of(state: dict, model: nn.Module, head: set[str]) -> int | None:
@@ -492,12 +492,13 @@ def _train_to_the_end(run: Run, writer: SummaryWriter | None, bar: tqdm) -> None
                     run.device,
                 )
                 _record_step(run, step, loss, problem, writer, bar)
+                stop_early = False
                 if step % args.eval_step == 0 or step == args.max_iter:
-                    _validate(run, step, writer, bar)
+                    stop_early = _validate(run, step, writer, bar)
                     _describe(bar, step, args.max_iter, loss, progress, refresh=True)
                 if run.distributed.any(stop.signum is not None, run.device):
                     raise _stopped(stop.signum, step, progress, run.last_path, run.save_last if run.main else None)
-                if progress["step"] >= args.max_iter or progress.get("stopped_early"):
+                if progress["step"] >= args.max_iter or stop_early:
                     return
 
 
@@ -563,14 +564,15 @@ def _record_step(run: Run, step: int, loss: float, problem: str | None, writer, 
         )
 
 
-def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
+def _validate(run: Run, step: int, writer, bar: tqdm) -> bool:
     """Score the validation cases with the weights and buffers that are saved (rank 0's), report, then write
-    the checkpoint and, when the mean Dice improved, the best weights and their model card."""
+    the checkpoint and, when the selection score improved, the best weights and their model card; True when
+    ``--patience`` ends the run here (every rank agrees: the scores are gathered)."""
     args, progress = run.args, run.progress
     run.distributed.broadcast_tensors(run.stateful_buffers)
     if not run.validates:
         _save_without_validation(run, step)
-        return
+        return False
     snapshot = {} if run.main else None
     start_peak(run.device)
     scores = validation_scores(
@@ -590,9 +592,8 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
     foreground = foreground_dice(scores, run.config.label_manager)
     improved = select_weights(progress, dice, step, args.select)
     stop_early = args.patience is not None and progress["validations_without_better"] >= args.patience
-    progress["stopped_early"] = stop_early
     if not run.main:
-        return
+        return stop_early
     _report(
         writer, bar, run.config.label_manager, step, (dice, foreground, per_class, scores), progress, improved, peak
     )
@@ -619,6 +620,7 @@ def _validate(run: Run, step: int, writer, bar: tqdm) -> None:
         )
     if (step == args.max_iter or stop_early) and isinstance(args.fold, int):  # what held-out cases are scored with
         _save_final(run, step)
+    return stop_early
 
 
 #: nnU-Net's smoothing of the score it selects its best checkpoint on (``ema_fg_dice``): 0.9 old + 0.1 new,
