@@ -162,6 +162,7 @@ CARD_DECIDES = {
     "test files are; its preprocessing only for weights without a model card (default: --root's dataset.json, "
     "else flare)",
     "network": "network of weights without a model card (default: the card's, else REPUXNET)",
+    "network_args": "constructor arguments (JSON) of weights without a model card (default: the card's)",
     "roi_size": "sliding-window size, one or three integers (default: the model card's, else 96)",
     "feat_size": "encoder channels of weights without a model card (default: the card's, else published)",
     "kernel_size": "depthwise kernel size of weights without a model card (default: the card's, else published)",
@@ -203,7 +204,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument(
         "--network",
         default=None if card else "REPUXNET",
-        help=card.get("network", f"one of: {', '.join(available_networks())}"),
+        help=card.get(
+            "network",
+            f"one of: {', '.join(available_networks())}; or a network of your own, path/to/file.py:ClassName or "
+            "package.module:ClassName (TRAINING.md, 'Your own network')",
+        ),
+    )
+    parser.add_argument(
+        "--network_args",
+        default=None,
+        help=card.get(
+            "network_args",
+            "constructor arguments as a JSON object, e.g. '{\"width\": 16}' (for a network of your own also "
+            '"in_channels_arg" / "out_channels_arg": its names of the channel counts)',
+        ),
     )
     parser.add_argument("--mode", default=mode, choices=[mode], help=argparse.SUPPRESS)  # the published flag
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index")

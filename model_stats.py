@@ -2,6 +2,7 @@
 
     python model_stats.py                       # every registry network at 96^3, 5 classes
     python model_stats.py REPUXNET 3DUXNET --size 128 --out_channels 16
+    python model_stats.py REP3D my_network.py:TinyNet --network_args '{"width": 16}'   # a network of your own
 
 Nothing is computed: the network runs on PyTorch's meta device (shapes only) under its FLOP counter,
 which counts convolutions and matrix products (1 MAC = 2 FLOPs). Large-kernel convolutions are counted
@@ -12,6 +13,7 @@ The paper's FLOPs column was made with another counter, so only the parameters c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -20,8 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from networks import available_networks, build_network, canonical_name, overrides_from_flags
 from networks.dwconv import full_kernels
+from networks.plugins import CHANNEL_ARGS, is_plugin, load_plugin
 
-#: The paper's table (seeds/ README): parameters (M) and FLOPs (G) at 96^3, by registry name and arguments.
+#: The paper's table (the published README): parameters (M) and FLOPs (G) at 96^3, by registry name and
+#: arguments; Rep3D's parameters from leeh43/Rep3D's README (no FLOPs given there).
 PAPER = {
     ("REPUXNET", ()): (65.8, 757.4),
     ("3DUXNET", ()): (53.0, 639.4),
@@ -31,6 +35,7 @@ PAPER = {
     ("nnFormer", ()): (149.3, 240.2),
     ("TransBTS", ()): (31.6, 110.4),
     ("nnUNet", ()): (31.2, 743.3),
+    ("REP3D", ()): (66.0, None),
 }
 
 
@@ -55,7 +60,7 @@ def table(rows: Sequence[tuple[str, dict, dict, tuple | None]], size: int) -> st
         "|---|---|---|---|---|",
     ]
     for label, _, stats, paper in rows:
-        paper_cells = f"{paper[0]:.1f} | {paper[1]:.1f}" if paper else "- | -"
+        paper_cells = " | ".join("-" if v is None else f"{v:.1f}" for v in (paper or (None, None)))
         lines.append(f"| {label} | {stats['params_m']:.2f} | {stats['macs_g']:.1f} | {paper_cells} |")
     return "\n".join(lines)
 
@@ -63,12 +68,36 @@ def table(rows: Sequence[tuple[str, dict, dict, tuple | None]], size: int) -> st
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "networks", nargs="*", help=f"registry names (default: all of {', '.join(available_networks())})"
+        "networks",
+        nargs="*",
+        help=f"registry names (default: all of {', '.join(available_networks())}) or networks of your own "
+        "(path/to/file.py:ClassName)",
     )
     parser.add_argument("--size", type=int, default=96, help="input edge length (default 96)")
     parser.add_argument("--out_channels", type=int, default=5, help="classes (default 5, FLARE)")
+    parser.add_argument(
+        "--network_args", default="{}", help="constructor arguments (JSON) of the networks of your own listed"
+    )
     args = parser.parse_args(argv)
-    requested = [(name, {}) for name in args.networks] or [(n, {}) for n in available_networks()]
+    try:
+        network_args = json.loads(args.network_args)
+        if not isinstance(network_args, dict):
+            raise ValueError("expected a JSON object")
+    except ValueError as error:
+        sys.exit(f"error: --network_args {args.network_args}: {error}")
+    channel_args = {key: network_args.pop(key) for key in CHANNEL_ARGS if key in network_args}
+    requested, labels = [], {}
+    for name in args.networks:
+        if is_plugin(name):
+            try:
+                registered = load_plugin(name, **channel_args)["name"]
+            except ValueError as error:
+                sys.exit(f"error: {name}: {error}")
+            labels[registered] = name
+            requested.append((registered, dict(network_args)))
+        else:
+            requested.append((name, {}))
+    requested = requested or [(n, {}) for n in available_networks()]
     if not args.networks:  # the paper's "3D UX-Net (k=21)" row
         index = [n for n, _ in requested].index("3DUXNET") + 1
         requested.insert(index, ("3DUXNET", {"ks": 21}))
@@ -79,7 +108,7 @@ def main(argv=None) -> None:
         except ValueError as error:
             sys.exit(f"error: {error}")
         key = (canonical_name(name), tuple(sorted(overrides.items())))
-        label = canonical_name(name) + "".join(f" ({k}={v})" for k, v in overrides.items())
+        label = labels.get(name, canonical_name(name)) + "".join(f" ({k}={v})" for k, v in overrides.items())
         paper = PAPER.get(key) if args.size == 96 and args.out_channels == 5 else None
         rows.append((label, overrides, stats, paper))
     print(table(rows, args.size))

@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 CARD_KEPT_ON_RESUME = (
     "network",
     "network_args",
+    "network_plugin",
     "in_channels",
     "out_channels",
     "roi_size",

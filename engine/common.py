@@ -16,6 +16,7 @@ from torch import nn
 
 from atomic_files import replace_atomically
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
+from networks.plugins import CHANNEL_ARGS, is_plugin, load_plugin
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -26,6 +27,7 @@ __all__ = [
     "UsageError",
     "as_json",
     "autocast_for",
+    "check_network_output",
     "check_output_folder",
     "load_into",
     "load_trained",
@@ -78,16 +80,60 @@ def autocast_for(amp: str | None, device: torch.device) -> torch.autocast:
 
 @dataclass(frozen=True)
 class NetworkChoice:
-    """A registry network and its constructor overrides, as the model card stores them."""
+    """A network and its constructor overrides, as the model card stores them; for the user's own network
+    (``--network file.py:Class``) also what the card records of its file (``networks.plugins``)."""
 
     name: str
     overrides: dict
+    plugin: dict | None = None
 
-    def build(self, in_channels: int, out_channels: int) -> nn.Module:
+    def load(self) -> None:
+        """Import a user's network from its recorded file (the same SHA-256 as in training); a UsageError
+        naming the file where it is gone or changed. Registry networks need nothing."""
+        if self.plugin is None:
+            return
+        target = f"{self.plugin['file']}:{self.plugin['class']}"
+        if self.plugin.get("module"):
+            target = f"{self.plugin['module']}:{self.plugin['class']}"
         try:
-            return build_network(self.name, in_channels, out_channels, **self.overrides)
+            load_plugin(target, *(self.plugin[key] for key in CHANNEL_ARGS), sha256=self.plugin["sha256"])
         except ValueError as error:
             raise UsageError(f"--network {self.name}: {error}") from None
+
+    def build(self, in_channels: int, out_channels: int) -> nn.Module:
+        self.load()
+        try:
+            return build_network(self.name, in_channels, out_channels, **self.overrides)
+        except (ValueError, TypeError) as error:  # TypeError: a user's constructor refusing its arguments
+            raise UsageError(f"--network {self.name}: {error}") from None
+
+
+def check_network_output(model: nn.Module, choice: NetworkChoice, in_channels: int, out_channels: int, roi) -> None:
+    """One ROI-sized forward (batch 1, evaluation mode, no gradients) of a user's network, before any long
+    work: a UsageError where it fails or its output is not ``(1, out_channels, *roi)``."""
+    if choice.plugin is None:
+        return
+    training = model.training
+    model.eval()
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(1, in_channels, *roi, device=device))
+    except Exception as error:  # the user's forward may raise anything
+        raise UsageError(
+            f"--network {choice.name}: a forward of one {'x'.join(map(str, roi))} patch with {in_channels} "
+            f"channel{'s' * (in_channels > 1)} failed ({type(error).__name__}: {error})"
+        ) from None
+    finally:
+        model.train(training)
+    expected = (1, out_channels, *roi)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != expected:
+        raise UsageError(
+            f"--network {choice.name}: its output for one {'x'.join(map(str, roi))} patch is {shape}, expected "
+            f"{expected} (the classes at the input's size)"
+        )
 
 
 class CardModel(NamedTuple):
@@ -104,7 +150,9 @@ class CardModel(NamedTuple):
 def parse_card(card: dict, source: str) -> CardModel:
     """The network entries of a model card; a UsageError naming ``source`` where one is missing or wrong."""
     try:
-        choice = NetworkChoice(canonical_name(card["network"]), dict(card["network_args"]))
+        plugin = card.get("network_plugin")
+        name = card["network"] if plugin else canonical_name(card["network"])
+        choice = NetworkChoice(name, dict(card["network_args"]), dict(plugin) if plugin else None)
         in_channels, out_channels = int(card.get("in_channels", 1)), int(card["out_channels"])
         roi = roi_of(card["roi_size"])
         classes = tuple(str(name) for name in card.get("classes", ()))
@@ -141,12 +189,23 @@ def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
 
 
 def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
-    """The network the flags ask for; checks the ROI against the network's input multiple."""
+    """The network the flags ask for (a registry name, or the user's ``file.py:Class`` imported here), with
+    ``--network_args``; checks the ROI against the network's input multiple."""
+    arguments = network_arguments(getattr(args, "network_args", None))
+    channel_args = {key: arguments.pop(key) for key in CHANNEL_ARGS if key in arguments}
+    plugin = None
     try:
-        name = canonical_name(args.network or "REPUXNET")
+        if is_plugin(args.network or ""):
+            plugin = load_plugin(args.network, **channel_args)
+        elif channel_args:
+            raise ValueError(
+                f"{', '.join(channel_args)} in --network_args is for a network of your own (file.py:Class)"
+            )
+        name = plugin["name"] if plugin else canonical_name(args.network or "REPUXNET")
         overrides = overrides_from_flags(
             name, feat_size=args.feat_size, kernel_size=args.kernel_size, hidden_size=args.hidden_size, roi_size=roi
         )
+        overrides.update(arguments)
     except ValueError as error:
         raise UsageError(f"--network {args.network}: {error}") from None
     spec = get_spec(name)
@@ -157,7 +216,22 @@ def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
             f"--roi_size {','.join(map(str, roi))}: too small for {name}, whose deepest level would be a single "
             f"voxel; use at least {spec.smallest_input} on every axis"
         )
-    return NetworkChoice(name, overrides)
+    if plugin is not None:
+        plugin = {key: value for key, value in plugin.items() if key != "name"}
+    return NetworkChoice(name, overrides, plugin)
+
+
+def network_arguments(text: str | None) -> dict:
+    """``--network_args``: a JSON object of constructor arguments; a UsageError for anything else."""
+    if text is None:
+        return {}
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--network_args {text}: not JSON ({error})") from None
+    if not isinstance(arguments, dict):
+        raise UsageError(f"--network_args {text}: expected a JSON object such as '{{\"width\": 16}}'")
+    return arguments
 
 
 def check_output_folder(output: str | os.PathLike) -> Path:

@@ -84,7 +84,7 @@ from networks.dwconv import use_algorithm
 __all__ = ["run_inference"]
 
 #: The flags that describe a network's shape (a model card decides them when there is one).
-SHAPE_FLAGS = ("feat_size", "kernel_size", "hidden_size")
+SHAPE_FLAGS = ("feat_size", "kernel_size", "hidden_size", "network_args")
 
 
 def run_inference(args, cases: list[dict] | None = None) -> list[Path]:
@@ -192,6 +192,8 @@ def _model_to_run(args, config: DatasetConfig, weights: str):
         choice = network_from_flags(args, roi)
         return choice, config.in_channels, config.num_outputs, roi, config, state, mirroring, outputs
     choice, in_channels, out_channels, roi, config, outputs = _model_from_card(card, source, args, config)
+    if not isinstance(state, ExportedNetwork):
+        choice.load()  # a network of the user's own: its file, unchanged, before any case is read
     print(
         f"Model card {source}: {choice.name} {choice.overrides}, {outputs.describe()}, ROI {_text(roi)}, "
         f"{in_channels} input channel{'s' * (in_channels > 1)} "

@@ -53,6 +53,7 @@ from engine.common import (
     RunStopped,
     UsageError,
     autocast_for,
+    check_network_output,
     check_output_folder,
     load_with_card,
     model_card_path,
@@ -713,6 +714,7 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     set_determinism(seed=args.seed)
     model, loaded = _initial_model(args, choice, config, pretrained, finetune, main)
+    check_network_output(model, choice, config.in_channels, config.num_outputs, roi)
     data = _prepare_data(args, config, distributed)
     card = _model_card(args, choice, data, roi)
     if loaded is not None:
@@ -844,6 +846,7 @@ def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
     return {
         "network": choice.name,
         "network_args": choice.overrides,
+        "network_plugin": choice.plugin,
         "in_channels": config.in_channels,
         "out_channels": config.num_outputs,
         **config.label_manager.to_card(),

@@ -24,6 +24,7 @@ from networks.registry import (
 __all__ = [
     "BFRConv3d",
     "NetworkSpec",
+    "REP3D",
     "REPUXNET",
     "UXNET",
     "available_networks",
@@ -43,6 +44,7 @@ _LAZY = {
     "frequency_prior": "networks.bfr",
     "switch_to_deploy": "networks.bfr",
     "REPUXNET": "networks.RepUXNet_3D.network_backbone",
+    "REP3D": "networks.Rep3D.network_backbone",
     "UXNET": "networks.UXNet_3D.network_backbone",
 }
 
@@ -173,4 +175,9 @@ register_network(
         head="model.2",
         new_head=_new_unet_head,
     ),
+)
+# The authors' follow-up (leeh43/Rep3D): RepUX-Net's layout with a learned prior.
+register_network(
+    "REP3D",
+    NetworkSpec("networks.Rep3D.network_backbone:REP3D", "in_chans", "out_chans", min_input=32, flag_args=UX_FLAGS),
 )

@@ -18,7 +18,7 @@ from torch import nn
 from networks.dwconv import DepthwiseConv3d
 from networks.layers import replace_layers
 
-__all__ = ["BFRConv3d", "frequency_prior", "switch_to_deploy"]
+__all__ = ["BFRConv3d", "ReparameterizedConv3d", "frequency_prior", "switch_to_deploy"]
 
 
 def frequency_prior(
@@ -51,7 +51,35 @@ def frequency_prior(
     return prior.to(dtype or torch.get_default_dtype())
 
 
-class BFRConv3d(DepthwiseConv3d):
+class ReparameterizedConv3d(DepthwiseConv3d):
+    """A depthwise convolution trained through a re-parameterized kernel: ``kernel()`` computes the kernel the
+    convolution applies from the parameters, inside the autograd graph (so the parameters get the gradient
+    the re-parameterization prescribes and keep their identity). Its deploy form is a plain depthwise
+    convolution holding that kernel (:meth:`to_conv3d`)."""
+
+    def kernel(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_conv3d(self) -> DepthwiseConv3d:
+        """The deploy form of this layer: a plain depthwise convolution holding the kernel it applies."""
+        conv = DepthwiseConv3d(
+            self.in_channels,
+            self.kernel_size[0],
+            bias=self.bias is not None,
+            algorithm=self.algorithm,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.kernel())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        conv.requires_grad_(self.weight.requires_grad)
+        return conv
+
+
+class BFRConv3d(ReparameterizedConv3d):
     """A depthwise 3D convolution whose cubic kernel is trained through the Bayesian frequency prior.
 
     The trainable parameter ``weight`` is ``W``; every forward convolves with ``W * prior``. ``prior``
@@ -112,26 +140,13 @@ class BFRConv3d(DepthwiseConv3d):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def to_conv3d(self) -> DepthwiseConv3d:
-        """The deploy form of this layer: a plain depthwise convolution holding the effective kernel."""
-        conv = DepthwiseConv3d(
-            self.in_channels,
-            self.kernel_size[0],
-            bias=self.bias is not None,
-            algorithm=self.algorithm,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        conv.load_state_dict(self.state_dict())
-        conv.train(self.training)
-        conv.requires_grad_(self.weight.requires_grad)
-        return conv
-
 
 def switch_to_deploy(module: nn.Module) -> nn.Module:
-    """Replace every :class:`BFRConv3d` inside ``module`` by its plain depthwise deploy form.
+    """Replace every re-parameterized convolution inside ``module`` (BFR's, Rep3D's learned prior) by its plain
+    depthwise deploy form.
 
-    The network computes the same function afterwards and its state dict is unchanged. Returns
-    ``module`` (converted in place; a bare ``BFRConv3d`` is returned converted).
+    The network computes the same function afterwards. Its state dict is unchanged for BFR, which holds the
+    effective kernel already; a learned prior's generator is dropped once its mask is folded into the
+    kernel. Returns ``module`` (converted in place; a bare layer is returned converted).
     """
-    return replace_layers(module, BFRConv3d, BFRConv3d.to_conv3d)
+    return replace_layers(module, ReparameterizedConv3d, ReparameterizedConv3d.to_conv3d)

@@ -1,8 +1,9 @@
 """The deploy form of a trained network: what leaves the repository (TorchScript, ONNX).
 
-Every depthwise convolution of this repository becomes a plain ``nn.Conv3d`` holding the same weights; a BFR
-layer's weights are its effective kernel ``W * M`` (what its state dict holds), so BFR is folded on the way:
-no FFT, no frequency prior, no module or setting of this repository left inside. The result computes the
+Every depthwise convolution of this repository becomes a plain ``nn.Conv3d`` holding the kernel it applies:
+a BFR layer's effective kernel ``W * M`` (what its state dict holds), a Rep3D layer's ``W * M`` with its learned
+mask (its generator dropped once folded): no FFT, no prior, no generator, no module or setting of this
+repository left inside. The result computes the
 training-form network's function with PyTorch's native convolution.
 """
 
@@ -12,6 +13,7 @@ import copy
 
 from torch import nn
 
+from networks.bfr import switch_to_deploy
 from networks.dwconv import DepthwiseConv3d
 from networks.layers import replace_layers
 
@@ -19,7 +21,7 @@ __all__ = ["deploy_form", "repository_modules"]
 
 
 def _native(conv: DepthwiseConv3d) -> nn.Conv3d:
-    """A plain ``nn.Conv3d`` with ``conv``'s shape and state dict (a BFR layer's: its effective kernel)."""
+    """A plain ``nn.Conv3d`` with ``conv``'s shape and state dict."""
     plain = nn.Conv3d(
         conv.in_channels,
         conv.out_channels,
@@ -35,9 +37,10 @@ def _native(conv: DepthwiseConv3d) -> nn.Conv3d:
 
 
 def deploy_form(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in evaluation mode, BFR folded and every depthwise convolution a native
-    ``nn.Conv3d`` (``model`` itself is left as it is). Its state dict equals ``model``'s."""
-    deployed = replace_layers(copy.deepcopy(model), DepthwiseConv3d, _native)
+    """A copy of ``model`` in evaluation mode, its re-parameterized kernels folded and every depthwise
+    convolution a native ``nn.Conv3d`` (``model`` itself is left as it is). Its state dict equals ``model``'s
+    but for a learned prior's (Rep3D's): its kernel folded, its generator gone."""
+    deployed = replace_layers(switch_to_deploy(copy.deepcopy(model)), DepthwiseConv3d, _native)
     return deployed.eval().requires_grad_(False)
 
 

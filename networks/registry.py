@@ -88,16 +88,20 @@ class NetworkSpec:
 _REGISTRY: dict[str, NetworkSpec] = {}
 
 
-def register_network(name: str, spec: NetworkSpec) -> None:
-    """Add ``spec`` to the registry under ``name`` (names are matched case-insensitively)."""
-    if _lookup(name) is not None:
-        raise ValueError(f"a network named {name!r} is already registered")
+def register_network(name: str, spec: NetworkSpec, replace: bool = False) -> None:
+    """Add ``spec`` to the registry under ``name`` (names are matched case-insensitively); ``replace``: the
+    entry of that name, if any, is replaced (a user's network file imported again)."""
+    registered = _lookup(name)
+    if registered is not None:
+        if not replace:
+            raise ValueError(f"a network named {name!r} is already registered")
+        del _REGISTRY[registered]
     _REGISTRY[name] = spec
 
 
 def available_networks() -> list[str]:
-    """Registered network names, in registration order."""
-    return list(_REGISTRY)
+    """Registered network names, in registration order (a user's networks, ``file.py:Class``, aside)."""
+    return [name for name in _REGISTRY if ":" not in name]
 
 
 def _lookup(name: str) -> str | None:
@@ -111,7 +115,7 @@ def canonical_name(name: str) -> str:
     """The registered spelling of ``name``; ValueError listing the choices for an unknown one."""
     registered = _lookup(name)
     if registered is None:
-        raise ValueError(f"unknown network {name!r}; available: {', '.join(_REGISTRY)}")
+        raise ValueError(f"unknown network {name!r}; available: {', '.join(available_networks())}")
     return registered
 
 

@@ -119,7 +119,7 @@ def test_channel_init_copy_by_name_or_number_and_its_refusals():
 
 #: Networks whose every input-reading layer is a convolution; UNETR's patch embedding is a linear layer
 #: over flattened patches ("perceptron"), which ``repeat`` does not adapt: it is refused, naming the key.
-CONVOLUTION_STEMS = ["REPUXNET", "3DUXNET", *(name for name in SMALL_NETWORKS if name != "UNETR")]
+CONVOLUTION_STEMS = ["REPUXNET", "3DUXNET", "REP3D", *(name for name in SMALL_NETWORKS if name != "UNETR")]
 
 
 @pytest.mark.parametrize("name", CONVOLUTION_STEMS)
