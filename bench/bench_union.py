@@ -4,13 +4,16 @@ merging (the classes a source does not annotate trained as its background) and (
 same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
 fully labelled test cases; and (d), the control of the pancreas, which only the ``kidneys`` source labels: one
 model trained on that source's 8 cases with every class labelled (the pancreas annotations the union has);
-and (e) the union with the ``kidneys`` source drawn twice as often (its ``weight`` 2).
+(e) the union with the ``kidneys`` source drawn twice as often (its ``weight`` 2); and (f) the union with
+the loss's pseudo-labels (``"pseudo_labels": 0.9``).
 
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
     python bench/bench_union.py --only full8 --json bench/results/union_full8_cpu.json
     python bench/bench_union.py --only union,full,full8 --seed 1 --json bench/results/union_seed1_cpu.json
     python bench/bench_union.py --only weighted --json bench/results/union_weighted_cpu.json
+    python bench/bench_union.py --only pseudo --json bench/results/union_pseudo_cpu.json
+    python bench/bench_union.py --only pseudo --seed 1 --json bench/results/union_pseudo_seed1_cpu.json
 
 Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
 commands are printed as they run.
@@ -36,6 +39,7 @@ RUNS = {
     "fully labelled": ("full", "full/dataset.json"),
     "fully labelled, the kidneys source's cases": ("full8", "full/dataset_kidneys.json"),
     "union, the kidneys source drawn twice as often": ("weighted", "union_weighted.json"),
+    "union, pseudo-labels above 0.9": ("pseudo", "union_pseudo.json"),
 }
 NETWORK = ["--network", "REPUXNET", "--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21"]
 NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
@@ -46,14 +50,16 @@ def run(command: list[str]) -> None:
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
-def _write_weighted_union(data: Path) -> None:
+def _write_union_variants(data: Path) -> None:
     """``union_weighted.json``: ``union.json`` with the ``kidneys`` source (the only one labelling the
-    pancreas) at weight 2, so that two batches in three supervise the pancreas (the run ``weighted``)."""
+    pancreas) at weight 2, so that two batches in three supervise the pancreas (the run ``weighted``);
+    ``union_pseudo.json``: with pseudo-labels above 0.9 (the run ``pseudo``)."""
     union = json.loads((data / "union.json").read_text())
-    for source in union["sources"]:
-        source["weight"] = 2 if source["name"] == "kidneys" else 1
-    union["name"] += ", kidneys source weighted 2"
-    (data / "union_weighted.json").write_text(json.dumps(union, indent=2) + "\n")
+    weighted = {**union, "name": union["name"] + ", kidneys source weighted 2"}
+    weighted["sources"] = [{**s, "weight": 2 if s["name"] == "kidneys" else 1} for s in union["sources"]]
+    (data / "union_weighted.json").write_text(json.dumps(weighted, indent=2) + "\n")
+    pseudo = {**union, "name": union["name"] + ", pseudo-labels above 0.9", "pseudo_labels": 0.9}
+    (data / "union_pseudo.json").write_text(json.dumps(pseudo, indent=2) + "\n")
 
 
 def write_kidneys_cases(data: Path) -> Path:
@@ -77,8 +83,8 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument(
         "--only",
-        default="union,naive,full,full8,weighted",
-        help="the runs, of union, naive, full, full8, weighted (default all)",
+        default="union,naive,full,full8,weighted,pseudo",
+        help="the runs, of union, naive, full, full8, weighted, pseudo (default all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="main_train.py's --seed of every run (default 0)")
     parser.add_argument("--json", default=None)
@@ -88,7 +94,7 @@ def main() -> None:
     if not (data / "union.json").is_file():
         run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
     write_kidneys_cases(data)
-    _write_weighted_union(data)
+    _write_union_variants(data)
     results = []
     chosen = args.only.split(",")
     for name, (key, dataset) in RUNS.items():

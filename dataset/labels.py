@@ -265,14 +265,26 @@ class LabelSets:
         classes: the unified classes (background first).
         sources: the sources, each with its label values' sets.
         unannotated: one of :data:`UNANNOTATED`.
+        pseudo_labels: under ``marginal``, the probability above which a voxel of a source's background is
+            trained as the class the source does not annotate that it is predicted to be (the loss's
+            pseudo-labels), or None.
     """
 
-    def __init__(self, classes: Sequence[str], sources: Sequence[SourceLabels], unannotated: str = "marginal") -> None:
+    def __init__(
+        self,
+        classes: Sequence[str],
+        sources: Sequence[SourceLabels],
+        unannotated: str = "marginal",
+        pseudo_labels: float | None = None,
+    ) -> None:
         self.classes = tuple(classes)
         self.sources = tuple(sources)
         self.unannotated = unannotated
+        self.pseudo_labels = pseudo_labels
         if unannotated not in UNANNOTATED:
             raise ValueError(f"unannotated {unannotated!r}: expected one of {', '.join(UNANNOTATED)}")
+        if pseudo_labels is not None and not (unannotated == "marginal" and 0.5 <= pseudo_labels < 1):
+            raise ValueError(f"pseudo_labels {pseudo_labels!r}: a probability in [0.5, 1) under 'marginal'")
         if not self.sources:
             raise ValueError("a union needs at least one source")
         codes = [(value,) for value in range(len(self.classes))]
@@ -369,8 +381,8 @@ class LabelSets:
         return [i for i, (k, _) in enumerate(self.columns) if k == source]
 
     def to_card(self) -> dict:
-        """The model card's ``sources`` (each source's labels, by name: the classes each stands for) and
-        ``unannotated``."""
+        """The model card's ``sources`` (each source's labels, by name: the classes each stands for),
+        ``unannotated`` and ``pseudo_labels``."""
         sources = [
             {
                 "name": source.name,
@@ -382,4 +394,4 @@ class LabelSets:
             }
             for source in self.sources
         ]
-        return {"sources": sources, "unannotated": self.unannotated}
+        return {"sources": sources, "unannotated": self.unannotated, "pseudo_labels": self.pseudo_labels}

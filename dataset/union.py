@@ -16,12 +16,14 @@ The JSON lists the unified classes and the source datasets, each with how its la
 to the source JSON's folder. A source label maps to one class or to a set of them (the voxel is one of
 them); every label of a source is mapped. ``weight`` (default 1) is the source's share of the training
 batches. Optional keys of the union: ``unannotated`` (``marginal``, the label-set loss, or ``background``:
-naive merging, for comparison), ``test`` (a test list with the unified classes, relative to the union's
-folder), and the dataset settings of this repository's JSON (``spacing``, ``intensity``, ``normalization``,
-``rotate_z``, ``mirror_axes``, ``lateral_pairs``), which win over the sources'. Without them: a setting all
-sources share is the union's; spacings that differ become the median of the union's training cases
-(derived); normalisations or rotations that differ are refused (give the union's own); the mirrored axes are
-those every source mirrors.
+naive merging, for comparison), ``pseudo_labels`` (under ``marginal``, a probability in [0.5, 1): a voxel of a
+source's background whose predicted probability of a class the source does not annotate, e.g. the pancreas, is
+above it is trained as that class by the cross-entropy; default none), ``test`` (a test list with the unified
+classes, relative to the union's folder), and the dataset settings of this repository's JSON (``spacing``,
+``intensity``, ``normalization``, ``rotate_z``, ``mirror_axes``, ``lateral_pairs``), which win over the
+sources'. Without them: a setting all sources share is the union's; spacings that differ become the median of
+the union's training cases (derived); normalisations or rotations that differ are refused (give the union's
+own); the mirrored axes are those every source mirrors.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ UNION_KEYS = (
     "classes",
     "sources",
     "unannotated",
+    "pseudo_labels",
     "test",
     "spacing",
     "intensity",
@@ -100,6 +103,11 @@ def load_union(path: Path) -> DatasetConfig:
     unannotated = content.get("unannotated", "marginal")
     if unannotated not in UNANNOTATED:
         raise DatasetError(f"{where}: 'unannotated' {unannotated!r}: expected one of {', '.join(UNANNOTATED)}")
+    pseudo_labels = content.get("pseudo_labels")
+    if pseudo_labels is not None and not (_is_number(pseudo_labels) and 0.5 <= pseudo_labels < 1):
+        raise DatasetError(f"{where}: 'pseudo_labels' {pseudo_labels!r}: expected a probability in [0.5, 1)")
+    if pseudo_labels is not None and unannotated != "marginal":
+        raise DatasetError(f"{where}: 'pseudo_labels' needs 'unannotated' marginal (naive merging has no sets)")
     annotated = {value for source_sets in sets for group in source_sets for value in group}
     missing = [value for value in range(1, len(classes)) if value not in annotated]
     if missing:
@@ -115,6 +123,7 @@ def load_union(path: Path) -> DatasetConfig:
             for s, groups in zip(sources, sets, strict=True)
         ],
         unannotated,
+        None if pseudo_labels is None else float(pseudo_labels),
     )
     lists = {}
     if "test" in content:

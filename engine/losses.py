@@ -107,6 +107,15 @@ class LabelSetDiceCELoss(nn.Module):
     (smooth 1e-5 above and below, as MONAI's), the mean over a crop's channels, then over the crops that have
     annotated voxels. A source that annotates every class, each alone, gives exactly the published loss.
 
+    With ``label_sets.pseudo_labels`` (a probability ``t``), a voxel of a source's background set whose
+    predicted probability of one class the source does not annotate is above ``t`` is trained by the
+    cross-entropy as that class alone (``-log p`` of the class, not of the set; the prediction detached): the
+    classes a source does not annotate are then supervised in its cases too, where the network already finds
+    them. Foreground classes only: a confident background would teach the network that a class it has not yet
+    learnt is background, the naive merging the label sets avoid. A source's own labels that hold several
+    classes (FLARE's kidney) stay sets: they say what the voxel is, and reinforcing the network's guess of the
+    side cost Dice on the kidneys in the benchmark (BENCHMARKS.md). The Dice term stays on the sets.
+
     Args:
         label_sets: the union's sources and their sets.
     """
@@ -118,6 +127,18 @@ class LabelSetDiceCELoss(nn.Module):
         count = len(label_sets.sources)
         self.channels = [label_sets.channels(k) for k in range(count)]
         self.tables = [torch.tensor(label_sets.code_to_channel(k)) for k in range(count)]
+        self.pseudo_labels = label_sets.pseudo_labels
+        # for each source and channel: the classes a voxel may be pseudo-labelled as (its background set's
+        # foreground classes, the ones the source does not annotate)
+        self.candidates = [
+            torch.tensor(
+                [
+                    [channel == 0 and value > 0 and value in group for value in range(len(label_sets.classes))]
+                    for channel, group in enumerate(channels)
+                ]
+            )
+            for channels in self.channels
+        ]
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         label = label[:, 0].long() if label.dim() == logits.dim() else label.long()
@@ -133,7 +154,10 @@ class LabelSetDiceCELoss(nn.Module):
             target = self.tables[k].to(label.device)[label[rows]]
             annotated = target >= 0
             target = target.clamp_min(0)
-            cross_entropy = cross_entropy - (marginal.gather(1, target[:, None])[:, 0] * annotated).sum()
+            voxel_log_probability = marginal.gather(1, target[:, None])[:, 0]
+            if self.pseudo_labels is not None:
+                voxel_log_probability = self._pseudo_labelled(chosen, target, annotated, voxel_log_probability, k)
+            cross_entropy = cross_entropy - (voxel_log_probability * annotated).sum()
             voxels += int(annotated.sum())
             mask = annotated.unsqueeze(1).to(marginal.dtype)
             probabilities = marginal.exp() * mask
@@ -146,6 +170,22 @@ class LabelSetDiceCELoss(nn.Module):
         if not voxels:  # unannotated voxels only: nothing to learn from these labels
             return logits.sum() * 0
         return torch.cat(dice).mean() + cross_entropy / voxels
+
+    def _pseudo_labelled(
+        self,
+        log_probabilities: torch.Tensor,
+        target: torch.Tensor,
+        annotated: torch.Tensor,
+        voxel_log_probability: torch.Tensor,
+        source: int,
+    ) -> torch.Tensor:
+        """``voxel_log_probability`` (of each voxel's set) with the log-probability of the class alone where a
+        class the source does not annotate is predicted above the threshold in its background."""
+        candidates = self.candidates[source].to(target.device)[target].movedim(-1, 1)
+        probabilities = torch.where(candidates, log_probabilities.detach().exp(), 0)
+        best, best_class = probabilities.max(1)
+        confident = annotated & (best > self.pseudo_labels)
+        return torch.where(confident, log_probabilities.gather(1, best_class[:, None])[:, 0], voxel_log_probability)
 
 
 def segmentation_loss(label_manager: LabelManager) -> nn.Module:

@@ -298,6 +298,8 @@ def _sources_line(config: DatasetConfig, train_cases: list[dict], val_cases: lis
             f"{labels})"
         )
     rule = "summed into its background" if sets.unannotated == "marginal" else "trained as background (naive)"
+    if sets.pseudo_labels is not None:
+        rule += f", pseudo-labelled where predicted above {sets.pseudo_labels:g}"
     sources = counted(len(config.sources), "source")
     return f"Union of {sources}: {'; '.join(described)}; a class a source does not annotate is {rule}"
 

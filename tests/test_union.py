@@ -31,11 +31,14 @@ ORGANS = SourceLabels("organs", ("spleen", "kidney", "liver"), ((1,), (2, 3), (4
 KIDNEYS = SourceLabels("kidneys", ("right kidney", "left kidney", "pancreas"), ((2,), (3,), (5,)))
 
 
-def reference_loss(logits: np.ndarray, codes: np.ndarray, sources: np.ndarray, channels_of, code_to_channel) -> float:
+def reference_loss(
+    logits: np.ndarray, codes: np.ndarray, sources: np.ndarray, channels_of, code_to_channel, pseudo_labels=None
+) -> float:
     """The label-set Dice + cross-entropy written out voxel by voxel: the softmax of the classes, each channel
     the sum of its classes' probabilities; -log of the voxel's channel, averaged over the annotated voxels;
     1 - (2 I + 1e-5) / (P + T + 1e-5) per crop and channel, averaged over a crop's channels, then over the
-    crops with annotated voxels."""
+    crops with annotated voxels. With ``pseudo_labels``, a voxel of the source's background takes -log of its
+    most probable class the source does not annotate instead, when that probability is above it."""
     logits = logits.astype(np.float64)
     total, voxels, dice = 0.0, 0, []
     for b in range(logits.shape[0]):
@@ -51,7 +54,12 @@ def reference_loss(logits: np.ndarray, codes: np.ndarray, sources: np.ndarray, c
                 continue
             annotated_here += 1
             marginal = [sum(probabilities[(c, *index)] for c in group) for group in channels]
-            total -= math.log(marginal[channel])
+            unannotated = [c for c in channels[0] if c > 0] if channel == 0 else []
+            best = max(unannotated, key=lambda c: probabilities[(c, *index)], default=None)
+            if pseudo_labels is not None and best is not None and probabilities[(best, *index)] > pseudo_labels:
+                total -= math.log(probabilities[(best, *index)])
+            else:
+                total -= math.log(marginal[channel])
             for j, value in enumerate(marginal):
                 sums[j] += value
                 intersections[j] += value * (j == channel)
@@ -74,6 +82,58 @@ def test_the_marginal_loss_equals_an_independent_implementation_with_sets_missin
     loss = LabelSetDiceCELoss(sets)(logits.float(), codes[:, None], sources)
     expected = reference_loss(logits.numpy(), codes.numpy(), sources.numpy(), sets.channels, sets.code_to_channel)
     assert abs(float(loss) - expected) / expected < 1e-5
+
+
+def test_pseudo_labels_equal_an_independent_implementation_and_leave_the_rest_as_the_sets_say():
+    sets = LabelSets(CLASSES, [ORGANS, KIDNEYS], pseudo_labels=0.6)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 6, 3, 4, 5, generator=generator, dtype=torch.float64) * 3
+    raw = [torch.randint(0, 5, (3, 4, 5), generator=generator), torch.randint(0, 4, (3, 4, 5), generator=generator)]
+    sources = torch.tensor([0, 1, 0, 1])
+    codes = torch.stack([torch.tensor(sets.raw_to_code(int(k)))[raw[int(k)]] for k in sources])
+    probabilities = torch.softmax(logits, 1)
+    background_of_kidneys = (codes == 0) & (sources[:, None, None, None] == 1)
+    # the cases this test is about occur: confident spleen or liver where the kidneys source says background,
+    # and a confident side inside the organs source's kidney (a label of the source: left a set)
+    assert ((probabilities[:, [1, 4]].amax(1) > 0.6) & background_of_kidneys).any()
+    kidney = (codes == sets.code_of((2, 3))) & (sources[:, None, None, None] == 0)
+    assert ((probabilities[:, [2, 3]].amax(1) > 0.6) & kidney).any()
+    assert sets.channels(0)[0] == (0, 5) and sets.channels(1)[0] == (0, 1, 4)
+    loss = LabelSetDiceCELoss(sets)(logits.float(), codes[:, None], sources)
+    expected = reference_loss(logits.numpy(), codes.numpy(), sources.numpy(), sets.channels, sets.code_to_channel, 0.6)
+    assert abs(float(loss) - expected) / expected < 1e-5
+    without = reference_loss(logits.numpy(), codes.numpy(), sources.numpy(), sets.channels, sets.code_to_channel)
+    assert abs(expected - without) > 1e-3
+
+
+def test_pseudo_labels_pull_a_confident_unannotated_class_up_and_leave_a_confident_background_alone():
+    codes = torch.zeros(1, 1, 1, 2, dtype=torch.long)  # the kidneys source's background: {0, spleen, liver}
+    logits = torch.zeros(1, 6, 1, 1, 2)
+    logits[0, [2, 3, 5]] = -5.0  # the classes the source annotates: absent
+    logits[0, 1, 0, 0, 0] = 3.0  # spleen, confident (0.91)
+    logits[0, 0, 0, 0, 1] = 3.0  # background, confident
+    steps = []
+    for pseudo_labels in (None, 0.8):
+        leaf = logits.clone().requires_grad_(True)
+        LabelSetDiceCELoss(LabelSets(CLASSES, [ORGANS, KIDNEYS], pseudo_labels=pseudo_labels))(
+            leaf, codes, [1]
+        ).backward()
+        steps.append(-leaf.grad[0, :, 0, 0])  # a descent step on each voxel's logits
+    without, pseudo = steps
+    # the sets alone hardly tell spleen from background; the pseudo-label raises the spleen over background
+    assert float(pseudo[1, 0] - pseudo[0, 0]) > 10 * abs(float(without[1, 0] - without[0, 0]))
+    # a confident background trains exactly as without pseudo-labels: never pulled away from the spleen
+    assert torch.allclose(pseudo[:, 1], without[:, 1], atol=1e-7)
+
+
+def test_a_sources_own_label_of_several_classes_stays_a_set_under_pseudo_labels():
+    sets = LabelSets(CLASSES, [ORGANS, KIDNEYS])
+    codes = torch.full((1, 1, 2, 2), sets.code_of((2, 3)))  # the organs source's kidney: right or left
+    logits = torch.zeros(1, 6, 1, 2, 2)
+    logits[0, 2] = 4.0  # confidently the right kidney
+    plain = LabelSetDiceCELoss(sets)(logits, codes, [0])
+    pseudo = LabelSetDiceCELoss(LabelSets(CLASSES, [ORGANS, KIDNEYS], pseudo_labels=0.6))(logits, codes, [0])
+    assert float(torch.softmax(logits, 1)[0, 2].min()) > 0.9 and float(plain) == float(pseudo)
 
 
 def test_naive_merging_trains_the_unannotated_classes_as_background():
@@ -225,7 +285,9 @@ def test_a_union_json_loads_with_the_sources_settings(tmp_path):
     assert config.label_sets.sources[0].sets == ((1,), (2, 3), (4,)) and config.mirror_axes == (0, 1, 2)
     card = config.label_manager.to_card()
     assert card["sources"][0]["labels"]["kidney"] == ["right kidney", "left kidney"]
-    assert card["unannotated"] == "marginal"
+    assert card["unannotated"] == "marginal" and card["pseudo_labels"] is None
+    pseudo = load_dataset_config(str(union_file(tmp_path / "pseudo", pseudo_labels=0.9)))
+    assert pseudo.label_sets.pseudo_labels == 0.9 and pseudo.label_manager.to_card()["pseudo_labels"] == 0.9
     write_source(tmp_path / "kidneys", ["right kidney", "left kidney", "pancreas"], spacing=[1.5, 1.5, 2.0])
     assert load_dataset_config(str(tmp_path / "union.json")).spacing == "median"  # derived over the union
 
@@ -263,6 +325,11 @@ def test_a_union_json_loads_with_the_sources_settings(tmp_path):
         ({"source_1": {"weight": 0}}, "source 'kidneys': 'weight' 0 must be a positive number"),
         ({"source_1": {"name": "organs"}}, "two sources are named 'organs'; each needs a name of its own"),
         ({"unannotated": "drop"}, "'unannotated' 'drop': expected one of marginal, background"),
+        ({"pseudo_labels": 0.3}, "'pseudo_labels' 0.3: expected a probability in [0.5, 1)"),
+        (
+            {"pseudo_labels": 0.9, "unannotated": "background"},
+            "'pseudo_labels' needs 'unannotated' marginal (naive merging has no sets)",
+        ),
     ],
 )
 def test_a_wrong_union_is_refused_in_one_line(tmp_path, changes, message):
