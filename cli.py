@@ -216,7 +216,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         help=card.get(
             "network_args",
             "constructor arguments as a JSON object, e.g. '{\"width\": 16}' (for a network of your own also "
-            '"in_channels_arg" / "out_channels_arg": its names of the channel counts)',
+            '"in_channels_arg" / "out_channels_arg": its names of the channel counts); default: none',
         ),
     )
     parser.add_argument("--mode", default=mode, choices=[mode], help=argparse.SUPPRESS)  # the published flag

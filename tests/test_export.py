@@ -70,6 +70,7 @@ UNETR_TINY = dict(img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim
     [
         ("REPUXNET", TINY),  # 5^3 kernels: the training form convolves through FFT on the CPU
         ("3DUXNET", TINY),
+        ("REP3D", TINY),  # the learned prior folded into plain kernels
         ("UNet", dict(channels=(4, 8, 8, 8, 8))),
         ("UNETR", UNETR_TINY),  # built for one input size
     ],

@@ -224,5 +224,5 @@ def test_rep3d_trains_through_the_registry_and_its_flags():
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
