@@ -18,7 +18,16 @@ from torch import nn
 from networks.dwconv import DepthwiseConv3d
 from networks.layers import replace_layers
 
-__all__ = ["BFRConv3d", "ReparameterizedConv3d", "frequency_prior", "switch_to_deploy"]
+__all__ = ["BFRConv3d", "ReparameterizedConv3d", "centre_distance", "frequency_prior", "switch_to_deploy"]
+
+
+def centre_distance(kernel_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The Euclidean distance in voxels of each element of a cubic kernel to its centre, ``(ks, ks, ks)`` in
+    float64 (which keeps a prior computed from it exact to the last bit of the target dtype)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+    offsets = torch.arange(kernel_size, dtype=torch.float64, device=device) - (kernel_size - 1) / 2
+    return torch.sqrt(offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None, :] ** 2)
 
 
 def frequency_prior(
@@ -40,13 +49,9 @@ def frequency_prior(
         ``M[i, j, k] = alpha / (d + alpha)`` with ``d`` the Euclidean distance in voxels from
         ``(i, j, k)`` to the kernel centre: 1 at the centre, decreasing towards the corners.
     """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+    distance = centre_distance(kernel_size, device)
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha!r}")
-    # float64 keeps the prior exact to the last bit of the target dtype.
-    offsets = torch.arange(kernel_size, dtype=torch.float64, device=device) - (kernel_size - 1) / 2
-    distance = torch.sqrt(offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None, :] ** 2)
     prior = alpha / (distance + alpha)
     return prior.to(dtype or torch.get_default_dtype())
 

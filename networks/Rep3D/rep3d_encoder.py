@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from networks.bfr import ReparameterizedConv3d
+from networks.bfr import ReparameterizedConv3d, centre_distance
 from networks.dwconv import DepthwiseConv3d
 from networks.layers import StagedEncoder
 
@@ -44,12 +44,9 @@ def distance_prior(
     """Rep3D's distance prior of a cubic kernel: ``P[i, j, k] = 1 / (1 + d^beta)``, ``d`` the Euclidean distance
     in voxels from ``(i, j, k)`` to the centre (1 at the centre). With ``beta`` 1 it is RepUX-Net's Bayesian
     frequency prior with alpha 1."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+    distance = centre_distance(kernel_size, device)
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta!r}")
-    offsets = torch.arange(kernel_size, dtype=torch.float64, device=device) - (kernel_size - 1) / 2
-    distance = torch.sqrt(offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None, :] ** 2)
     return (1 / (1 + distance**beta)).to(dtype or torch.get_default_dtype())
 
 
