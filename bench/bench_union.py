@@ -14,6 +14,7 @@ the loss's pseudo-labels (``"pseudo_labels": 0.9``).
     python bench/bench_union.py --only weighted --json bench/results/union_weighted_cpu.json
     python bench/bench_union.py --only pseudo --json bench/results/union_pseudo_cpu.json
     python bench/bench_union.py --only pseudo --seed 1 --json bench/results/union_pseudo_seed1_cpu.json
+    python bench/bench_union.py --only union,pseudo,full --seed 2 --json bench/results/union_pseudo_seed2_cpu.json
 
 Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
 commands are printed as they run.
