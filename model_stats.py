@@ -13,7 +13,6 @@ The paper's FLOPs column was made with another counter, so only the parameters c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from networks import available_networks, build_network, canonical_name, overrides_from_flags
 from networks.dwconv import full_kernels
-from networks.plugins import CHANNEL_ARGS, is_plugin, load_plugin
+from networks.plugins import is_plugin, load_plugin, parse_network_args
 
 #: The paper's table (the published README): parameters (M) and FLOPs (G) at 96^3, by registry name and
 #: arguments; Rep3D's parameters from leeh43/Rep3D's README (no FLOPs given there).
@@ -76,21 +75,18 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=96, help="input edge length (default 96)")
     parser.add_argument("--out_channels", type=int, default=5, help="classes (default 5, FLARE)")
     parser.add_argument(
-        "--network_args", default="{}", help="constructor arguments (JSON) of the networks of your own listed"
+        "--network_args", default=None, help="constructor arguments (JSON) of the networks of your own listed"
     )
     args = parser.parse_args(argv)
     try:
-        network_args = json.loads(args.network_args)
-        if not isinstance(network_args, dict):
-            raise ValueError("expected a JSON object")
+        network_args, channel_args = parse_network_args(args.network_args)
     except ValueError as error:
-        sys.exit(f"error: --network_args {args.network_args}: {error}")
-    channel_args = {key: network_args.pop(key) for key in CHANNEL_ARGS if key in network_args}
+        sys.exit(f"error: {error}")
     requested, labels = [], {}
     for name in args.networks:
         if is_plugin(name):
             try:
-                registered = load_plugin(name, **channel_args)["name"]
+                registered, _ = load_plugin(name, **channel_args)
             except ValueError as error:
                 sys.exit(f"error: {name}: {error}")
             labels[registered] = name

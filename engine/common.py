@@ -16,7 +16,7 @@ from torch import nn
 
 from atomic_files import replace_atomically
 from networks import build_network, canonical_name, get_spec, overrides_from_flags
-from networks.plugins import CHANNEL_ARGS, is_plugin, load_plugin
+from networks.plugins import CHANNEL_ARGS, is_plugin, load_plugin, parse_network_args
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -191,17 +191,20 @@ def roi_of(roi_size: int | str | Sequence[int]) -> tuple[int, int, int]:
 def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
     """The network the flags ask for (a registry name, or the user's ``file.py:Class`` imported here), with
     ``--network_args``; checks the ROI against the network's input multiple."""
-    arguments = network_arguments(getattr(args, "network_args", None))
-    channel_args = {key: arguments.pop(key) for key in CHANNEL_ARGS if key in arguments}
+    try:
+        arguments, channel_args = parse_network_args(getattr(args, "network_args", None))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     plugin = None
     try:
         if is_plugin(args.network or ""):
-            plugin = load_plugin(args.network, **channel_args)
+            name, plugin = load_plugin(args.network, **channel_args)
         elif channel_args:
             raise ValueError(
                 f"{', '.join(channel_args)} in --network_args is for a network of your own (file.py:Class)"
             )
-        name = plugin["name"] if plugin else canonical_name(args.network or "REPUXNET")
+        else:
+            name = canonical_name(args.network or "REPUXNET")
         overrides = overrides_from_flags(
             name, feat_size=args.feat_size, kernel_size=args.kernel_size, hidden_size=args.hidden_size, roi_size=roi
         )
@@ -216,22 +219,7 @@ def network_from_flags(args, roi: tuple[int, int, int]) -> NetworkChoice:
             f"--roi_size {','.join(map(str, roi))}: too small for {name}, whose deepest level would be a single "
             f"voxel; use at least {spec.smallest_input} on every axis"
         )
-    if plugin is not None:
-        plugin = {key: value for key, value in plugin.items() if key != "name"}
     return NetworkChoice(name, overrides, plugin)
-
-
-def network_arguments(text: str | None) -> dict:
-    """``--network_args``: a JSON object of constructor arguments; a UsageError for anything else."""
-    if text is None:
-        return {}
-    try:
-        arguments = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--network_args {text}: not JSON ({error})") from None
-    if not isinstance(arguments, dict):
-        raise UsageError(f"--network_args {text}: expected a JSON object such as '{{\"width\": 16}}'")
-    return arguments
 
 
 def check_output_folder(output: str | os.PathLike) -> Path:

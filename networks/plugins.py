@@ -13,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import json
 import sys
 from pathlib import Path
 
 from networks.registry import NetworkSpec, register_network
 
-__all__ = ["CHANNEL_ARGS", "is_plugin", "load_plugin"]
+__all__ = ["CHANNEL_ARGS", "is_plugin", "load_plugin", "parse_network_args"]
+
+#: The registry name of each network of the user's imported in this process, with its card record.
+_LOADED: dict[str, dict] = {}
 
 #: The keys of ``--network_args`` that name the constructor's channel arguments (not passed to it).
 CHANNEL_ARGS = ("in_channels_arg", "out_channels_arg")
@@ -27,6 +31,20 @@ CHANNEL_ARGS = ("in_channels_arg", "out_channels_arg")
 def is_plugin(network: str) -> bool:
     """Whether ``--network`` names the user's own class (``file.py:Class`` or ``module:Class``)."""
     return ":" in network
+
+
+def parse_network_args(text: str | None) -> tuple[dict, dict]:
+    """``--network_args`` (a JSON object, or None): the constructor arguments, and the channel argument names
+    (:data:`CHANNEL_ARGS`) taken out of them; a one-line ValueError for anything but a JSON object."""
+    if text is None:
+        return {}, {}
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--network_args {text}: not JSON ({error})") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"--network_args {text}: expected a JSON object such as '{{\"width\": 16}}'")
+    return arguments, {key: arguments.pop(key) for key in CHANNEL_ARGS if key in arguments}
 
 
 def _file_of(target: str) -> tuple[Path, str, str | None]:
@@ -57,9 +75,10 @@ def load_plugin(
     in_channels_arg: str = "in_channels",
     out_channels_arg: str = "out_channels",
     sha256: str | None = None,
-) -> dict:
-    """Import the class ``target`` names, check it, and register it; returns what a model card records of it
-    (``name``, the registry name; ``file``; ``class``; ``module``; ``sha256``; the channel argument names).
+) -> tuple[str, dict]:
+    """Import the class ``target`` names, check it, and register it; returns its registry name and what a
+    model card records of it (``file``, ``class``, ``module``, ``sha256``, the channel argument names). A
+    file already registered with the same content is not imported again.
 
     Raises a one-line ValueError naming the file: gone, changed since ``sha256`` (a card's), failing to
     import, without the class, a class that is not an ``nn.Module``, or a constructor without the channel
@@ -74,14 +93,25 @@ def load_plugin(
             f"the network file {path} changed since the model was trained (SHA-256 {digest[:12]}..., the model card "
             f"says {sha256[:12]}...); restore that file or train again"
         )
+    name = f"{path}:{attribute}"
+    record = {
+        "file": str(path),
+        "class": attribute,
+        "module": module_name,
+        "sha256": digest,
+        CHANNEL_ARGS[0]: in_channels_arg,
+        CHANNEL_ARGS[1]: out_channels_arg,
+    }
+    if _LOADED.get(name) == record:
+        return name, record
     try:
         if module_name is not None:
             module = importlib.import_module(module_name)
         else:
-            name = f"repuxnet_network_{digest[:16]}"
-            spec = importlib.util.spec_from_file_location(name, path)
+            unique = f"repuxnet_network_{digest[:16]}"
+            spec = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses and pickling look their module up here
+            sys.modules[unique] = module  # dataclasses and pickling look their module up here
             spec.loader.exec_module(module)
     except Exception as error:  # the user's code may raise anything on import
         raise ValueError(f"importing the network file {path} failed ({type(error).__name__}: {error})") from None
@@ -99,7 +129,6 @@ def load_plugin(
                 f"{', '.join(parameters) or 'nothing'}); name its channel arguments with --network_args "
                 f'\'{{"{CHANNEL_ARGS[0]}": ..., "{CHANNEL_ARGS[1]}": ...}}\''
             )
-    name = f"{path}:{attribute}"
     # The user's code: no input multiple is known (the ROI-sized check before training decides), the head
     # for fine-tuning is its last 3D convolution, and exports are traced at the ROI size.
     spec = NetworkSpec(
@@ -111,12 +140,5 @@ def load_plugin(
         any_size_export=False,
     )
     register_network(name, spec, replace=True)
-    return {
-        "name": name,
-        "file": str(path),
-        "class": attribute,
-        "module": module_name,
-        "sha256": digest,
-        CHANNEL_ARGS[0]: in_channels_arg,
-        CHANNEL_ARGS[1]: out_channels_arg,
-    }
+    _LOADED[name] = record
+    return name, record
