@@ -5,7 +5,7 @@ same cases with every class labelled, at equal steps, each scored by ``test_seg.
 fully labelled test cases; and (d), the control of the pancreas, which only the ``kidneys`` source labels: one
 model trained on that source's 8 cases with every class labelled (the pancreas annotations the union has);
 (e) the union with the ``kidneys`` source drawn twice as often (its ``weight`` 2); and (f) the union with
-the loss's pseudo-labels (``"pseudo_labels": 0.9``).
+the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold ``--pseudo_labels`` gives).
 
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
@@ -15,6 +15,8 @@ the loss's pseudo-labels (``"pseudo_labels": 0.9``).
     python bench/bench_union.py --only pseudo --json bench/results/union_pseudo_cpu.json
     python bench/bench_union.py --only pseudo --seed 1 --json bench/results/union_pseudo_seed1_cpu.json
     python bench/bench_union.py --only union,pseudo,full --seed 2 --json bench/results/union_pseudo_seed2_cpu.json
+    python bench/bench_union.py --only pseudo --pseudo_labels 0.5 --json bench/results/union_pseudo50_cpu.json
+    python bench/bench_union.py --only pseudo --pseudo_labels 0.97 --json bench/results/union_pseudo97_cpu.json
 
 Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
 commands are printed as they run.
@@ -51,15 +53,16 @@ def run(command: list[str]) -> None:
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
-def _write_union_variants(data: Path) -> None:
+def _write_union_variants(data: Path, pseudo_labels: float) -> None:
     """``union_weighted.json``: ``union.json`` with the ``kidneys`` source (the only one labelling the
     pancreas) at weight 2, so that two batches in three supervise the pancreas (the run ``weighted``);
-    ``union_pseudo.json``: with pseudo-labels above 0.9 (the run ``pseudo``)."""
+    ``union_pseudo.json``: with pseudo-labels above ``pseudo_labels`` (the run ``pseudo``)."""
     union = json.loads((data / "union.json").read_text())
     weighted = {**union, "name": union["name"] + ", kidneys source weighted 2"}
     weighted["sources"] = [{**s, "weight": 2 if s["name"] == "kidneys" else 1} for s in union["sources"]]
     (data / "union_weighted.json").write_text(json.dumps(weighted, indent=2) + "\n")
-    pseudo = {**union, "name": union["name"] + ", pseudo-labels above 0.9", "pseudo_labels": 0.9}
+    pseudo = {**union, "name": union["name"] + f", pseudo-labels above {pseudo_labels:g}"}
+    pseudo["pseudo_labels"] = pseudo_labels
     (data / "union_pseudo.json").write_text(json.dumps(pseudo, indent=2) + "\n")
 
 
@@ -88,6 +91,7 @@ def main() -> None:
         help="the runs, of union, naive, full, full8, weighted, pseudo (default all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="main_train.py's --seed of every run (default 0)")
+    parser.add_argument("--pseudo_labels", type=float, default=0.9, help="the run pseudo's threshold (default 0.9)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     data, runs = Path(args.data), Path(args.runs)
@@ -95,12 +99,14 @@ def main() -> None:
     if not (data / "union.json").is_file():
         run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
     write_kidneys_cases(data)
-    _write_union_variants(data)
+    _write_union_variants(data, args.pseudo_labels)
     results = []
     chosen = args.only.split(",")
     for name, (key, dataset) in RUNS.items():
         if key not in chosen:
             continue
+        if key == "pseudo" and args.pseudo_labels != 0.9:
+            name, key = f"union, pseudo-labels above {args.pseudo_labels:g}", f"pseudo{args.pseudo_labels:g}"
         output = runs / (f"{key}_{args.max_iter}" + (f"_seed{args.seed}" if args.seed else ""))
         started = time.perf_counter()
         run(
