@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def exit_message(main, argv) -> str:
         main(argv)
     assert raised.value.code not in (0, None)
     return str(raised.value.code)
+
+
+def run_bundle(bundle: Path, images: Path, output: Path, cwd: Path) -> None:
+    """``python -m monai.bundle run`` as a user runs it, in isolated mode (no PYTHONPATH, no working folder on
+    the path) from a folder outside the repository."""
+    command = [sys.executable, "-I", "-m", "monai.bundle", "run", "--bundle_root", str(bundle)]
+    command += ["--config_file", str(bundle / "configs" / "inference.json")]
+    command += ["--dataset_dir", str(images), "--output_dir", str(output), "--inferer#overlap", "0"]
+    completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 @pytest.fixture(autouse=True)

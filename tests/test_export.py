@@ -15,7 +15,7 @@ import onnxruntime
 import openvino
 import pytest
 import torch
-from conftest import TINY, TINY_RUN, exit_message, flags
+from conftest import TINY, TINY_RUN, exit_message, flags, run_bundle
 from monai.bundle import ConfigParser
 from torch import nn
 
@@ -276,16 +276,6 @@ def segment(weights: list, root: Path, output: Path, extra: tuple = ()) -> Segme
     argv = flags(root=root, output=output, **PREDICT) + ["--save_probabilities", "--trained_weights"]
     test_seg.main(argv + [*map(str, weights), *extra])
     return Segmentations(output)
-
-
-def run_bundle(bundle: Path, images: Path, output: Path, cwd: Path) -> None:
-    """``python -m monai.bundle run`` as a user runs it, in isolated mode (no PYTHONPATH, no working folder on
-    the path) from a folder outside the repository."""
-    command = [sys.executable, "-I", "-m", "monai.bundle", "run", "--bundle_root", str(bundle)]
-    command += ["--config_file", str(bundle / "configs" / "inference.json")]
-    command += ["--dataset_dir", str(images), "--output_dir", str(output), "--inferer#overlap", "0"]
-    completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 def assert_same_segmentations(expected: Segmentations, actual: dict) -> None:

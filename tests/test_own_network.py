@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, exit_message, flags
+from conftest import TINY_RUN, exit_message, flags, run_bundle
 
 import export
 import main_finetune
@@ -50,6 +50,8 @@ class NotANetwork:
 '''
 #: The shape flags of the tiny runs do not apply to a network of one's own.
 RUN = {key: value for key, value in TINY_RUN.items() if key not in ("feat_size", "kernel_size", "hidden_size")}
+#: Segmenting as the exported bundle does (no overlap between windows), so that every route is compared.
+PREDICT = dict(device="cpu", overlap=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,9 @@ def test_a_network_of_ones_own_trains_segments_exports_and_is_rebuilt_only_from_
     plugin = card["network_plugin"]
     assert plugin["file"] == str(path.resolve()) and plugin["class"] == "TinyNet" and len(plugin["sha256"]) == 64
     weights = run / "best_metric_model.pth"
-    export.main(flags(trained_weights=weights, output=tmp_path / "exported") + ["--formats", "torchscript", "bundle"])
-    test_seg.main(flags(root=phantom, output=tmp_path / "pth", trained_weights=weights, device="cpu"))
+    exported = tmp_path / "exported"
+    export.main(flags(trained_weights=weights, output=exported) + ["--formats", "torchscript", "onnx", "bundle"])
+    test_seg.main(flags(root=phantom, output=tmp_path / "pth", trained_weights=weights, **PREDICT))
     predicted = {p.name: np.asarray(nib.load(p).dataobj) for p in (tmp_path / "pth").glob("*_seg.nii.gz")}
     assert len(predicted) == 1
 
@@ -92,12 +95,13 @@ def test_a_network_of_ones_own_trains_segments_exports_and_is_rebuilt_only_from_
     message = exit_message(test_seg.main, flags(root=phantom, output=tmp_path / "x", trained_weights=weights))
     assert f"the network file {path.resolve()} does not exist" in message
 
-    # the export carries no dependency on the file: it segments as the weights did with the file gone
-    exported = tmp_path / "exported" / "model.ts"
-    test_seg.main(flags(root=phantom, output=tmp_path / "ts", trained_weights=exported, device="cpu"))
-    for name, labels in predicted.items():
-        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "ts" / name).dataobj), labels)
-    assert (tmp_path / "exported" / "bundle" / "models" / "model.ts").is_file()
+    # the exports carry no dependency on the file: they segment as the weights did with the file gone
+    for model in ("model.ts", "model.onnx"):
+        test_seg.main(flags(root=phantom, output=tmp_path / model, trained_weights=exported / model, **PREDICT))
+    run_bundle(exported / "bundle", phantom / "imagesTs", tmp_path / "bundle", cwd=tmp_path)
+    for route in ("model.ts", "model.onnx", "bundle"):
+        for name, labels in predicted.items():
+            np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / route / name).dataobj), labels, err_msg=route)
 
 
 def test_fine_tuning_maps_the_head_of_ones_own_network_by_class_name(phantom, tmp_path):
