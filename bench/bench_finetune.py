@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,16 +47,13 @@ CHANNEL_RUNS = {
 }
 
 
-def run(command: list[str]) -> None:
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-
-
 def _datasets(data: Path) -> tuple[Path, Path, Path]:
     """The pretraining dataset, the label-set target and the MRI target (written where missing)."""
     python = sys.executable
     if not (data / "union" / "union.json").is_file():
-        run([python, "phantom.py", "--output", str(data / "union"), "--union", "--num_train", "8", "--num_test", "6"])
+        common.run_script(
+            [python, "phantom.py", "--output", str(data / "union"), "--union", "--num_train", "8", "--num_test", "6"]
+        )
     target_path = write_kidneys_cases(data / "union")
     mri = data / "mri"
     if not (mri / "dataset.json").is_file():
@@ -74,19 +70,18 @@ def _staged(script: str, extra: list[str], dataset: Path, output: Path, pretrain
     weights = ["--pretrained_weights", str(pretrained)] if pretrained is not None else []
     for i, steps in enumerate(STAGES):
         started = time.perf_counter()
-        run(
+        common.run_script(
             [python, script, "--dataset", str(dataset), "--output", str(output), *NETWORK, *weights, *extra]
             + ["--max_iter", str(steps), "--eval_step", str(steps), "--num_workers", "2"]
             + (["--resume", "auto"] if i else ["--overwrite"])
         )
         seconds += time.perf_counter() - started
         predictions = output / f"test_{steps}"
-        run(
+        common.run_script(
             [python, "test_seg.py", "--dataset", str(dataset), "--output", str(predictions), "--evaluate"]
             + ["--trained_weights", str(output / "checkpoint_last.pth"), "--device", "cpu"]
         )
-        summary = json.loads((predictions / "summary.json").read_text())
-        scores[steps] = {cls: values["dice"]["mean"] for cls, values in summary["classes"].items()}
+        scores[steps] = common.evaluated_dice(predictions)
     return {"dice": scores, "train_seconds": seconds}
 
 
@@ -111,7 +106,7 @@ def main() -> None:
     python = sys.executable
     pretrained_run = runs / "pretrained"
     if not (pretrained_run / "best_metric_model.pth").is_file():
-        run(
+        common.run_script(
             [python, "main_train.py", "--dataset", str(source), "--output", str(pretrained_run), *NETWORK]
             + ["--max_iter", str(PRETRAIN_STEPS), "--eval_step", str(PRETRAIN_STEPS // 4), "--overwrite"]
         )

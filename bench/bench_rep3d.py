@@ -11,18 +11,14 @@ The commands are printed as they run.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # noqa: E402  (it puts the repository on the path)
 
 from engine.common import load_with_card, parse_card  # noqa: E402
 from networks.Rep3D.rep3d_encoder import LearnedPriorConv3d  # noqa: E402
@@ -30,11 +26,6 @@ from networks.Rep3D.rep3d_encoder import LearnedPriorConv3d  # noqa: E402
 RUNS = {"RepUX-Net (fixed prior)": "REPUXNET", "Rep3D (learned prior)": "REP3D", "3D UX-Net (no prior)": "3DUXNET"}
 SHAPE = ["--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21", "--hidden_size", "128"]
 SHAPE += ["--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
-
-
-def run(command: list[str]) -> None:
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
 def mask_movement(weights: Path) -> list[dict]:
@@ -70,12 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     data, runs, python = Path(args.data), Path(args.runs), sys.executable
     if not (data / "dataset.json").is_file():
-        run([python, "phantom.py", "--output", str(data), "--num_train", "8", "--num_test", "6"])
+        common.run_script([python, "phantom.py", "--output", str(data), "--num_train", "8", "--num_test", "6"])
     results = []
     for label, network in RUNS.items():
         output = runs / f"{network}_{args.max_iter}_seed{args.seed}"
         started = time.perf_counter()
-        run(
+        common.run_script(
             [python, "main_train.py", "--root", str(data), "--dataset", "flare", "--network", network]
             + ["--output", str(output), *SHAPE, "--max_iter", str(args.max_iter)]
             + ["--eval_step", str(args.max_iter // 4), "--num_workers", str(args.num_workers)]
@@ -83,22 +74,17 @@ def main() -> None:
         )
         seconds = time.perf_counter() - started
         weights = output / "best_metric_model.pth"
-        run(
+        common.run_script(
             [python, "test_seg.py", "--root", str(data), "--dataset", "flare", "--output", str(output / "test")]
             + ["--trained_weights", str(weights), "--evaluate", "--device", "cpu"]
         )
-        summary = json.loads((output / "test" / "summary.json").read_text())
-        dice = {cls: values["dice"]["mean"] for cls, values in summary["classes"].items()}
+        dice = common.evaluated_dice(output / "test")
         result = {"run": label, "network": network, "train_seconds": seconds, "dice": dice}
         if network == "REP3D":
             result["mask"] = mask_movement(weights)
         results.append(result)
         print(label, {cls: round(value, 3) for cls, value in dice.items()}, flush=True)
-    classes = list(results[0]["dice"])
-    rows = [
-        [r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['train_seconds'] / 60:.0f} min"] for r in results
-    ]
-    print(common.markdown_table(["run", *classes, "training"], rows))
+    print(common.dice_table(results))
     blocks = next(r["mask"] for r in results if "mask" in r)
     print(
         common.markdown_table(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 #: name: (the --only key, the dataset the run trains on)
 RUNS = {
     "union, label-set loss": ("union", "union.json"),
@@ -46,11 +44,6 @@ RUNS = {
 }
 NETWORK = ["--network", "REPUXNET", "--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21"]
 NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
-
-
-def run(command: list[str]) -> None:
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
 def _write_union_variants(data: Path, pseudo_labels: float) -> None:
@@ -97,7 +90,9 @@ def main() -> None:
     data, runs = Path(args.data), Path(args.runs)
     python = sys.executable
     if not (data / "union.json").is_file():
-        run([python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"])
+        common.run_script(
+            [python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"]
+        )
     write_kidneys_cases(data)
     _write_union_variants(data, args.pseudo_labels)
     results = []
@@ -109,26 +104,21 @@ def main() -> None:
             name, key = f"union, pseudo-labels above {args.pseudo_labels:g}", f"pseudo{args.pseudo_labels:g}"
         output = runs / (f"{key}_{args.max_iter}" + (f"_seed{args.seed}" if args.seed else ""))
         started = time.perf_counter()
-        run(
+        common.run_script(
             [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
             + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
             + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--overwrite"]
         )
         seconds = time.perf_counter() - started
         predictions = output / "test"
-        run(
+        common.run_script(
             [python, "test_seg.py", "--dataset", str(data / "union.json"), "--output", str(predictions)]
             + ["--trained_weights", str(output / "best_metric_model.pth"), "--evaluate", "--device", "cpu"]
         )
-        summary = json.loads((predictions / "summary.json").read_text())
-        dice = {cls: values["dice"]["mean"] for cls, values in summary["classes"].items()}
+        dice = common.evaluated_dice(predictions)
         results.append({"run": name, "dataset": dataset, "train_seconds": seconds, "dice": dice})
         print(name, {cls: round(value, 3) for cls, value in dice.items()}, flush=True)
-    classes = list(results[0]["dice"])
-    rows = [
-        [r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['train_seconds'] / 60:.0f} min"] for r in results
-    ]
-    print(common.markdown_table(["run", *classes, "training"], rows))
+    print(common.dice_table(results))
     record = {"machine": common.machine(), "max_iter": args.max_iter, "seed": args.seed, "results": results}
     common.write_json(args.json, record)
 

@@ -77,6 +77,29 @@ def run_isolated(script: Path, args: list[str]) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def run_script(command: list[str]) -> None:
+    """Run a command of the repository's scripts from its root, printed first, its output hidden; a failure
+    stops the benchmark."""
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def evaluated_dice(predictions: Path) -> dict[str, float]:
+    """Each class's mean Dice in the ``summary.json`` that ``test_seg.py --evaluate`` wrote in ``predictions``."""
+    summary = json.loads((Path(predictions) / "summary.json").read_text())
+    return {cls: values["dice"]["mean"] for cls, values in summary["classes"].items()}
+
+
+def dice_table(results: list[dict]) -> str:
+    """A row per run (``run``, ``dice`` by class, ``train_seconds``): its test Dice of each class and its
+    training time."""
+    classes = list(results[0]["dice"])
+    rows = [
+        [r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['train_seconds'] / 60:.0f} min"] for r in results
+    ]
+    return markdown_table(["run", *classes, "training"], rows)
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
