@@ -17,18 +17,39 @@ the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold ``--pseudo_
     python bench/bench_union.py --only union,pseudo,full --seed 2 --json bench/results/union_pseudo_seed2_cpu.json
     python bench/bench_union.py --only pseudo --pseudo_labels 0.5 --json bench/results/union_pseudo50_cpu.json
     python bench/bench_union.py --only pseudo --pseudo_labels 0.97 --json bench/results/union_pseudo97_cpu.json
+    python bench/bench_union.py --only full8 --seed 2 --json bench/results/union_full8_seed2_cpu.json
+    python bench/bench_union.py --only pseudo --max_iter 2000 --json bench/results/union_pseudo_2000_cpu.json
+    python bench/bench_union.py --only full8 --max_iter 2000 --json bench/results/union_full8_2000_cpu.json
+    python bench/bench_union.py --only full8,pseudo --max_iter 2000 --seed 1
+        --json bench/results/union_2000_seed1_cpu.json
 
-Each run is the CPU demo configuration of ``demo.sh`` (RepUX-Net, 21^3 kernels with BFR, ROI 32); the
-commands are printed as they run.
+``--training_cases`` also segments the 16 training cases (``full/``, every class labelled) with each run's
+model and reports, per source whose cases they are, each class's Dice and its predicted volume over the
+labelled one: where a class one source lacks is learnt (or lost), case by case. ``--reuse`` scores a run
+already trained in its folder instead of training it again:
+
+    python bench/bench_union.py --only union,pseudo,full,full8 --seed 2 --reuse --training_cases
+        --json bench/results/union_training_cases_seed2_cpu.json
+    python bench/bench_union.py --only union,pseudo,full,full8 --max_iter 2000 --reuse --training_cases
+        --json bench/results/union_training_cases_2000_cpu.json
+    python bench/bench_union.py --only pseudo,full8 --max_iter 2000 --seed 1 --reuse --training_cases
+        --json bench/results/union_training_cases_2000_seed1_cpu.json
+
+(an indented line continues the command above it). Each run is the CPU demo configuration of ``demo.sh``
+(RepUX-Net, 21^3 kernels with BFR, ROI 32); the commands are printed as they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -72,6 +93,67 @@ def write_kidneys_cases(data: Path) -> Path:
     return path
 
 
+def write_training_cases_union(data: Path) -> Path:
+    """``union_training.json`` under ``data``: ``union.json`` whose ``test`` list is the 16 training cases of
+    ``full/`` (every class labelled), for scoring a model on the cases it trained on; returns its path."""
+    union = json.loads((data / "union.json").read_text())
+    full = json.loads((data / "full" / "dataset.json").read_text())
+    union["test"] = [
+        {key: f"./full/{case[key].removeprefix('./')}" for key in ("image", "label")} for case in full["training"]
+    ]
+    path = data / "union_training.json"
+    path.write_text(json.dumps(union, indent=2) + "\n")
+    return path
+
+
+def training_cases_by_source(data: Path, predictions: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """For each source of ``data/union.json``, over its training cases as segmented into ``predictions``
+    (``test_seg.py --evaluate`` on :func:`write_training_cases_union`'s list): each class's mean Dice and its
+    predicted volume over the labelled one (the voxels summed over the source's cases)."""
+    union = json.loads((data / "union.json").read_text())
+    classes = union["classes"]
+    source_of = {}
+    for source in union["sources"]:
+        listing = json.loads((data / source["dataset"]).read_text())
+        source_of.update(
+            {Path(case["image"]).name.removesuffix(".nii.gz"): source["name"] for case in listing["training"]}
+        )
+    dice: dict[tuple[str, str], list[float]] = {}
+    with open(predictions / "metrics.csv", newline="") as rows:
+        for row in csv.DictReader(rows):
+            dice.setdefault((source_of[row["case"]], row["name"]), []).append(float(row["dice"]))
+    predicted: dict[tuple[str, str], int] = {}
+    labelled: dict[tuple[str, str], int] = {}
+    for case, source in source_of.items():
+        prediction = np.asarray(nib.load(predictions / f"{case}_seg.nii.gz").dataobj)
+        truth = np.asarray(nib.load(data / "full" / "labelsTr" / f"{case}.nii.gz").dataobj)
+        for value, name in enumerate(classes[1:], start=1):
+            predicted[source, name] = predicted.get((source, name), 0) + int((prediction == value).sum())
+            labelled[source, name] = labelled.get((source, name), 0) + int((truth == value).sum())
+    return {
+        source["name"]: {
+            name: {
+                "dice": float(np.mean(dice[source["name"], name])),
+                "volume_ratio": predicted[source["name"], name] / labelled[source["name"], name],
+            }
+            for name in classes[1:]
+        }
+        for source in union["sources"]
+    }
+
+
+def training_cases_table(results: list[dict]) -> str:
+    """A row per run and source: each class's Dice on the source's training cases, with the predicted volume
+    over the labelled one."""
+    classes = list(results[0]["dice"])
+    rows = [
+        [result["run"], source, *(f"{by_class[c]['dice']:.3f} ({by_class[c]['volume_ratio']:.2f})" for c in classes)]
+        for result in results
+        for source, by_class in result["training_cases"].items()
+    ]
+    return common.markdown_table(["run", "training cases of", *classes], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/union", help="where the two-source phantom is written")
@@ -85,6 +167,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="main_train.py's --seed of every run (default 0)")
     parser.add_argument("--pseudo_labels", type=float, default=0.9, help="the run pseudo's threshold (default 0.9)")
+    parser.add_argument(
+        "--training_cases",
+        action="store_true",
+        help="also segment the training cases and report each source's Dice and predicted/labelled volume",
+    )
+    parser.add_argument("--reuse", action="store_true", help="score a run already trained in its folder")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     data, runs = Path(args.data), Path(args.runs)
@@ -103,22 +191,34 @@ def main() -> None:
         if key == "pseudo" and args.pseudo_labels != 0.9:
             name, key = f"union, pseudo-labels above {args.pseudo_labels:g}", f"pseudo{args.pseudo_labels:g}"
         output = runs / (f"{key}_{args.max_iter}" + (f"_seed{args.seed}" if args.seed else ""))
-        started = time.perf_counter()
-        common.run_script(
-            [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
-            + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
-            + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--overwrite"]
-        )
-        seconds = time.perf_counter() - started
-        predictions = output / "test"
-        common.run_script(
-            [python, "test_seg.py", "--dataset", str(data / "union.json"), "--output", str(predictions)]
-            + ["--trained_weights", str(output / "best_metric_model.pth"), "--evaluate", "--device", "cpu"]
-        )
-        dice = common.evaluated_dice(predictions)
-        results.append({"run": name, "dataset": dataset, "train_seconds": seconds, "dice": dice})
+        weights = output / "best_metric_model.pth"
+        seconds = None
+        if not (args.reuse and weights.is_file()):
+            started = time.perf_counter()
+            common.run_script(
+                [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
+                + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
+                + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--overwrite"]
+            )
+            seconds = time.perf_counter() - started
+        segment = [python, "test_seg.py", "--trained_weights", str(weights), "--evaluate", "--device", "cpu"]
+        common.run_script([*segment, "--dataset", str(data / "union.json"), "--output", str(output / "test")])
+        dice = common.evaluated_dice(output / "test")
+        result = {"run": name, "dataset": dataset, "train_seconds": seconds, "dice": dice}
         print(name, {cls: round(value, 3) for cls, value in dice.items()}, flush=True)
+        if args.training_cases:
+            scored = output / "training_cases"
+            common.run_script([*segment, "--dataset", str(write_training_cases_union(data)), "--output", str(scored)])
+            result["training_cases"] = training_cases_by_source(data, scored)
+            for source, by_class in result["training_cases"].items():
+                print(
+                    f"  {source}'s training cases:",
+                    {c: (round(v["dice"], 3), round(v["volume_ratio"], 2)) for c, v in by_class.items()},
+                )
+        results.append(result)
     print(common.dice_table(results))
+    if args.training_cases:
+        print(training_cases_table(results))
     record = {"machine": common.machine(), "max_iter": args.max_iter, "seed": args.seed, "results": results}
     common.write_json(args.json, record)
 

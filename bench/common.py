@@ -92,12 +92,14 @@ def evaluated_dice(predictions: Path) -> dict[str, float]:
 
 def dice_table(results: list[dict]) -> str:
     """A row per run (``run``, ``dice`` by class, ``train_seconds``): its test Dice of each class and its
-    training time."""
+    training time (None: a run trained before, scored again)."""
     classes = list(results[0]["dice"])
-    rows = [
-        [r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['train_seconds'] / 60:.0f} min"] for r in results
-    ]
+    rows = [[r["run"], *(f"{r['dice'][c]:.3f}" for c in classes), _minutes(r["train_seconds"])] for r in results]
     return markdown_table(["run", *classes, "training"], rows)
+
+
+def _minutes(seconds: float | None) -> str:
+    return "trained before" if seconds is None else f"{seconds / 60:.0f} min"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

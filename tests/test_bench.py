@@ -66,3 +66,46 @@ def test_inference_memory_benchmark_runs_both_paths_with_equal_labels(tmp_path):
     assert results["slabs"]["labels"] == 64 * 48 * 30 and results["slabs"]["labels_differing"] < 64 * 48 * 30 * 1e-4
     assert results["slabs"]["largest_top_two_gap_where_differing"] < 2 / 65534  # near ties only, if any
     assert results["network"]["activations_gib"] > 0 and results["slabs"]["estimate_gib"] > 0
+
+
+def test_union_benchmark_scores_the_training_cases_by_source(tmp_path):
+    """bench_union.py --training_cases: each source's mean Dice (from test_seg's metrics.csv) and predicted
+    over labelled volume (voxels summed over the source's cases), on two sources of two cases each."""
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_union
+
+    data, predictions = tmp_path / "union", tmp_path / "predictions"
+    (data / "full" / "labelsTr").mkdir(parents=True)
+    predictions.mkdir()
+    sources = {"first": ["c1", "c2"], "second": ["c3", "c4"]}
+    union = {"name": "u", "classes": ["background", "a", "b"], "sources": []}
+    for source, cases in sources.items():
+        (data / source).mkdir()
+        listing = {"training": [{"image": f"./imagesTr/{case}.nii.gz"} for case in cases]}
+        (data / source / "dataset.json").write_text(json.dumps(listing))
+        union["sources"].append({"name": source, "dataset": f"{source}/dataset.json", "labels": {}})
+    (data / "union.json").write_text(json.dumps(union))
+    # labelled and predicted voxels of class a, b per case
+    labelled = {"c1": (4, 2), "c2": (6, 2), "c3": (5, 1), "c4": (5, 3)}
+    predicted = {"c1": (2, 2), "c2": (3, 4), "c3": (5, 0), "c4": (10, 3)}
+    rows = ["case,class,name,dice,hd95,nsd"]
+    for case in labelled:
+        for counts, folder in ((labelled[case], data / "full" / "labelsTr"), (predicted[case], predictions)):
+            volume = np.zeros(20, np.uint8)
+            volume[: counts[0]] = 1
+            volume[10 : 10 + counts[1]] = 2
+            name = f"{case}.nii.gz" if folder != predictions else f"{case}_seg.nii.gz"
+            nib.save(nib.Nifti1Image(volume.reshape(4, 5, 1), np.eye(4)), folder / name)
+        rows += [f"{case},1,a,{0.1 * int(case[1])},0,0", f"{case},2,b,{0.2 * int(case[1])},0,0"]
+    (predictions / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+    scores = bench_union.training_cases_by_source(data, predictions)
+    assert list(scores) == ["first", "second"] and list(scores["first"]) == ["a", "b"]
+    assert scores["first"]["a"]["dice"] == pytest.approx(0.15) and scores["second"]["b"]["dice"] == pytest.approx(0.7)
+    assert scores["first"]["a"]["volume_ratio"] == pytest.approx(5 / 10)
+    assert scores["first"]["b"]["volume_ratio"] == pytest.approx(6 / 4)
+    assert scores["second"]["a"]["volume_ratio"] == pytest.approx(15 / 10)
+    assert scores["second"]["b"]["volume_ratio"] == pytest.approx(3 / 4)
