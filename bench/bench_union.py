@@ -34,6 +34,8 @@ already trained in its folder instead of training it again:
         --json bench/results/union_training_cases_2000_cpu.json
     python bench/bench_union.py --only pseudo,full8 --max_iter 2000 --seed 1 --reuse --training_cases
         --json bench/results/union_training_cases_2000_seed1_cpu.json
+    python bench/bench_union.py --only full --max_iter 2000 --seed 1 --training_cases
+        --json bench/results/union_full_2000_seed1_cpu.json
 
 (an indented line continues the command above it). Each run is the CPU demo configuration of ``demo.sh``
 (RepUX-Net, 21^3 kernels with BFR, ROI 32); the commands are printed as they run.
