@@ -54,7 +54,9 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # noqa: E402  (it puts the repository on the path)
+
+from dataset.cases import case_name  # noqa: E402
 
 #: name: (the --only key, the dataset the run trains on)
 RUNS = {
@@ -117,30 +119,23 @@ def training_cases_by_source(data: Path, predictions: Path) -> dict[str, dict[st
     source_of = {}
     for source in union["sources"]:
         listing = json.loads((data / source["dataset"]).read_text())
-        source_of.update(
-            {Path(case["image"]).name.removesuffix(".nii.gz"): source["name"] for case in listing["training"]}
-        )
+        source_of.update({case_name(case["image"]): source["name"] for case in listing["training"]})
     dice: dict[tuple[str, str], list[float]] = {}
     with open(predictions / "metrics.csv", newline="") as rows:
         for row in csv.DictReader(rows):
             dice.setdefault((source_of[row["case"]], row["name"]), []).append(float(row["dice"]))
-    predicted: dict[tuple[str, str], int] = {}
-    labelled: dict[tuple[str, str], int] = {}
+    # per source: voxels of each class value, predicted (row 0) and labelled (row 1)
+    voxels = {source["name"]: np.zeros((2, len(classes)), np.int64) for source in union["sources"]}
     for case, source in source_of.items():
-        prediction = np.asarray(nib.load(predictions / f"{case}_seg.nii.gz").dataobj)
-        truth = np.asarray(nib.load(data / "full" / "labelsTr" / f"{case}.nii.gz").dataobj)
-        for value, name in enumerate(classes[1:], start=1):
-            predicted[source, name] = predicted.get((source, name), 0) + int((prediction == value).sum())
-            labelled[source, name] = labelled.get((source, name), 0) + int((truth == value).sum())
+        for row, path in enumerate((predictions / f"{case}_seg.nii.gz", data / "full" / "labelsTr" / f"{case}.nii.gz")):
+            values = np.asarray(nib.load(path).dataobj).astype(np.int64).ravel()
+            voxels[source][row] += np.bincount(values, minlength=len(classes))[: len(classes)]
     return {
-        source["name"]: {
-            name: {
-                "dice": float(np.mean(dice[source["name"], name])),
-                "volume_ratio": predicted[source["name"], name] / labelled[source["name"], name],
-            }
-            for name in classes[1:]
+        source: {
+            name: {"dice": float(np.mean(dice[source, name])), "volume_ratio": counts[0, value] / counts[1, value]}
+            for value, name in enumerate(classes[1:], start=1)
         }
-        for source in union["sources"]
+        for source, counts in voxels.items()
     }
 
 
@@ -185,6 +180,7 @@ def main() -> None:
         )
     write_kidneys_cases(data)
     _write_union_variants(data, args.pseudo_labels)
+    training_cases = write_training_cases_union(data) if args.training_cases else None
     results = []
     chosen = args.only.split(",")
     for name, (key, dataset) in RUNS.items():
@@ -208,9 +204,9 @@ def main() -> None:
         dice = common.evaluated_dice(output / "test")
         result = {"run": name, "dataset": dataset, "train_seconds": seconds, "dice": dice}
         print(name, {cls: round(value, 3) for cls, value in dice.items()}, flush=True)
-        if args.training_cases:
+        if training_cases is not None:
             scored = output / "training_cases"
-            common.run_script([*segment, "--dataset", str(write_training_cases_union(data)), "--output", str(scored)])
+            common.run_script([*segment, "--dataset", str(training_cases), "--output", str(scored)])
             result["training_cases"] = training_cases_by_source(data, scored)
             for source, by_class in result["training_cases"].items():
                 print(

@@ -68,13 +68,13 @@ def test_inference_memory_benchmark_runs_both_paths_with_equal_labels(tmp_path):
     assert results["network"]["activations_gib"] > 0 and results["slabs"]["estimate_gib"] > 0
 
 
-def test_union_benchmark_scores_the_training_cases_by_source(tmp_path):
+def test_union_benchmark_scores_the_training_cases_by_source(tmp_path, monkeypatch):
     """bench_union.py --training_cases: each source's mean Dice (from test_seg's metrics.csv) and predicted
     over labelled volume (voxels summed over the source's cases), on two sources of two cases each."""
     import nibabel as nib
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import bench_union
 
     data, predictions = tmp_path / "union", tmp_path / "predictions"
