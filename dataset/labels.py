@@ -380,9 +380,25 @@ class LabelSets:
         """The indices of source ``source``'s columns in :attr:`columns`, its background's first."""
         return [i for i, (k, _) in enumerate(self.columns) if k == source]
 
+    def source_label_map(self, source: int) -> dict[int, int]:
+        """Each unified class to the label value of source ``source`` whose set holds it, to score a prediction
+        on that source's labels (a set's prediction is the union of its classes'); a class the source does not
+        annotate is its background."""
+        return {value: label for label, group in enumerate(self.sources[source].sets, 1) for value in group}
+
+    def scored_labels(self) -> dict[int, tuple[int, int, str]]:
+        """What scoring cases of several sources together looks at (cross-validation of a union): key (1, 2,
+        ... over every source's labels in turn) -> (source, the source's label value, ``"source label"``)."""
+        keys = [
+            (k, value, f"{source.name} {name}")
+            for k, source in enumerate(self.sources)
+            for value, name in enumerate(source.label_names, 1)
+        ]
+        return dict(enumerate(keys, 1))
+
     def to_card(self) -> dict:
-        """The model card's ``sources`` (each source's labels, by name: the classes each stands for),
-        ``unannotated`` and ``pseudo_labels``."""
+        """The model card's ``sources`` (each source's labels, by name: the classes each stands for; its
+        ignore label, if any), ``unannotated`` and ``pseudo_labels``: what :meth:`from_card` reads back."""
         sources = [
             {
                 "name": source.name,
@@ -391,7 +407,29 @@ class LabelSets:
                     for name, group in zip(source.label_names, source.sets, strict=True)
                 },
                 "weight": source.weight,
+                **({"ignore_label": source.ignore_label} if source.ignore_label is not None else {}),
             }
             for source in self.sources
         ]
         return {"sources": sources, "unannotated": self.unannotated, "pseudo_labels": self.pseudo_labels}
+
+    @classmethod
+    def from_card(cls, card: Mapping) -> LabelSets | None:
+        """The label sets a union's model card records (:meth:`to_card`, with its ``classes``), or None for a
+        model of one dataset (no ``sources``). ValueError naming what is not understood."""
+        if not card.get("sources"):
+            return None
+        classes = list(card.get("classes") or ())
+        sources = []
+        try:
+            for source in card["sources"]:
+                labels = source["labels"]
+                sets = tuple(
+                    tuple(classes.index(name) for name in ([group] if isinstance(group, str) else group))
+                    for group in labels.values()
+                )
+                ignore, weight = source.get("ignore_label"), float(source.get("weight", 1))
+                sources.append(SourceLabels(source["name"], tuple(labels), sets, ignore, weight))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(f"sources {card['sources']!r}: not a union's sources ({error})") from None
+        return cls(classes, sources, card.get("unannotated", "marginal"), card.get("pseudo_labels"))

@@ -4,6 +4,11 @@ keep-largest postprocessing chosen on them as nnU-Net v2 chooses them (``find_be
 ``ensemble_crossvalidations``, ``determine_postprocessing``), and the choice written as a plan (``plan.json``)
 that ``test_seg.py --plan`` and ``export.py --plan`` apply.
 
+A union of datasets (``dataset.union``; its model card records the ``sources``) is studied the same way, each
+held-out case scored on its own source's labels (a label's prediction is the union of its set's classes, as
+``test_seg.py --source`` scores a source's test cases), the foreground Dice the mean over the sources of each
+one's mean over its labels (as training validation averages the sources).
+
 A fold run (``main_train.py --fold K``) records its split in ``fold.json`` and, when it ends, segments its
 held-out cases into ``validation/`` (``held_out.json`` says with what). A run trained before either is
 read from its checkpoint and the dataset flags, its held-out step run on demand.
@@ -17,8 +22,8 @@ import functools
 import itertools
 import math
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -30,15 +35,25 @@ from atomic_files import replace_atomically, save_json
 from dataset.cases import case_name, find_cases, split_folds
 from dataset.checks import file_identity, load_record
 from dataset.description import PRESETS, DatasetError, counted, load_dataset_config, read_json
-from dataset.labels import LabelManager
+from dataset.labels import LabelManager, LabelSets
 from dataset.portable import CONNECTIVITY, keep_largest
 from engine.common import BEST_WEIGHTS, FINAL_WEIGHTS, LAST_CHECKPOINT, UsageError, load_with_card, model_card_path
-from engine.evaluate import CHART_BARS, CHART_MARGIN, dice_chart, dice_scores, read_label
+from engine.evaluate import (
+    CHART_BARS,
+    CHART_MARGIN,
+    apply_label_map,
+    dice_chart,
+    dice_scores,
+    evaluate_case,
+    read_label,
+    write_reports,
+)
 
 __all__ = [
     "FOLD_RECORD",
     "HELD_OUT",
     "FoldRun",
+    "Scoring",
     "best_checkpoint_summary",
     "choose",
     "class_means",
@@ -161,23 +176,33 @@ def predict_held_out(run: FoldRun, checkpoint: str, flags: Sequence[str] = ()) -
     """Segment ``run``'s held-out cases with its model (:func:`run_weights`) into ``<run>/validation/``, as
     ``test_seg.py --tta --save_probabilities --evaluate`` does (mirroring as the model card says; ``flags``:
     more test_seg.py flags, such as the device), unless they are there already from the same weights; the
-    record of what made them (``held_out.json``)."""
+    record of what made them (``held_out.json``). A union's cases are scored on their sources' labels
+    (:class:`Scoring`)."""
     from cli import inference_parser
     from engine.infer import run_inference
 
     weights = run_weights(run.folder, checkpoint)
     output = run.folder / HELD_OUT
     names = sorted(case_name(case["image"]) for case in run.held_out)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"{run.folder}: two held-out cases are named {twice[0]} (their predictions would clash)")
     # Named within the run (size and modification time), so that a run folder moved or copied keeps them.
     identity = {"weights_file": weights.name, "file": file_identity(weights)[1], "cases": names}
     record = load_record(output / HELD_OUT_RECORD)
     if all(record.get(key) == value for key, value in identity.items()):
         return record
+    _, card, _ = load_with_card(str(weights), "--trained_weights")
+    sets = _label_sets(card or {}, str(weights))
+    sources = {case_name(case["image"]): int(case["source"]) for case in run.held_out} if sets else {}
     command = ["--trained_weights", str(weights), "--output", str(output), "--tta", "--save_probabilities"]
-    args = inference_parser("").parse_args([*command, "--evaluate", *flags])
+    command += [] if sets else ["--evaluate"]
+    args = inference_parser("").parse_args([*command, *flags])
     print(f"{run.folder}: segmenting the {counted(len(names), 'held-out case')} of fold {run.fold} with {weights.name}")
     run_inference(args, cases=[dict(case) for case in run.held_out])
-    _, card, _ = load_with_card(str(weights), "--trained_weights")
+    if sets is not None:
+        scoring = Scoring(LabelManager(sets.classes), sets, sources)
+        _evaluate_by_source(scoring, run.held_out, output, args.nsd_tolerance)
     record = {
         **identity,
         "weights": str(weights.resolve()),
@@ -188,12 +213,107 @@ def predict_held_out(run: FoldRun, checkpoint: str, flags: Sequence[str] = ()) -
         "fold": run.fold,
         "num_folds": run.num_folds,
         "labels": {case_name(case["image"]): case["label"] for case in run.held_out},
+        **({"sources": sources} if sets else {}),
     }
     save_json(record, output / HELD_OUT_RECORD)
     return record
 
 
+def _label_sets(card: dict, where: str) -> LabelSets | None:
+    """The label sets of a union's model card, or None; a UsageError naming the card if they do not read."""
+    try:
+        return LabelSets.from_card(card)
+    except ValueError as error:
+        raise UsageError(f"{where}: not a valid model card ({error})") from None
+
+
+def _evaluate_by_source(scoring: Scoring, cases: Sequence[dict], output: Path, tolerance: float) -> None:
+    """``metrics.csv``, ``summary.json`` and the chart of a union's held-out predictions in ``output``, each
+    case scored on its own source's labels (what ``test_seg.py --evaluate`` writes, a row per case and label)."""
+    rows = []
+    for case in cases:
+        name = case_name(case["image"])
+        prediction = _read_labels(output / f"{name}_seg.nii.gz")
+        label_image = nib.load(case["label"])
+        label_map, groups, ignore = scoring.case_groups(name)
+        prediction, label = apply_label_map(prediction, label_map), read_label(label_image, prediction.shape)
+        spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
+        results = evaluate_case(prediction, label, spacing, groups, tolerance, ignore_label=ignore)
+        rows += [{"case": name, "class": key, **metrics} for key, metrics in results.items()]
+    write_reports(rows, scoring.names, output)
+
+
 # ---- the study ----
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What the study scores, case by case: each class (or region) of the model's outputs, as nnU-Net scores
+    them; of a union of datasets, each case on its own source's labels (``sources``: case -> source), the keys
+    numbering every source's labels in turn (``LabelSets.scored_labels``)."""
+
+    manager: LabelManager
+    sets: LabelSets | None = None
+    sources: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def names(self) -> dict[int, str]:
+        """Key -> what it scores: a class or region, or a union's ``source label``."""
+        if self.sets is None:
+            return {key: name for key, (name, _) in self.manager.scored().items()}
+        return {key: name for key, (_, _, name) in self.sets.scored_labels().items()}
+
+    @property
+    def keys(self) -> list[int]:
+        return list(self.names)
+
+    def mean(self, means: dict[int, float]) -> float:
+        """The foreground Dice of the keys' means: their mean (nnU-Net's ``foreground_mean``); of a union, the
+        mean over the sources of each one's mean over its labels."""
+        if self.sets is None:
+            return foreground_mean(means)
+        by_source: dict[int, dict[int, float]] = {}
+        for key, (source, _, _) in self.sets.scored_labels().items():
+            by_source.setdefault(source, {})[key] = means[key]
+        return foreground_mean({source: foreground_mean(values) for source, values in by_source.items()})
+
+    def case_groups(self, case: str) -> tuple[dict[int, int] | None, dict[int, tuple[int, ...]], int | None]:
+        """How one case is scored: the label map its prediction takes first (a union's: its source's labels)
+        or None, the label values of each key it is scored on, and its ignore label."""
+        if self.sets is None:
+            groups = {key: values for key, (_, values) in self.manager.scored().items()}
+            return None, groups, self.manager.ignore_label
+        source = self.sources[case]
+        groups = {key: (value,) for key, (k, value, _) in self.sets.scored_labels().items() if k == source}
+        return self.sets.source_label_map(source), groups, self.sets.sources[source].ignore_label
+
+    def dice(self, prediction: np.ndarray, case: str, label_path: str) -> dict[int, float]:
+        """The Dice of each key on one case (NaN: absent from label and prediction, or another source's)."""
+        label_map, groups, ignore = self.case_groups(case)
+        label = read_label(nib.load(label_path), prediction.shape)
+        prediction = prediction if label_map is None else apply_label_map(prediction, label_map)
+        scores = dice_scores(prediction, label, groups, ignore)
+        return {key: scores.get(key, math.nan) for key in self.keys}
+
+    @property
+    def entries(self) -> list[int]:
+        """The per-class keep-largest entries tried: each key (a class value or region number); of a union,
+        each class (its keys are sources' labels)."""
+        return self.keys if self.sets is None else list(range(1, len(self.manager.classes)))
+
+    def judged_on(self, entry: int) -> list[int]:
+        """The keys whose means decide a per-class entry: its own; a union class's, every label whose set
+        holds it."""
+        if self.sets is None:
+            return [entry]
+        return [
+            key
+            for key, (source, value, _) in self.sets.scored_labels().items()
+            if entry in self.sets.sources[source].sets[value - 1]
+        ]
+
+    def entry_name(self, entry: int) -> str:
+        return self.names[entry] if self.sets is None else self.manager.classes[entry]
 
 
 @dataclass
@@ -232,20 +352,20 @@ def run_study(args: argparse.Namespace) -> dict:
             for run in configuration.runs:
                 print(f"{run.folder}: held-out cases of fold {run.fold} in {run.folder / HELD_OUT}")
         return {}
-    manager = _outputs(configurations)
-    keys = list(manager.scored())
     _check_cases(configurations)
+    scoring = _scoring(configurations)
+    manager, keys = scoring.manager, scoring.keys
     labels = _labels(configurations[0])
     singles = {c.name: _scores_from_metrics(c, keys) for c in configurations}
     candidates = {(c.name,): singles[c.name] for c in configurations}
     for size in range(2, min(args.max_ensemble, len(configurations)) + 1):
         for members in itertools.combinations(configurations, size):
             names = tuple(member.name for member in members)
-            candidates[names] = _ensemble(members, manager, labels, output / "ensembles" / "+".join(names))
+            candidates[names] = _ensemble(members, scoring, labels, output / "ensembles" / "+".join(names))
     means = {names: class_means(scores, keys) for names, scores in candidates.items()}
-    chosen = choose(means)
+    chosen = choose(means, scoring.mean)
     source = _predictions_of(chosen, configurations, output)
-    stages, entries = _postprocessing(source, means[chosen], manager, labels, keys, args.min_gain, output)
+    stages, entries = _postprocessing(source, means[chosen], scoring, labels, args.min_gain, output)
     chosen_configurations = [c for c in configurations if c.name in chosen]
     plan = {
         "version": PLAN_VERSION,
@@ -256,13 +376,16 @@ def run_study(args: argparse.Namespace) -> dict:
         "keep_largest": entries,
         "connectivity": CONNECTIVITY_NEIGHBOURS,
         "outputs": manager.to_card(),
-        "scores": {"before": _score_entry(means[chosen]), "after": _score_entry(stages[-1]["means"])},
+        "scores": {
+            "before": _score_entry(means[chosen], scoring),
+            "after": _score_entry(stages[-1]["means"], scoring),
+        },
     }
     output.mkdir(parents=True, exist_ok=True)
     save_json(plan, output / "plan.json")
     _write_scores(candidates, keys, output / "scores.csv")
-    _write_plot(configurations, means, manager, output / "dice_per_configuration.png")
-    report = _report(args, configurations, candidates, means, chosen, stages, manager, keys)
+    _write_plot(configurations, means, scoring, output / "dice_per_configuration.png")
+    report = _report(args, configurations, candidates, means, chosen, stages, scoring)
     replace_atomically(output / "report.md", lambda tmp: Path(tmp).write_text(report))
     print(report)
     print(f"Wrote {output / 'report.md'}, {output / 'plan.json'}, {output / 'scores.csv'}")
@@ -293,16 +416,40 @@ def _configurations(args) -> list[Configuration]:
     return configurations
 
 
-def _outputs(configurations: list[Configuration]) -> LabelManager:
-    """The configurations' outputs (one label manager for them all), or a UsageError naming two that differ."""
+def _scoring(configurations: list[Configuration]) -> Scoring:
+    """What the configurations' cases are scored on: their outputs (one label manager for them all) and, for
+    a union of datasets, its sources and each case's; a UsageError naming two configurations that differ."""
     managers = [LabelManager.from_card(c.card) for c in configurations]
-    for configuration, manager in zip(configurations[1:], managers[1:], strict=True):
+    sets = [_label_sets(c.card, f"--configuration {c.name}") for c in configurations]
+    first = configurations[0].name
+    for configuration, manager, other in zip(configurations[1:], managers[1:], sets[1:], strict=True):
         if not manager.same_outputs(managers[0]):
             raise UsageError(
                 f"--configuration {configuration.name}: its outputs ({manager.describe()}) are not those of "
-                f"{configurations[0].name} ({managers[0].describe()})"
+                f"{first} ({managers[0].describe()})"
             )
-    return managers[0]
+        if _sources_of(other) != _sources_of(sets[0]):
+            raise UsageError(
+                f"--configuration {configuration.name}: its sources ({_sources_text(other)}) are not those of "
+                f"{first} ({_sources_text(sets[0])})"
+            )
+    if sets[0] is None:
+        return Scoring(managers[0])
+    sources: dict[str, int] = {}
+    for configuration in configurations:
+        for run, record in zip(configuration.runs, configuration.records, strict=True):
+            if "sources" not in record:
+                raise UsageError(f"{run.folder / HELD_OUT / HELD_OUT_RECORD}: no case sources (segment it again)")
+            sources |= record["sources"]
+    return Scoring(managers[0], sets[0], sources)
+
+
+def _sources_of(sets: LabelSets | None) -> list | None:
+    return None if sets is None else [(source.name, source.label_names, source.sets) for source in sets.sources]
+
+
+def _sources_text(sets: LabelSets | None) -> str:
+    return "none: one dataset" if sets is None else ", ".join(source.name for source in sets.sources)
 
 
 def _check_cases(configurations: list[Configuration]) -> None:
@@ -379,11 +526,11 @@ def foreground_mean(means: dict[int, float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def choose(means: dict[tuple[str, ...], dict[int, float]]) -> tuple[str, ...]:
-    """The candidate (a configuration, or an ensemble of several) of the highest foreground mean; a tie goes to
-    fewer models, then to the first given (nnU-Net's ``find_best_configuration`` keeps the first of a tie, its
-    single configurations coming before its ensembles)."""
-    return max(means, key=lambda names: (foreground_mean(means[names]), -len(names)))
+def choose(means: dict[tuple[str, ...], dict[int, float]], mean=foreground_mean) -> tuple[str, ...]:
+    """The candidate (a configuration, or an ensemble of several) of the highest foreground mean (``mean`` of
+    its means); a tie goes to fewer models, then to the first given (nnU-Net's ``find_best_configuration``
+    keeps the first of a tie, its single configurations coming before its ensembles)."""
+    return max(means, key=lambda names: (mean(means[names]), -len(names)))
 
 
 def case_means(scores: Scores) -> dict[str, float]:
@@ -407,11 +554,10 @@ def paired_test(scores: Scores, reference: Scores) -> tuple[float, int]:
     return float(stats.wilcoxon(a, b).pvalue), len(cases)
 
 
-def _ensemble(members: Sequence[Configuration], manager: LabelManager, labels: dict, folder: Path) -> Scores:
+def _ensemble(members: Sequence[Configuration], scoring: Scoring, labels: dict, folder: Path) -> Scores:
     """The Dice of an ensemble: each case's saved probabilities averaged over the members (float16 as saved,
     summed in float32), made a label map by the label manager, written to ``folder`` and scored."""
     scores: Scores = {}
-    keys = manager.scored()
     for name, label_path in sorted(labels.items()):
         total, reference = None, None
         for member in members:
@@ -420,16 +566,10 @@ def _ensemble(members: Sequence[Configuration], manager: LabelManager, labels: d
             total = probabilities.astype(np.float32) if total is None else total + probabilities
             reference = run.folder / HELD_OUT / f"{name}_seg.nii.gz"
         total /= len(members)
-        prediction = manager.label_map(torch.from_numpy(total)).numpy()
+        prediction = scoring.manager.label_map(torch.from_numpy(total)).numpy()
         _write_labels(prediction, reference, folder / f"{name}_seg.nii.gz")
-        scores[name] = _dice(prediction, label_path, keys, manager.ignore_label)
+        scores[name] = scoring.dice(prediction, name, label_path)
     return scores
-
-
-def _dice(prediction: np.ndarray, label_path: str, keys: dict, ignore_label: int | None) -> dict[int, float]:
-    label = read_label(nib.load(label_path), prediction.shape)
-    groups = {key: values for key, (_, values) in keys.items()}
-    return dice_scores(prediction, label, groups, ignore_label)
 
 
 def _write_labels(labels: np.ndarray, like: Path, path: Path) -> None:
@@ -449,13 +589,7 @@ def _predictions_of(chosen: tuple[str, ...], configurations: list[Configuration]
 
 
 def _postprocessing(
-    source: dict[str, Path],
-    baseline: dict[int, float],
-    manager: LabelManager,
-    labels: dict,
-    keys: list[int],
-    min_gain: float,
-    output: Path,
+    source: dict[str, Path], baseline: dict[int, float], scoring: Scoring, labels: dict, min_gain: float, output: Path
 ) -> tuple[list[dict], list]:
     """nnU-Net's ``determine_postprocessing`` on the chosen label maps (whose class means, as scored, are
     ``baseline``): the largest component of the
@@ -465,30 +599,33 @@ def _postprocessing(
     wait on disk (``STUDY/.postprocessing``) until the stage is decided. Writes the result to
     ``STUDY/predictions/``; returns the stages (the baseline first) and the kept entries, as
     ``--keep_largest`` (and a plan) take them: a class value or region number, or a list of label values kept
-    as one."""
-    scored, work = manager.scored(), output / ".postprocessing"
+    as one. A union's classes are kept each where the mean of the labels whose sets hold it rises
+    (:meth:`Scoring.judged_on`)."""
+    manager, keys, work = scoring.manager, scoring.keys, output / ".postprocessing"
     shutil.rmtree(work, ignore_errors=True)
     current = dict(source)
     stages = [{"entry": None, "means": baseline, "kept": True}]
     candidates: list = [list(manager.foreground_values)]
-    if len(keys) > 1:
-        candidates += keys
+    if len(scoring.entries) > 1:
+        candidates += scoring.entries
     entries = []
     for index, entry in enumerate(candidates):
         values, trial, trial_scores = manager.keep_largest_values([entry]), {}, {}
         for name, path in current.items():
             kept_labels = keep_largest(_read_labels(path), values)
-            trial_scores[name] = _dice(kept_labels, labels[name], scored, manager.ignore_label)
+            trial_scores[name] = scoring.dice(kept_labels, name, labels[name])
             trial[name] = work / str(index) / f"{name}.npy"
             trial[name].parent.mkdir(parents=True, exist_ok=True)
             np.save(trial[name], kept_labels)
         before, after = _last_kept(stages), class_means(trial_scores, keys)
         if isinstance(entry, list):
-            kept = foreground_mean(after) > foreground_mean(before) + min_gain and not any(
+            kept = scoring.mean(after) > scoring.mean(before) + min_gain and not any(
                 after[key] < before[key] for key in keys if not math.isnan(before[key])
             )
         else:
-            kept = after[entry] > before[entry] + min_gain
+            judged = scoring.judged_on(entry)
+            rise = foreground_mean({k: after[k] for k in judged}) - foreground_mean({k: before[k] for k in judged})
+            kept = rise > min_gain
         stages.append({"entry": entry, "means": after, "kept": bool(kept), "before": before})
         if kept:
             current, entries = trial, [*entries, entry]
@@ -508,8 +645,8 @@ def _last_kept(stages: list[dict]) -> dict[int, float]:
     return next(stage["means"] for stage in reversed(stages) if stage["kept"])
 
 
-def _score_entry(means: dict[int, float]) -> dict:
-    return {"foreground_mean": _number(foreground_mean(means)), "mean": {str(k): _number(v) for k, v in means.items()}}
+def _score_entry(means: dict[int, float], scoring: Scoring) -> dict:
+    return {"foreground_mean": _number(scoring.mean(means)), "mean": {str(k): _number(v) for k, v in means.items()}}
 
 
 def _number(value: float) -> float | None:
@@ -533,10 +670,10 @@ def _write_scores(candidates: dict[tuple, Scores], keys: list[int], path: Path) 
 COLOURS = [(70, 130, 180), (230, 140, 50), (90, 170, 90), (200, 80, 80), (150, 110, 190), (120, 120, 120)]
 
 
-def _write_plot(configurations: list[Configuration], means: dict, manager: LabelManager, path: Path) -> None:
-    """A PNG of each configuration's mean Dice per class (region), a bar per configuration."""
-    names = [name for name, _ in manager.scored().values()]
-    keys = list(manager.scored())
+def _write_plot(configurations: list[Configuration], means: dict, scoring: Scoring, path: Path) -> None:
+    """A PNG of each configuration's mean Dice per class (region, or a union's source label), a bar per
+    configuration."""
+    names, keys = list(scoring.names.values()), scoring.keys
     group = 24 * len(configurations) + 30
     width, height, margin, bar_area = 120 + group * len(names), 460, CHART_MARGIN, CHART_BARS
     title = "Out-of-fold Dice per class, mean over cases"
@@ -596,10 +733,10 @@ def _cell(values: list[float]) -> str:
     return "n/a" if not values else f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def _report(args, configurations, candidates, means, chosen, stages, manager, keys) -> str:
+def _report(args, configurations, candidates, means, chosen, stages, scoring: Scoring) -> str:
     """The study in markdown: configurations (per class, over cases and over folds, paired test against the
     chosen one, the published-style number beside), ensembles, the choice and its postprocessing."""
-    names = [name for name, _ in manager.scored().values()]
+    names, keys, mean = list(scoring.names.values()), scoring.keys, scoring.mean
     best = candidates[chosen]
     weights = "best checkpoints (selected on these cases)" if args.checkpoint == "best" else "final weights"
     lines = [
@@ -609,7 +746,14 @@ def _report(args, configurations, candidates, means, chosen, stages, manager, ke
         "card says (test_seg.py --tta). Dice per case as "
         "nnU-Net scores it (a class absent from label and prediction left out); class means over the cases; the "
         "foreground Dice is the mean of the class means, its spread that of the cases' means over their classes, and "
-        "over folds the mean and spread of each fold's own foreground Dice.",
+        "over folds the mean and spread of each fold's own foreground Dice."
+        + (
+            " A union of datasets: each case is scored on its own source's labels (a label's prediction is the union "
+            "of its set's classes), and the foreground Dice is the mean over the sources of each one's mean over its "
+            "labels."
+            if scoring.sets is not None
+            else ""
+        ),
         "",
         "| configuration | network | folds | mirroring | foreground Dice ± std over cases | over folds | "
         + " | ".join(names)
@@ -619,16 +763,13 @@ def _report(args, configurations, candidates, means, chosen, stages, manager, ke
     for configuration in configurations:
         scores = candidates[(configuration.name,)]
         per_case = list(case_means(scores).values())
-        folds = [
-            foreground_mean(class_means({c: scores[c] for c in record["cases"]}, keys))
-            for record in configuration.records
-        ]
+        folds = [mean(class_means({c: scores[c] for c in record["cases"]}, keys)) for record in configuration.records]
         classes = [_cell([scores[c][key] for c in scores]) for key in keys]
         p, n = paired_test(scores, best)
         axes = configuration.records[0].get("mirror_axes")
         mirroring = "none" if not axes else "axes " + ",".join(map(str, axes))
         published_text = _best_checkpoint_text(configuration)
-        spread = f"{foreground_mean(means[(configuration.name,)]):.4f} ± {np.std(per_case):.4f}"
+        spread = f"{mean(means[(configuration.name,)]):.4f} ± {np.std(per_case):.4f}"
         lines.append(
             f"| {configuration.name} | {configuration.card.get('network', '?')} | {len(configuration.runs)} | "
             f"{mirroring} | {spread} | {_cell(folds)} | {' | '.join(classes)} | "
@@ -641,10 +782,10 @@ def _report(args, configurations, candidates, means, chosen, stages, manager, ke
         for members in ensembles:
             p, n = paired_test(candidates[members], best)
             verdict = "chosen" if members == chosen else f"{p:.3g} ({n})"
-            lines.append(f"| {' + '.join(members)} | {foreground_mean(means[members]):.4f} | {verdict} |")
+            lines.append(f"| {' + '.join(members)} | {mean(means[members]):.4f} | {verdict} |")
     lines += [
         "",
-        f"Chosen: **{' + '.join(chosen)}** (foreground Dice {foreground_mean(means[chosen]):.4f}; the best single "
+        f"Chosen: **{' + '.join(chosen)}** (foreground Dice {mean(means[chosen]):.4f}; the best single "
         "model or ensemble, a tie going to fewer models).",
         "",
         f"Keep-largest-component postprocessing ({CONNECTIVITY_NEIGHBOURS}-connectivity, as nnU-Net's), nnU-Net's "
@@ -655,15 +796,15 @@ def _report(args, configurations, candidates, means, chosen, stages, manager, ke
     ]
     for stage in stages[1:-1]:
         entry = stage["entry"]
-        label = "foreground as a whole" if isinstance(entry, list) else f"{names[keys.index(entry)]}"
+        label = "foreground as a whole" if isinstance(entry, list) else scoring.entry_name(entry)
         lines.append(
-            f"| {'1' if isinstance(entry, list) else '2'} | {label} | {foreground_mean(stage['before']):.4f} | "
-            f"{foreground_mean(stage['means']):.4f} | {'yes' if stage['kept'] else 'no'} |"
+            f"| {'1' if isinstance(entry, list) else '2'} | {label} | {mean(stage['before']):.4f} | "
+            f"{mean(stage['means']):.4f} | {'yes' if stage['kept'] else 'no'} |"
         )
     final = stages[-1]["means"]
     lines += [
         "",
-        f"After postprocessing: foreground Dice {foreground_mean(final):.4f}; "
+        f"After postprocessing: foreground Dice {mean(final):.4f}; "
         + ", ".join(f"{name} {final[key]:.4f}" for name, key in zip(names, keys, strict=True)),
         "",
         "![Dice per configuration](dice_per_configuration.png)",

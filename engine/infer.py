@@ -252,8 +252,7 @@ def _source_of(args, config: DatasetConfig) -> tuple[DatasetConfig, dict[int, in
     if name not in names:
         raise UsageError(f"--source {name}: {config.source} has the sources {', '.join(names)}")
     index = names.index(name)
-    sets = config.label_sets.sources[index].sets
-    return config.sources[index].config, {value: label for label, group in enumerate(sets, 1) for value in group}
+    return config.sources[index].config, config.label_sets.source_label_map(index)
 
 
 def _label_map_of(args, outputs: LabelManager, config: DatasetConfig) -> dict[int, int] | None:

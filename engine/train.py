@@ -450,10 +450,7 @@ def _train(args, finetune: bool, distributed: Distributed, device: torch.device)
             f"{run.progress['best_step']}; weights in {run.best_path}"
         )
     if run.main and isinstance(args.fold, int) and args.held_out != "none":
-        if run.config.sources:  # its held-out labels are the sources' label sets, which crossval.py does not score
-            print("note: the held-out cases of a union of datasets are not segmented (crossval.py scores classes)")
-        else:
-            _segment_held_out(run)
+        _segment_held_out(run)
     return run.progress["best_dice"]
 
 

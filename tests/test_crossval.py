@@ -25,6 +25,7 @@ from engine.crossval import (
     HELD_OUT,
     Configuration,
     FoldRun,
+    Scoring,
     _ensemble,
     _postprocessing,
     choose,
@@ -35,7 +36,7 @@ from engine.crossval import (
 from phantom import write_dataset
 
 CLASSES = ("background", "a", "b", "c")
-MANAGER = LabelManager(CLASSES)
+SCORING = Scoring(LabelManager(CLASSES))
 PREDICT = dict(num_workers=0, device="cpu", cache_rate=0, overlap=0.5)
 
 
@@ -164,7 +165,7 @@ def test_postprocessing_is_chosen_as_nnunet_chooses_it(tmp_path, seed):
     source = {f"case{i}": save(tmp_path / "pred" / f"case{i}_seg.nii.gz", p) for i, p in enumerate(predictions)}
     labels = {f"case{i}": str(save(tmp_path / "ref" / f"case{i}.nii.gz", r)) for i, r in enumerate(references)}
     baseline = nnunet_summary(predictions, references, [1, 2, 3])["mean"]
-    stages, entries = _postprocessing(source, baseline, MANAGER, labels, [1, 2, 3], 0.0, tmp_path / "study")
+    stages, entries = _postprocessing(source, baseline, SCORING, labels, 0.0, tmp_path / "study")
     expected_entries, expected = nnunet_determine_postprocessing(predictions, references, [1, 2, 3])
     assert entries == expected_entries
     assert stages[-1]["means"] == pytest.approx(expected["mean"])
@@ -172,7 +173,7 @@ def test_postprocessing_is_chosen_as_nnunet_chooses_it(tmp_path, seed):
     assert 1 in entries and 2 not in entries  # the specks go, b's second part stays
     written = np.asarray(nib.load(tmp_path / "study" / "predictions" / "case0_seg.nii.gz").dataobj)
     np.testing.assert_array_equal(written, keep_largest(predictions[0], [e for e in entries if isinstance(e, int)]))
-    _, none = _postprocessing(source, baseline, MANAGER, labels, [1, 2, 3], 1.0, tmp_path / "strict")
+    _, none = _postprocessing(source, baseline, SCORING, labels, 1.0, tmp_path / "strict")
     assert none == []  # nothing rises by more than 1
 
 
@@ -191,7 +192,7 @@ def test_an_ensemble_averages_the_saved_probabilities(tmp_path):
         run = FoldRun(folder, 0, 2, ({"image": "case.nii.gz", "label": labels["case"]},), ("case",))
         members.append(Configuration(name, [run], [{"cases": ["case"]}], {}))
         saved.append(probabilities.astype(np.float32))
-    scores = _ensemble(members, MANAGER, labels, tmp_path / "ensemble")
+    scores = _ensemble(members, SCORING, labels, tmp_path / "ensemble")
     mean = (saved[0] + saved[1]) / 2
     expected = nnunet_summary([mean.argmax(0)], [reference], [1, 2, 3])["mean"]
     assert scores["case"] == pytest.approx(expected)

@@ -1,6 +1,7 @@
 """A union of datasets that annotate different classes: the label sets, the marginal loss against an
 independent implementation, the one-line refusals of the union JSON, per-source validation and evaluation,
-batches weighted by source, and a union trained, segmented and exported end to end."""
+batches weighted by source, a union trained, segmented and exported end to end, and a union's
+cross-validation study (its held-out cases scored on their sources' labels)."""
 
 import json
 import math
@@ -14,13 +15,16 @@ import torch
 from conftest import TINY_RUN, exit_message, flags
 from monai.losses import DiceCELoss
 
+import crossval
 import export
 import main_train
 import phantom
 import test_seg
 from dataset.description import DatasetError, load_dataset_config
-from dataset.labels import LabelSets, SourceLabels
+from dataset.labels import LabelManager, LabelSets, SourceLabels
 from dataset.transforms import CropCentres, UnifyLabelsd, build_transforms
+from engine.common import UsageError
+from engine.crossval import HELD_OUT, Configuration, FoldRun, Scoring, _scoring
 from engine.losses import AnnotatedDiceCELoss, LabelSetDiceCELoss
 from engine.validation import dice_per_label_set, foreground_dice, summarise_scores
 
@@ -457,3 +461,139 @@ def test_mirroring_left_right_by_flag_is_checked_against_the_sources_labels(tmp_
     config = load_dataset_config(str(path))  # no left-right flips: nothing to check
     with pytest.raises(DatasetError, match="source 'kidneys': label 'right kidney' has no mirror image"):
         check_mirror_images(replace(config, mirror_axes=(0, 1, 2)), "--mirror_axes with union")
+
+
+# ---- cross-validation of a union ----
+
+
+def test_a_unions_label_sets_are_read_back_from_its_model_card():
+    sets = LabelSets(CLASSES, [ORGANS, replace_weight(KIDNEYS, 2.0)], pseudo_labels=0.9)
+    again = LabelSets.from_card({"classes": list(CLASSES), **sets.to_card()})
+    assert again.sources == sets.sources and again.classes == CLASSES
+    assert (again.unannotated, again.pseudo_labels) == ("marginal", 0.9)
+    assert LabelSets.from_card({"classes": list(CLASSES)}) is None  # a model of one dataset
+    with pytest.raises(ValueError, match="not a union's sources"):
+        LabelSets.from_card({"classes": list(CLASSES), "sources": [{"name": "x", "labels": {"a": "lungs"}}]})
+
+
+def replace_weight(source: SourceLabels, weight: float) -> SourceLabels:
+    from dataclasses import replace
+
+    return replace(source, weight=weight)
+
+
+def hand_dice(predicted: np.ndarray, expected: np.ndarray) -> float:
+    total = predicted.sum() + expected.sum()
+    return math.nan if total == 0 else 2 * (predicted & expected).sum() / total
+
+
+def test_a_study_scores_each_case_on_its_sources_labels_and_averages_the_sources(tmp_path):
+    rng = np.random.default_rng(5)
+    prediction = {name: rng.integers(0, 6, (7, 6, 5)) for name in ("o", "k")}
+    organs_label, kidneys_label = rng.integers(0, 5, (7, 6, 5)), rng.integers(0, 4, (7, 6, 5))
+    paths = {}
+    for name, label in (("o", organs_label), ("k", kidneys_label)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), paths[name])
+    scoring = Scoring(LabelManager(CLASSES), LabelSets(CLASSES, [ORGANS, KIDNEYS]), {"o": 0, "k": 1})
+    assert scoring.names == {
+        1: "organs spleen",
+        2: "organs kidney",
+        3: "organs liver",
+        4: "kidneys right kidney",
+        5: "kidneys left kidney",
+        6: "kidneys pancreas",
+    }
+    annotated = organs_label != 4  # the organs source's ignore label
+    p, q = prediction["o"], prediction["k"]
+    expected = {
+        "o": {
+            1: hand_dice((p == 1) & annotated, organs_label == 1),
+            2: hand_dice(((p == 2) | (p == 3)) & annotated, organs_label == 2),  # the kidney: either side
+            3: hand_dice((p == 4) & annotated, organs_label == 3),
+        },
+        "k": {4: hand_dice(q == 2, kidneys_label == 1), 5: hand_dice(q == 3, kidneys_label == 2)},
+    }
+    expected["k"][6] = hand_dice(q == 5, kidneys_label == 3)
+    scores = {name: scoring.dice(prediction[name], name, paths[name]) for name in ("o", "k")}
+    for name, values in expected.items():
+        others = [key for key in scoring.keys if key not in values]
+        assert [scores[name][key] for key in values] == pytest.approx(list(values.values()))
+        assert all(math.isnan(scores[name][key]) for key in others)  # another source's labels
+    means = {key: next(v for case in scores.values() if not math.isnan(v := case[key])) for key in scoring.keys}
+    organs, kidneys = np.mean(list(expected["o"].values())), np.mean(list(expected["k"].values()))
+    assert scoring.mean(means) == pytest.approx((organs + kidneys) / 2)  # each source counts once
+    assert scoring.judged_on(2) == [2, 4] and scoring.judged_on(5) == [6] and scoring.judged_on(1) == [1]
+    assert scoring.entries == [1, 2, 3, 4, 5] and scoring.entry_name(5) == "pancreas"
+
+
+@pytest.fixture(scope="module")
+def union_folds(tmp_path_factory):
+    """The two-source phantom (two training cases per source) and a tiny model trained a few steps on each of
+    two folds of its union; each run ends with its held-out cases segmented."""
+    root = tmp_path_factory.mktemp("union_folds")
+    phantom.write_union(root / "data", num_train=2, num_val=1, num_test=2, seed=7)
+    runs = []
+    for fold in (0, 1):
+        runs.append(root / f"fold{fold}")
+        main_train.main(
+            flags(dataset=root / "data" / "union.json", output=runs[-1], network="3DUXNET", fold=fold, num_folds=2)
+            + flags(max_iter=2, eval_step=2, lr=1e-2, batch_size=2, **TINY_RUN)
+        )
+    return root / "data", runs
+
+
+def test_a_unions_fold_runs_score_their_held_out_cases_on_their_sources_labels(union_folds):
+    data, runs = union_folds
+    for run in runs:
+        record = json.loads((run / HELD_OUT / "held_out.json").read_text())
+        rows = [line.split(",") for line in (run / HELD_OUT / "metrics.csv").read_text().splitlines()]
+        header = rows[0]
+        for case, source in record["sources"].items():
+            prediction = np.asarray(nib.load(run / HELD_OUT / f"{case}_seg.nii.gz").dataobj)
+            label = np.asarray(nib.load(record["labels"][case]).dataobj)
+            assert Path(record["labels"][case]).parts[-3] == ("organs", "kidneys")[source]
+            sets = (ORGANS, KIDNEYS)[source].sets
+            first_key = 1 + 3 * source  # each source has three labels
+            for value, group in enumerate(sets, 1):
+                row = next(r for r in rows[1:] if r[0] == case and int(r[1]) == first_key + value - 1)
+                name = row[header.index("name")]
+                assert name.startswith(("organs ", "kidneys ")[source])
+                expected = hand_dice(np.isin(prediction, group), label == value)
+                dice = float(row[header.index("dice")]) if row[header.index("dice")] != "nan" else math.nan
+                assert dice == pytest.approx(expected, nan_ok=True)
+            assert len([r for r in rows[1:] if r[0] == case]) == 3  # its own source's labels only
+
+
+def test_a_unions_study_chooses_on_the_mean_over_sources_and_writes_a_plan(union_folds, tmp_path):
+    data, runs = union_folds
+    output = tmp_path / "study"
+    argv = ["--output", str(output), "--device", "cpu", "--num_workers", "0"]
+    crossval.main([*argv, "--configuration", "union", *map(str, runs), "--configuration", "again", *map(str, runs)])
+    report = (output / "report.md").read_text()
+    assert "organs kidney" in report and "kidneys pancreas" in report and "| union + again |" in report
+    assert "the mean over the sources of each one's mean over its labels" in report
+    plan = json.loads((output / "plan.json").read_text())
+    scores = [line.split(",") for line in (output / "scores.csv").read_text().splitlines()]
+    assert scores[0] == ["candidate", "case", "1", "2", "3", "4", "5", "6"]
+    chosen = [[float(v) for v in row[2:]] for row in scores[1:] if row[0] == "+".join(plan["chosen"])]
+    assert len(chosen) == 4  # every training case held out once
+    means = np.nanmean(np.array(chosen), axis=0)
+    expected = np.nanmean([np.nanmean(means[:3]), np.nanmean(means[3:])])  # the organs' labels, the kidneys'
+    assert plan["scores"]["before"]["foreground_mean"] == pytest.approx(expected, abs=1e-6)
+    assert all(entry == [1, 2, 3, 4, 5] or 0 < entry < 6 for entry in plan["keep_largest"])
+    assert plan["outputs"]["classes"] == list(CLASSES)
+
+
+def test_configurations_of_other_sources_are_refused_in_one_line(tmp_path):
+    card = {"classes": list(CLASSES), **LabelSets(CLASSES, [ORGANS, KIDNEYS]).to_card()}
+    other = {"classes": list(CLASSES), **LabelSets(CLASSES, [KIDNEYS, ORGANS]).to_card()}
+    run = FoldRun(tmp_path, 0, 2, (), ("a",))
+    union = Configuration("union", [run], [{"cases": ["a"], "sources": {"a": 1}}], card)
+    assert _scoring([union]).sources == {"a": 1}
+    with pytest.raises(
+        UsageError, match="--configuration swapped: its sources .kidneys, organs. are not those of union"
+    ):
+        _scoring([union, Configuration("swapped", [run], union.records, other)])
+    with pytest.raises(UsageError, match="one: its sources .none: one dataset. are not those of union"):
+        _scoring([union, Configuration("one", [run], union.records, {"classes": list(CLASSES)})])
