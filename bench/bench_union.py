@@ -22,6 +22,8 @@ the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold ``--pseudo_
     python bench/bench_union.py --only full8 --max_iter 2000 --json bench/results/union_full8_2000_cpu.json
     python bench/bench_union.py --only full8,pseudo --max_iter 2000 --seed 1
         --json bench/results/union_2000_seed1_cpu.json
+    python bench/bench_union.py --only pseudo,full8,full --max_iter 2000 --seed 2
+        --json bench/results/union_2000_seed2_cpu.json
 
 ``--training_cases`` also segments the 16 training cases (``full/``, every class labelled) with each run's
 model and reports, per source whose cases they are, each class's Dice and its predicted volume over the

@@ -44,7 +44,7 @@ from engine.evaluate import (
     apply_label_map,
     dice_chart,
     dice_scores,
-    evaluate_case,
+    evaluate_file,
     read_label,
     write_reports,
 )
@@ -233,12 +233,8 @@ def _evaluate_by_source(scoring: Scoring, cases: Sequence[dict], output: Path, t
     rows = []
     for case in cases:
         name = case_name(case["image"])
-        prediction = _read_labels(output / f"{name}_seg.nii.gz")
-        label_image = nib.load(case["label"])
         label_map, groups, ignore = scoring.case_groups(name)
-        prediction, label = apply_label_map(prediction, label_map), read_label(label_image, prediction.shape)
-        spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
-        results = evaluate_case(prediction, label, spacing, groups, tolerance, ignore_label=ignore)
+        results = evaluate_file(output / f"{name}_seg.nii.gz", case["label"], groups, label_map, tolerance, ignore)
         rows += [{"case": name, "class": key, **metrics} for key, metrics in results.items()]
     write_reports(rows, scoring.names, output)
 

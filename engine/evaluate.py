@@ -94,6 +94,26 @@ def evaluate_case(
     return results
 
 
+def evaluate_file(
+    prediction_path: str | Path,
+    label_path: str | Path,
+    groups: Mapping[int, Sequence[int]],
+    label_map: Mapping[int, int] | None = None,
+    tolerance: float = 1.0,
+    ignore_label: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """:func:`evaluate_case` of a saved prediction against its label file, both read back from disk, the
+    prediction relabelled by ``label_map`` first (``--label_map``, a union source's labels) where given; the
+    label's voxel spacing."""
+    prediction = np.asarray(nib.load(prediction_path).dataobj)
+    label_image = nib.load(label_path)
+    label = read_label(label_image, prediction.shape)
+    if label_map is not None:
+        prediction = apply_label_map(prediction, label_map)
+    spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
+    return evaluate_case(prediction, label, spacing, groups, tolerance, ignore_label=ignore_label)
+
+
 def read_label(image: nib.Nifti1Image, shape: Sequence[int]) -> np.ndarray:
     """A label file's values as integers, in the shape of the prediction scored against it."""
     return np.asarray(image.dataobj).round().astype(np.int64).reshape(shape)

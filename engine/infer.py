@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from torch import nn
@@ -48,11 +47,9 @@ from engine.common import (
     select_device,
 )
 from engine.evaluate import (
-    apply_label_map,
-    evaluate_case,
+    evaluate_file,
     format_summary,
     parse_label_map,
-    read_label,
     write_reports,
 )
 from engine.export import EXPORT_SUFFIXES, ExportedNetwork, exported_network
@@ -782,12 +779,6 @@ def _report_evaluation(rows: list[dict], config: DatasetConfig, output: Path, co
 
 def _evaluate(prediction_path: Path, case: dict, config, label_map, tolerance: float) -> list[dict]:
     """Metric rows of one saved prediction against its label, read back from disk."""
-    prediction = np.asarray(nib.load(prediction_path).dataobj)
-    label_image = nib.load(case["label"])
-    label = read_label(label_image, prediction.shape)
-    if label_map is not None:
-        prediction = apply_label_map(prediction, label_map)
-    spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
     groups = {key: values for key, (_, values) in config.label_manager.scored().items()}
-    results = evaluate_case(prediction, label, spacing, groups, tolerance, ignore_label=config.ignore_label)
+    results = evaluate_file(prediction_path, case["label"], groups, label_map, tolerance, config.ignore_label)
     return [{"case": case_output_name(case["image"]), "class": value, **metrics} for value, metrics in results.items()]
