@@ -28,6 +28,7 @@ def machine() -> dict:
         "device": device,
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
     }
 

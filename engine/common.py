@@ -27,6 +27,7 @@ __all__ = [
     "UsageError",
     "as_json",
     "autocast_for",
+    "check_amp",
     "check_network_output",
     "check_output_folder",
     "load_into",
@@ -68,6 +69,25 @@ def select_device(choice: str, gpu: int) -> torch.device:
     if not 0 <= gpu < torch.cuda.device_count():
         raise UsageError(f"--gpu {gpu}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", gpu)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has oneDNN's bf16 kernels (AVX-512 or newer). Without them PyTorch computes bf16
+    convolutions through a slow fallback: on an AVX2 CPU the demo network's training step ran 28x and its
+    inference 91x slower than in float32 (BENCHMARKS.md)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_amp(amp: str | None, device: torch.device) -> str | None:
+    """``--amp`` checked against the device before any work: fp16 needs CUDA (UsageError); bf16 on a CPU
+    without bf16 kernels runs, but so slowly that the returned one-line note says so (None otherwise)."""
+    autocast_for(amp, device)
+    if amp == "bf16" and device.type == "cpu" and not native_bf16_cpu():
+        return (
+            "note: --amp bf16: this CPU has no bf16 convolution kernels (oneDNN needs AVX-512), so bf16 runs "
+            "slower than float32 here (on AVX2: training 28x, inference 91x, BENCHMARKS.md); leave out --amp"
+        )
+    return None
 
 
 def autocast_for(amp: str | None, device: torch.device) -> torch.autocast:

@@ -38,6 +38,7 @@ from engine.common import (
     UsageError,
     as_json,
     autocast_for,
+    check_amp,
     check_output_folder,
     load_into,
     load_with_card,
@@ -439,6 +440,9 @@ def _check_outputs(args, cases: list[dict]) -> None:
 def _infer(args, given: list[dict] | None = None) -> list[Path]:
     plan = _apply_plan(args) if getattr(args, "plan", None) else None
     device = select_device(args.device, args.gpu)
+    amp_note = check_amp(args.amp, device)
+    if amp_note:
+        print(amp_note)
     autocast = autocast_for(args.amp, device)
     output = check_output_folder(args.output)
     if args.runtime == "openvino" and device.type != "cpu" and any(w.endswith(".onnx") for w in args.trained_weights):

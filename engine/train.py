@@ -53,6 +53,7 @@ from engine.common import (
     RunStopped,
     UsageError,
     autocast_for,
+    check_amp,
     check_network_output,
     check_output_folder,
     load_with_card,
@@ -685,7 +686,9 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     """Everything a user can get wrong checked (flags, weights, checkpoint, dataset files), then the model,
     data, optimisation and progress of the run (restored when it resumes)."""
     main = distributed.is_main
-    autocast_for(args.amp, device)  # checks --amp against the device
+    amp_note = check_amp(args.amp, device)
+    if amp_note and main:
+        print(amp_note)
     roi = roi_of(args.roi_size)
     output = check_output_folder(args.output)
     resume = resolve_resume(args.resume, output, args.overwrite)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import networks.dwconv as dwconv
+from engine.common import native_bf16_cpu
 from networks import build_network
 from networks.dwconv import DepthwiseConv3d, choose_algorithm, depthwise_conv3d, set_algorithm, use_algorithm
 
@@ -49,11 +50,14 @@ def test_bf16_autocast_matches_within_bf16_precision():
     torch.manual_seed(0)
     x, weight, bias = torch.randn(2, 4, 12, 13, 12), torch.randn(4, 1, 7, 7, 7), torch.randn(4)
     reference = forward_backward("native", x, weight, bias, 3)
-    for algorithm in ("fft", "native"):
+    # PyTorch's own bf16 convolution is less exact where oneDNN has no bf16 kernels (AVX2 CPUs: its input
+    # gradient 3.7e-2 from float32, against 1.8e-2 on the FFT path), so it is held to a looser bound
+    for algorithm, bound in (("fft", 2e-2), ("native", 2e-2 if native_bf16_cpu() else 5e-2)):
         result = forward_backward(algorithm, x, weight, bias, 3, autocast=True)
         assert result[0].dtype == torch.bfloat16  # what a convolution returns under autocast
-        for ours, expected in zip(result, reference, strict=True):
-            assert relative_error(ours, expected) <= 2e-2
+        parts = ("output", "input grad", "weight grad", "bias grad")
+        for name, ours, expected in zip(parts, result, reference, strict=True):
+            assert relative_error(ours, expected) <= bound, (algorithm, name)
     # the FFT path itself computes in float32: its output is exact up to the final bf16 rounding
     fft = forward_backward("fft", x, weight, bias, 3, autocast=True)
     assert relative_error(fft[0], reference[0]) <= 4e-3
