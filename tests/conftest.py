@@ -8,6 +8,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each worker computes on one thread, so N workers share the cores instead of oversubscribing them
+    torch.set_num_threads(1)
+
 #: A RepUX-Net / 3D UX-Net small enough for CPU tests at 32^3.
 TINY = dict(depths=(1, 1, 1, 1), feat_size=(4, 8, 16, 32), hidden_size=32, ks=5)
 #: Script flags for a tiny RepUX-Net run on the CPU (see :func:`flags`).
