@@ -8,7 +8,8 @@ Training step: 2 crops of 96^3, DiceCE, AdamW, BFR on. Inference: sliding window
 32^3 over a 64^3 volume): minutes where the full size takes hours, e.g. bf16 on a CPU without bf16 kernels.
 
     python bench/bench_train_step.py --json bench/results/train_step_cpu.json
-    python bench/bench_train_step.py --size demo --variants ours,ours_bf16 --json bench/results/train_step_demo.json
+    python bench/bench_train_step.py --size demo --variants ours,ours_bf16 --repeats 1 --overlap 0
+        --json bench/results/train_step_demo_avx2_cpu.json
 """
 
 from __future__ import annotations
