@@ -52,7 +52,16 @@ def test_inference_memory_benchmark_runs_both_paths_with_equal_labels(tmp_path):
     are the published path's but at near ties (a random network has many)."""
     result = tmp_path / "memory.json"
     completed = subprocess.run(
-        [sys.executable, "bench/bench_inference_memory.py", "--case", "tiny", "--json", str(result)],
+        [
+            sys.executable,
+            "bench/bench_inference_memory.py",
+            "--case",
+            "tiny",
+            "--sw_batch_size",
+            "1",
+            "--json",
+            str(result),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -321,7 +321,7 @@ def test_slab_inference_gives_the_whole_volume_labels_in_any_geometry(phantom, w
     cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
     runs = {"one model": ([networks[0]], ())}
     if orientation == "RPI":  # the costly one once: an ensemble with mirroring, in an odd geometry
-        runs["ensemble, mirrored"] = (networks, (0, 2))
+        runs["ensemble, mirrored"] = (networks, (0,))
     for name, (chosen, axes) in runs.items():
         with torch.no_grad():
             expected = whole_volume_probabilities(batch, transforms, [(*m, mirrorings(axes)) for m in chosen], 0.5)
