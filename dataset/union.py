@@ -225,9 +225,14 @@ def _label_sets(labels: object, source: UnionSource, classes: tuple[str, ...], w
                 raise DatasetError(f"{here}: label {name!r} maps to {target_name!r}, which is not in 'classes'")
             class_value = class_of[_key(target_name)]
             if class_value == 0:
-                raise DatasetError(f"{here}: label {name!r} maps to background; leave background out of 'labels'")
-            if class_value in taken or class_value in group:
-                other = taken.get(class_value, name)
+                raise DatasetError(
+                    f"{here}: label {name!r} maps to {target_name!r}, the background (the first of 'classes'); "
+                    "leave background out of 'labels'"
+                )
+            if class_value in group:
+                raise DatasetError(f"{here}: label {name!r} lists class {target_name!r} twice")
+            if class_value in taken:
+                other = taken[class_value]
                 raise DatasetError(
                     f"{here}: labels {other!r} and {name!r} both hold class {target_name!r}; a class may be in one "
                     "label of a source only"

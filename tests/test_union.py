@@ -313,6 +313,15 @@ def test_a_union_json_loads_with_the_sources_settings(tmp_path):
             "source only",
         ),
         (
+            {"source_0": {"labels": {"spleen": "spleen", "kidney": ["right kidney"] * 2, "liver": "liver"}}},
+            "source 'organs': label 'kidney' lists class 'right kidney' twice",
+        ),
+        (
+            {"classes": CLASSES[1:]},  # background left out: the first class is taken as the background
+            "source 'organs': label 'spleen' maps to 'spleen', the background (the first of 'classes'); leave "
+            "background out of 'labels'",
+        ),
+        (
             {"source_0": {"labels": {"spleen": "spleen", "kidney": "right kidney", "liver": "liver", "lung": "liver"}}},
             "source 'organs': it has no label 'lung' (its labels: spleen, kidney, liver)",
         ),
