@@ -280,6 +280,13 @@ def segment(weights: list, cases: Path, output: Path, extra: tuple = ()) -> Segm
     return Segmentations(output)
 
 
+def one_test_case(root: Path, folder: Path) -> Path:
+    """``folder`` holding a copy of the dataset's first test image, as ``case.nii.gz``."""
+    folder.mkdir()
+    shutil.copy(sorted((root / "imagesTs").glob("*.nii.gz"))[0], folder / "case.nii.gz")
+    return folder
+
+
 def assert_same_segmentations(expected: Segmentations, actual: dict) -> None:
     """The same labels, but at near ties: where another route's float32 differs in the sixth digit, a voxel
     whose two most probable classes are within the 2-byte resolution of the held probabilities (and the
@@ -360,9 +367,7 @@ def test_test_seg_and_the_bundle_name_outputs_alike_and_refuse_two_inputs_of_one
 
 def test_amp_says_that_onnx_runtime_runs_float32(ct, tmp_path, capsys):
     root, _, exported = ct
-    images = tmp_path / "images"
-    images.mkdir()
-    shutil.copy(sorted((root / "imagesTs").glob("*.nii.gz"))[0], images / "case.nii.gz")
+    images = one_test_case(root, tmp_path / "images")
     crop_cases(images, 32)  # one window: bf16 convolutions are slow on CPUs without bf16 kernels
 
     def notes(weights: Path) -> list[str]:
@@ -377,9 +382,7 @@ def test_amp_says_that_onnx_runtime_runs_float32(ct, tmp_path, capsys):
 
 def test_every_route_mirrors_along_the_card_axes_with_its_pairs(ct, tmp_path, capsys):
     root, weights, _ = ct
-    images = tmp_path / "images"  # one case in an odd orientation (ASR): each route segments it four times
-    images.mkdir()
-    shutil.copy(sorted((root / "imagesTs").glob("*.nii.gz"))[0], images / "case.nii.gz")
+    images = one_test_case(root, tmp_path / "images")  # in an odd orientation (ASR): each route segments it 4 times
     mirrored = tmp_path / "mirrored.pth"
     shutil.copy(weights, mirrored)
     card = {**json.loads(Path(f"{weights}.json").read_text()), "mirror_axes": [0, 2], "lateral_pairs": [[1, 3]]}

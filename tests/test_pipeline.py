@@ -191,9 +191,10 @@ def test_comparison_networks_train_finetune_and_segment(name, phantom, tmp_path,
     assert (card["network"], card["out_channels"]) == (name, 6)
     model = build_network(name, 1, 6, **card["network_args"])
     model.load_state_dict(torch.load(tuned, weights_only=True), strict=True)
-    # windows side by side: what is checked is the network's registry entry, not the stitching
-    segment = dict(trained_weights=tuned, cache_rate=0, num_workers=0, overlap=0)
-    test_seg.main(flags(root=phantom, output=tmp_path / "pred", **segment))
+    # windows side by side (--overlap 0): what is checked is the network's registry entry, not the stitching
+    test_seg.main(
+        flags(root=phantom, output=tmp_path / "pred", trained_weights=tuned, cache_rate=0, num_workers=0, overlap=0)
+    )
     check_predictions(tmp_path / "pred", phantom, num_classes=6)
 
 
