@@ -3,7 +3,7 @@
 merging (the classes a source does not annotate trained as its background) and (c) one model trained on the
 same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
 fully labelled test cases; and (d), the control of the pancreas, which only the ``kidneys`` source labels: one
-model trained on that source's 8 cases with every class labelled (the pancreas annotations the union has);
+model trained on that source's training cases with every class labelled (the pancreas annotations the union has);
 (e) the union with the ``kidneys`` source drawn twice as often (its ``weight`` 2); and (f) the union with
 the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold ``--pseudo_labels`` gives).
 
@@ -25,7 +25,21 @@ the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold ``--pseudo_
     python bench/bench_union.py --only pseudo,full8,full --max_iter 2000 --seed 2
         --json bench/results/union_2000_seed2_cpu.json
 
-``--training_cases`` also segments the 16 training cases (``full/``, every class labelled) with each run's
+``--num_train N`` writes the phantom with N training cases per source (default 8) in ``data/union<N>`` and
+trains in ``runs/union_bench<N>``:
+
+    python bench/bench_union.py --num_train 24 --only union,pseudo,full --json bench/results/union24_cpu.json
+    python bench/bench_union.py --num_train 24 --only naive --json bench/results/union24_naive_cpu.json
+    python bench/bench_union.py --num_train 24 --only union,pseudo,full --seed 1
+        --json bench/results/union24_seed1_cpu.json
+    python bench/bench_union.py --num_train 24 --only pseudo,full --seed 2 --json bench/results/union24_seed2_cpu.json
+
+``--select last`` trains every run with ``main_train.py --select last``: each model is its final step's
+weights (the default, ``best``, keeps the best validation's, which may be an earlier step's):
+
+    python bench/bench_union.py --only pseudo,full,full8 --select last --json bench/results/union_last_cpu.json
+
+``--training_cases`` also segments the training cases (``full/``, every class labelled) with each run's
 model and reports, per source whose cases they are, each class's Dice and its predicted volume over the
 labelled one: where a class one source lacks is learnt (or lost), case by case. ``--reuse`` scores a run
 already trained in its folder instead of training it again:
@@ -59,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (it puts the repository on the path)
 
 from dataset.cases import case_name  # noqa: E402
+from engine.common import model_card_path  # noqa: E402
 
 #: name: (the --only key, the dataset the run trains on)
 RUNS = {
@@ -100,7 +115,7 @@ def write_kidneys_cases(data: Path) -> Path:
 
 
 def write_training_cases_union(data: Path) -> Path:
-    """``union_training.json`` under ``data``: ``union.json`` whose ``test`` list is the 16 training cases of
+    """``union_training.json`` under ``data``: ``union.json`` whose ``test`` list is the training cases of
     ``full/`` (every class labelled), for scoring a model on the cases it trained on; returns its path."""
     union = json.loads((data / "union.json").read_text())
     full = json.loads((data / "full" / "dataset.json").read_text())
@@ -155,8 +170,22 @@ def training_cases_table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="data/union", help="where the two-source phantom is written")
-    parser.add_argument("--runs", default="runs/union_bench", help="folder of the three runs")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="where the two-source phantom is written (default data/union; data/union<N> for --num_train N)",
+    )
+    parser.add_argument(
+        "--num_train",
+        type=int,
+        default=8,
+        help="training cases per source of the phantom written in --data (default 8; the folder must match)",
+    )
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help="folder of the runs (default runs/union_bench; runs/union_bench<N> for --num_train N)",
+    )
     parser.add_argument("--max_iter", type=int, default=1000)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument(
@@ -171,15 +200,27 @@ def main() -> None:
         action="store_true",
         help="also segment the training cases and report each source's Dice and predicted/labelled volume",
     )
+    parser.add_argument(
+        "--select",
+        default="best",
+        choices=["best", "last"],
+        help="main_train.py's --select: best (the default, the best validation's weights) or last (the weights "
+        "of the final step, every run compared at exactly --max_iter steps)",
+    )
     parser.add_argument("--reuse", action="store_true", help="score a run already trained in its folder")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    data, runs = Path(args.data), Path(args.runs)
+    cases = "" if args.num_train == 8 else str(args.num_train)
+    data, runs = Path(args.data or f"data/union{cases}"), Path(args.runs or f"runs/union_bench{cases}")
     python = sys.executable
     if not (data / "union.json").is_file():
         common.run_script(
-            [python, "phantom.py", "--output", str(data), "--union", "--num_train", "8", "--num_test", "6"]
+            [python, "phantom.py", "--output", str(data), "--union", "--num_train", str(args.num_train)]
+            + ["--num_test", "6"]
         )
+    per_source = len(json.loads((data / "kidneys" / "dataset.json").read_text())["training"])
+    if per_source != args.num_train:
+        parser.error(f"--data {data} holds {per_source} training cases per source, not --num_train {args.num_train}")
     write_kidneys_cases(data)
     _write_union_variants(data, args.pseudo_labels)
     training_cases = write_training_cases_union(data) if args.training_cases else None
@@ -190,7 +231,8 @@ def main() -> None:
             continue
         if key == "pseudo" and args.pseudo_labels != 0.9:
             name, key = f"union, pseudo-labels above {args.pseudo_labels:g}", f"pseudo{args.pseudo_labels:g}"
-        output = runs / (f"{key}_{args.max_iter}" + (f"_seed{args.seed}" if args.seed else ""))
+        suffix = (f"_seed{args.seed}" if args.seed else "") + ("_last" if args.select == "last" else "")
+        output = runs / f"{key}_{args.max_iter}{suffix}"
         weights = output / "best_metric_model.pth"
         seconds = None
         if not (args.reuse and weights.is_file()):
@@ -198,14 +240,16 @@ def main() -> None:
             common.run_script(
                 [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
                 + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
-                + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--overwrite"]
+                + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--select", args.select]
+                + ["--overwrite"]
             )
             seconds = time.perf_counter() - started
         segment = [python, "test_seg.py", "--trained_weights", str(weights), "--evaluate", "--device", "cpu"]
         common.run_script([*segment, "--dataset", str(data / "union.json"), "--output", str(output / "test")])
         dice = common.evaluated_dice(output / "test")
-        result = {"run": name, "dataset": dataset, "train_seconds": seconds, "dice": dice}
-        print(name, {cls: round(value, 3) for cls, value in dice.items()}, flush=True)
+        step = json.loads(model_card_path(weights).read_text())["best_step"]
+        result = {"run": name, "dataset": dataset, "train_seconds": seconds, "step": step, "dice": dice}
+        print(name, f"(the weights of step {step})", {cls: round(v, 3) for cls, v in dice.items()}, flush=True)
         if training_cases is not None:
             scored = output / "training_cases"
             common.run_script([*segment, "--dataset", str(training_cases), "--output", str(scored)])
@@ -219,7 +263,9 @@ def main() -> None:
     print(common.dice_table(results))
     if args.training_cases:
         print(training_cases_table(results))
-    record = {"machine": common.machine(), "max_iter": args.max_iter, "seed": args.seed, "results": results}
+    record = {"machine": common.machine(), "max_iter": args.max_iter, "seed": args.seed, "select": args.select}
+    record["training_cases_per_source"] = per_source
+    record["results"] = results
     common.write_json(args.json, record)
 
 
