@@ -33,6 +33,7 @@ trains in ``runs/union_bench<N>``:
     python bench/bench_union.py --num_train 24 --only union,pseudo,full --seed 1
         --json bench/results/union24_seed1_cpu.json
     python bench/bench_union.py --num_train 24 --only pseudo,full --seed 2 --json bench/results/union24_seed2_cpu.json
+    python bench/bench_union.py --num_train 24 --only pseudo,full --seed 3 --json bench/results/union24_seed3_cpu.json
 
 ``--select last`` trains every run with ``main_train.py --select last``: each model is its final step's
 weights (the default, ``best``, keeps the best validation's, which may be an earlier step's):
