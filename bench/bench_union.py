@@ -264,9 +264,14 @@ def main() -> None:
     print(common.dice_table(results))
     if args.training_cases:
         print(training_cases_table(results))
-    record = {"machine": common.machine(), "max_iter": args.max_iter, "seed": args.seed, "select": args.select}
-    record["training_cases_per_source"] = per_source
-    record["results"] = results
+    record = {
+        "machine": common.machine(),
+        "max_iter": args.max_iter,
+        "seed": args.seed,
+        "select": args.select,
+        "training_cases_per_source": per_source,
+        "results": results,
+    }
     common.write_json(args.json, record)
 
 
