@@ -406,6 +406,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, finetune: bool = Fal
         "published)",
     )
     parser.add_argument(
+        "--foreground_crops",
+        choices=["voxels", "classes"],
+        default=None,
+        help="centre the foreground crops on any labelled voxel alike (voxels, as published: each class in "
+        "proportion to its volume) or on a class present in the case, each alike, then a voxel of it (classes, "
+        "as nnU-Net; default: the dataset's, voxels unless its JSON says 'foreground_crops')",
+    )
+    parser.add_argument(
         "--gpu_transforms",
         action="store_true",
         help="run the random crops, intensity shift and affine on the GPU (CUDA only)",

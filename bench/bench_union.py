@@ -208,6 +208,12 @@ def main() -> None:
         help="main_train.py's --select: best (the default, the best validation's weights) or last (the weights "
         "of the final step, every run compared at exactly --max_iter steps)",
     )
+    parser.add_argument(
+        "--foreground_crops",
+        default="voxels",
+        choices=["voxels", "classes"],
+        help="main_train.py's --foreground_crops of every run (default voxels, as every earlier result)",
+    )
     parser.add_argument("--reuse", action="store_true", help="score a run already trained in its folder")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -233,6 +239,7 @@ def main() -> None:
         if key == "pseudo" and args.pseudo_labels != 0.9:
             name, key = f"union, pseudo-labels above {args.pseudo_labels:g}", f"pseudo{args.pseudo_labels:g}"
         suffix = (f"_seed{args.seed}" if args.seed else "") + ("_last" if args.select == "last" else "")
+        suffix += "_classes" if args.foreground_crops == "classes" else ""
         output = runs / f"{key}_{args.max_iter}{suffix}"
         weights = output / "best_metric_model.pth"
         seconds = None
@@ -242,6 +249,7 @@ def main() -> None:
                 [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
                 + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
                 + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--select", args.select]
+                + ["--foreground_crops", args.foreground_crops]
                 + ["--overwrite"]
             )
             seconds = time.perf_counter() - started
@@ -269,6 +277,7 @@ def main() -> None:
         "max_iter": args.max_iter,
         "seed": args.seed,
         "select": args.select,
+        "foreground_crops": args.foreground_crops,
         "training_cases_per_source": per_source,
         "results": results,
     }

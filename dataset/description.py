@@ -4,8 +4,9 @@ Four ways to say it, each a :class:`DatasetConfig`:
 
 - a preset: ``flare``, ``amos``, ``feta`` (the published settings);
 - this repository's JSON: Medical Segmentation Decathlon keys plus the optional ``spacing``,
-  ``intensity``, ``normalization``, ``channels``, ``rotate_z``, ``mirror_axes``, ``lateral_pairs`` (which any
-  of the JSON forms may give) and ``regions`` with ``regions_class_order`` (region-based training);
+  ``intensity``, ``normalization``, ``channels``, ``rotate_z``, ``mirror_axes``, ``lateral_pairs``,
+  ``foreground_crops`` (which any of the JSON forms may give) and ``regions`` with ``regions_class_order``
+  (region-based training);
 - a Medical Segmentation Decathlon ``dataset.json`` (``modality``, ``labels`` ``{"0": "background"}``,
   ``training`` / ``test`` lists; multi-channel images are 4D with the channels last);
 - an nnU-Net v2 raw ``dataset.json`` (``channel_names``, ``labels`` ``{"background": 0}``,
@@ -54,6 +55,9 @@ SPLITS = {
 }
 #: Where the balanced crops centre background samples (see :class:`DatasetConfig`).
 BACKGROUND_CROPS = ("body", "published")
+#: Where the balanced crops centre foreground samples: any labelled voxel alike (MONAI's, as published) or
+#: a class present in the case, each alike, then a voxel of it (nnU-Net's) (see :class:`DatasetConfig`).
+FOREGROUND_CROPS = ("voxels", "classes")
 #: The keys of a dataset JSON that set how it trains (beyond the Decathlon's): a ``--datalist`` may not hold
 #: them, as it would change nothing.
 DATASET_SETTINGS = (
@@ -64,6 +68,7 @@ DATASET_SETTINGS = (
     "rotate_z",
     "mirror_axes",
     "lateral_pairs",
+    "foreground_crops",
     "regions",
     "regions_class_order",
 )
@@ -203,6 +208,11 @@ class DatasetConfig:
         background_crops: where the balanced crops centre their background samples: ``body`` (any
             background voxel of the foreground-cropped volume, whatever the normalisation) or ``published``
             (background voxels whose normalised value is above 0: the body under the published CT window).
+        foreground_crops: where they centre their foreground samples: ``voxels`` (any labelled voxel alike,
+            so each class in proportion to its volume: MONAI's ``RandCropByPosNegLabeld``, as published) or
+            ``classes`` (a class present in the case, each alike, then a voxel of it; a region's voxels
+            with regions; a union's source labels: nnU-Net's rule, so a small organ is centred as often as
+            the liver).
         mirror_axes: spatial axes (after reorientation to RAS; 0 is left-right) each training crop is
             flipped along, each with probability 1/2 (``dataset.laterality``): none in the published
             chains, all three for a dataset JSON (nnU-Net's default).
@@ -230,6 +240,7 @@ class DatasetConfig:
     source: str = ""
     ignore_label: int | None = None
     background_crops: str = "body"
+    foreground_crops: str = "voxels"
     mirror_axes: tuple[int, ...] = ()
     lateral_pairs: tuple[tuple[int, int], ...] | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -243,11 +254,20 @@ class DatasetConfig:
         if self.background_crops not in BACKGROUND_CROPS:
             expected = ", ".join(BACKGROUND_CROPS)
             raise ValueError(f"background_crops {self.background_crops!r}: expected one of {expected}")
+        if self.foreground_crops not in FOREGROUND_CROPS:
+            expected = ", ".join(FOREGROUND_CROPS)
+            raise ValueError(f"foreground_crops {self.foreground_crops!r}: expected one of {expected}")
         if self.ignore_label is not None and self.ignore_label != len(self.labels):
             classes = len(self.labels)
             raise ValueError(f"ignore label {self.ignore_label}: must be the value after the classes ({classes})")
         if self.regions or self.regions_class_order:  # regions that do not fit the labels raise ValueError
             LabelManager(self.labels, dict(self.regions), self.regions_class_order, self.ignore_label)
+
+    @property
+    def crop_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The label values a ``classes`` foreground crop draws as one class: each region's, with regions;
+        empty (each value of the label map alone) otherwise."""
+        return tuple(values for _, values in self.regions)
 
     @property
     def num_classes(self) -> int:
@@ -608,6 +628,14 @@ def _channel_names(content: dict, key: str, where: str) -> tuple[str, ...] | Non
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
+def _foreground_crops(content: dict, where: str, default: str = "voxels") -> str:
+    crops = content.get("foreground_crops", default)
+    if crops not in FOREGROUND_CROPS:
+        expected = " or ".join(FOREGROUND_CROPS)
+        raise DatasetError(f"{where}: 'foreground_crops' {crops!r}: expected {expected}")
+    return crops
+
+
 def _spacing(content: dict, where: str) -> tuple[float, float, float] | None | str:
     if "spacing" not in content or content["spacing"] == MEDIAN:
         return MEDIAN
@@ -735,6 +763,7 @@ def _from_json(path: Path) -> DatasetConfig:
         num_training=num_training,
         source=where,
         ignore_label=ignore_label,
+        foreground_crops=_foreground_crops(content, where),
         mirror_axes=axes,
         lateral_pairs=pairs,
         regions=regions,

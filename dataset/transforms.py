@@ -22,6 +22,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.transforms.utils import correct_crop_centers, unravel_index
 
 from dataset.description import DatasetConfig
 from dataset.labels import LabelSets
@@ -49,12 +50,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CropCentres:
-    """Where the balanced crops may centre (see :class:`DatasetConfig` ``background_crops``): foreground on
-    the annotated classes (not nnU-Net's ``ignore_label``); background on voxels labelled 0, anywhere in
-    the volume (``body``) or where a channel's normalised value is above 0 (``published``)."""
+    """Where the balanced crops may centre (see :class:`DatasetConfig` ``foreground_crops`` and
+    ``background_crops``): foreground on the annotated classes (not nnU-Net's ``ignore_label``), on any
+    labelled voxel alike (``voxels``) or on a class present in the case, each alike, then on a voxel of it
+    (``classes``; a region of ``groups``, a value of the label map otherwise); background on voxels labelled
+    0, anywhere in the volume (``body``) or where a channel's normalised value is above 0 (``published``)."""
 
     background_crops: str = "body"
     ignore_label: int | None = None
+    foreground_crops: str = "voxels"
+    groups: tuple[tuple[int, ...], ...] = ()
 
     def __call__(self, label: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         label = torch.as_tensor(label).reshape(-1)
@@ -65,19 +70,53 @@ class CropCentres:
             background &= (torch.as_tensor(image) > 0).any(0).reshape(-1)
         return torch.nonzero(foreground).reshape(-1).cpu(), torch.nonzero(background).reshape(-1).cpu()
 
+    def classes_present(self, label: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The labels of the ``foreground`` indices (of the flattened ``label``), and the classes present among
+        them: the regions of ``groups`` where given, else the label values."""
+        values = torch.as_tensor(label).reshape(-1).cpu()[foreground].long()
+        if self.groups:
+            return values, [group for group in self.groups if torch.isin(values, torch.tensor(group)).any()]
+        return values, torch.nonzero(torch.bincount(values)).reshape(-1).tolist()  # bincount: no sort
+
+    def voxels_of(self, values: torch.Tensor, foreground: torch.Tensor, chosen) -> torch.Tensor:
+        """The ``foreground`` indices whose label is of the class ``chosen`` (a value, or a region)."""
+        member = torch.isin(values, torch.tensor(chosen)) if self.groups else values == chosen
+        return foreground[member]
+
 
 class BalancedCropd(RandCropByPosNegLabeld):
     """MONAI's crops balanced between foreground and background centres, the centres chosen by a
-    :class:`CropCentres` rule."""
+    :class:`CropCentres` rule: with ``foreground_crops`` ``classes``, a foreground centre is drawn as
+    nnU-Net draws it, a class present in the case (each alike), then a voxel of it, so that a small class is
+    centred as often as a large one."""
 
     def __init__(self, centres: CropCentres, **kwargs) -> None:
         super().__init__(**kwargs)
         self.centres = centres
 
     def randomize(self, label=None, fg_indices=None, bg_indices=None, image=None) -> None:
-        if fg_indices is None and label is not None:
-            fg_indices, bg_indices = self.centres(label, image)
-        super().randomize(label, fg_indices, bg_indices, image)
+        if fg_indices is not None or label is None:
+            super().randomize(label, fg_indices, bg_indices, image)
+            return
+        fg_indices, bg_indices = self.centres(label, image)
+        if self.centres.foreground_crops == "voxels" or not len(fg_indices) or not len(bg_indices):
+            super().randomize(label, fg_indices, bg_indices, image)  # MONAI's draw, and its one-sided warning
+            return
+        values, classes = self.centres.classes_present(label, fg_indices)
+        cropper, shape = self.cropper, label.shape[1:]
+        centres, voxels = [], {}
+        for _ in range(cropper.num_samples):
+            # one draw for the side, as MONAI's pos/neg draw, then one for the class (its voxels found once)
+            if cropper.R.rand() < cropper.pos_ratio:
+                index = cropper.R.randint(len(classes))
+                if index not in voxels:
+                    voxels[index] = self.centres.voxels_of(values, fg_indices, classes[index])
+                chosen = voxels[index]
+            else:
+                chosen = bg_indices
+            centre = unravel_index(chosen[cropper.R.randint(len(chosen))], shape).tolist()
+            centres.append(correct_crop_centers(centre, cropper.spatial_size, shape, cropper.allow_smaller))
+        cropper.centers = tuple(centres)
 
 
 class RandMirrord(Randomizable, MapTransform):
@@ -204,7 +243,7 @@ def build_transforms(
         + [
             SpatialPadd(keys=keys, spatial_size=roi_size),  # crops need volumes at least as large as the ROI
             BalancedCropd(
-                CropCentres(config.background_crops, ignore),
+                CropCentres(config.background_crops, ignore, config.foreground_crops, config.crop_groups),
                 keys=keys,
                 label_key="label",
                 spatial_size=roi_size,

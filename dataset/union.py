@@ -20,10 +20,11 @@ naive merging, for comparison), ``pseudo_labels`` (under ``marginal``, a probabi
 source's background whose predicted probability of a class the source does not annotate, e.g. the pancreas, is
 above it is trained as that class by the cross-entropy; default none), ``test`` (a test list with the unified
 classes, relative to the union's folder), and the dataset settings of this repository's JSON (``spacing``,
-``intensity``, ``normalization``, ``rotate_z``, ``mirror_axes``, ``lateral_pairs``), which win over the
-sources'. Without them: a setting all sources share is the union's; spacings that differ become the median of
-the union's training cases (derived); normalisations or rotations that differ are refused (give the union's
-own); the mirrored axes are those every source mirrors.
+``intensity``, ``normalization``, ``rotate_z``, ``mirror_axes``, ``lateral_pairs``, ``foreground_crops``), which
+win over the sources'. Without them: a setting all sources share is the union's; spacings that differ become
+the median of the union's training cases (derived); normalisations, rotations or foreground crops that differ
+are refused (give the union's own); the mirrored axes are those every source mirrors. A union's ``classes``
+foreground crops draw among the source's labels present in the case (FLARE's kidney is one).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dataset.description import (
     PRESETS,
     DatasetConfig,
     DatasetError,
+    _foreground_crops,
     _is_number,
     _normalization,
     _spacing,
@@ -67,6 +69,7 @@ UNION_KEYS = (
     "rotate_z",
     "mirror_axes",
     "lateral_pairs",
+    "foreground_crops",
 )
 SOURCE_KEYS = ("name", "dataset", "root", "labels", "weight")
 
@@ -262,7 +265,8 @@ def _shared(values: list, default):
 
 
 def _settings(content: dict, sources: list[UnionSource], channels: tuple[str, ...], classes, where: str) -> dict:
-    """The union's spacing, normalisation, rotation, mirrored axes and left/right pairs (module docstring)."""
+    """The union's spacing, normalisation, rotation, foreground crops, mirrored axes and left/right pairs (module
+    docstring)."""
     configs = [source.config for source in sources]
     names = ", ".join(source.name for source in sources)
     if "spacing" in content:
@@ -289,6 +293,15 @@ def _settings(content: dict, sources: list[UnionSource], channels: tuple[str, ..
             raise DatasetError(
                 f"{where}: the sources ({names}) rotate by different ranges; give the union's 'rotate_z'"
             )
+    if "foreground_crops" in content:
+        foreground_crops = _foreground_crops(content, where)
+    else:
+        foreground_crops = _shared([config.foreground_crops for config in configs], None)
+        if foreground_crops is None:
+            raise DatasetError(
+                f"{where}: the sources ({names}) centre foreground crops differently; give the union's "
+                "'foreground_crops'"
+            )
     try:
         if "mirror_axes" in content:
             axes = content["mirror_axes"]
@@ -303,6 +316,7 @@ def _settings(content: dict, sources: list[UnionSource], channels: tuple[str, ..
         "spacing": spacing,
         "normalization": normalization,
         "rotate_z": float(rotate_z),
+        "foreground_crops": foreground_crops,
         "mirror_axes": mirror_axes,
         "lateral_pairs": pairs,
     }

@@ -29,7 +29,8 @@ __all__ = [
 FORMAT_VERSION = 1
 
 #: Model card entries a resumed run must share with its checkpoint (the model, its preprocessing, its
-#: mirroring and its regions; the channels' names may change, not their count or normalisation).
+#: mirroring, its foreground crops and its regions; the channels' names may change, not their count or
+#: normalisation).
 CARD_KEPT_ON_RESUME = (
     "network",
     "network_args",
@@ -41,6 +42,7 @@ CARD_KEPT_ON_RESUME = (
     "normalization",
     "mirror_axes",
     "lateral_pairs",
+    "foreground_crops",
     "regions",
     "regions_class_order",
 )
@@ -182,9 +184,10 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
     """Check a resumed run against its checkpoint: a UsageError naming every model card entry
     (:data:`CARD_KEPT_ON_RESUME`) and every flag whose change is refused; otherwise the notes (one line each)
     of the flag changes that are applied."""
-    # A checkpoint from before mirroring was recorded mirrored nothing, so its pairs swapped nothing either.
-    before_mirroring = {"mirror_axes": [], "lateral_pairs": card["lateral_pairs"]}
-    saved_card = {"in_channels": 1, **before_mirroring, **checkpoint["card"], **card_preprocessing(checkpoint["card"])}
+    # A checkpoint from before mirroring was recorded mirrored nothing, so its pairs swapped nothing either;
+    # one from before foreground_crops centred on voxels.
+    before = {"mirror_axes": [], "lateral_pairs": card["lateral_pairs"], "foreground_crops": "voxels"}
+    saved_card = {"in_channels": 1, **before, **checkpoint["card"], **card_preprocessing(checkpoint["card"])}
     saved_card = {k: as_json(saved_card.get(k)) for k in CARD_KEPT_ON_RESUME}
     current_card = {k: as_json(card.get(k)) for k in CARD_KEPT_ON_RESUME}
     differing = [
@@ -195,6 +198,8 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
         if saved_card["mirror_axes"] != current_card["mirror_axes"]:
             axes = ",".join(map(str, saved_card["mirror_axes"])) or "none"
             hint = f"; pass --mirror_axes {axes} to continue it as it was trained"
+        elif saved_card["foreground_crops"] != current_card["foreground_crops"]:
+            hint = f"; pass --foreground_crops {saved_card['foreground_crops']} to continue it as it was trained"
         raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}{hint}")
     saved = checkpoint.get("flags")
     if saved is None:

@@ -278,6 +278,7 @@ def _prepare_data(args, config: DatasetConfig, distributed: Distributed) -> RunD
             f"spacing {','.join(f'{v:g}' for v in config.spacing) + ' mm' if config.spacing else 'native'}"
         )
         print(_mirroring_line(config))
+        print(_crops_line(config))
     return RunData(config, train_cases, val_cases, derivation, cache_rate)
 
 
@@ -303,6 +304,17 @@ def _sources_line(config: DatasetConfig, train_cases: list[dict], val_cases: lis
         rule += f", pseudo-labelled where predicted above {sets.pseudo_labels:g}"
     sources = counted(len(config.sources), "source")
     return f"Union of {sources}: {'; '.join(described)}; a class a source does not annotate is {rule}"
+
+
+def _crops_line(config: DatasetConfig) -> str:
+    """Where the foreground crops centre (``DatasetConfig.foreground_crops``)."""
+    if config.foreground_crops == "voxels":
+        return (
+            "Foreground crops: centred on any labelled voxel alike, so each class in proportion to its volume "
+            "(--foreground_crops classes: each class alike)"
+        )
+    kind = "region" if config.regions else "source label" if config.sources else "class"
+    return f"Foreground crops: centred on a {kind} present in the case, each alike, then on a voxel of it"
 
 
 def _mirroring_line(config: DatasetConfig) -> str:
@@ -712,6 +724,8 @@ def _set_up(args, finetune: bool, distributed: Distributed, device: torch.device
     if args.mirror_axes is not None:
         config = replace(config, mirror_axes=args.mirror_axes)
         check_mirror_images(config, f"--mirror_axes with {config.source}")
+    if args.foreground_crops is not None:
+        config = replace(config, foreground_crops=args.foreground_crops)
     choice = network_from_flags(args, roi)
     pretrained = _pretrained_weights(args, finetune, checkpoint is not None, main)
     set_determinism(seed=args.seed)
@@ -859,6 +873,7 @@ def _model_card(args, choice, data: RunData, roi: tuple[int, int, int]) -> dict:
         "ignore_label": config.ignore_label,
         "mirror_axes": list(config.mirror_axes),
         "lateral_pairs": [list(pair) for pair in config.pairs],
+        "foreground_crops": config.foreground_crops,
         "fold": args.fold,
     }
 
