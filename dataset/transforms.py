@@ -73,7 +73,8 @@ class CropCentres:
     def classes_present(self, label: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, list]:
         """The labels of the ``foreground`` indices (of the flattened ``label``), and the classes present among
         them: the regions of ``groups`` where given, else the label values."""
-        values = torch.as_tensor(label).reshape(-1).cpu()[foreground].long()
+        label = torch.as_tensor(label).reshape(-1)
+        values = label[foreground.to(label.device)].cpu().long()  # only the foreground leaves a GPU
         if self.groups:
             return values, [group for group in self.groups if torch.isin(values, torch.tensor(group)).any()]
         return values, torch.nonzero(torch.bincount(values)).reshape(-1).tolist()  # bincount: no sort
