@@ -35,6 +35,11 @@ trains in ``runs/union_bench<N>``:
     python bench/bench_union.py --num_train 24 --only pseudo,full --seed 2 --json bench/results/union24_seed2_cpu.json
     python bench/bench_union.py --num_train 24 --only pseudo,full --seed 3 --json bench/results/union24_seed3_cpu.json
 
+``--foreground_crops classes`` trains every run with nnU-Net's class-drawn foreground crops (seeds 0-3 alike):
+
+    python bench/bench_union.py --num_train 24 --only pseudo,full --seed 0 --foreground_crops classes
+        --json bench/results/union24_classes_seed0_cpu.json
+
 ``--select last`` trains every run with ``main_train.py --select last``: each model is its final step's
 weights (the default, ``best``, keeps the best validation's, which may be an earlier step's):
 
