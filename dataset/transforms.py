@@ -3,6 +3,7 @@ foreground crop, per-channel normalisation, then for training the balanced crops
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,13 +77,15 @@ class CropCentres:
         label = torch.as_tensor(label).reshape(-1)
         values = label[foreground.to(label.device)].cpu().long()  # only the foreground leaves a GPU
         if self.groups:
-            return values, [group for group in self.groups if torch.isin(values, torch.tensor(group)).any()]
+            return values, [group for group in self.groups if self._members(values, group).any()]
         return values, torch.nonzero(torch.bincount(values)).reshape(-1).tolist()  # bincount: no sort
 
     def voxels_of(self, values: torch.Tensor, foreground: torch.Tensor, chosen) -> torch.Tensor:
         """The ``foreground`` indices whose label is of the class ``chosen`` (a value, or a region)."""
-        member = torch.isin(values, torch.tensor(chosen)) if self.groups else values == chosen
-        return foreground[member]
+        return foreground[self._members(values, chosen)]
+
+    def _members(self, values: torch.Tensor, chosen) -> torch.Tensor:
+        return torch.isin(values, torch.tensor(chosen)) if self.groups else values == chosen
 
 
 class BalancedCropd(RandCropByPosNegLabeld):
@@ -100,15 +103,20 @@ class BalancedCropd(RandCropByPosNegLabeld):
             super().randomize(label, fg_indices, bg_indices, image)
             return
         fg_indices, bg_indices = self.centres(label, image)
-        if self.centres.foreground_crops == "voxels" or not len(fg_indices) or not len(bg_indices):
+        if self.centres.foreground_crops == "voxels" or not len(fg_indices):
             super().randomize(label, fg_indices, bg_indices, image)  # MONAI's draw, and its one-sided warning
             return
-        values, classes = self.centres.classes_present(label, fg_indices)
         cropper, shape = self.cropper, label.shape[1:]
+        pos_ratio = cropper.pos_ratio
+        if not len(bg_indices):  # every crop on foreground, still drawn per class, as MONAI warns
+            found = f"Num foregrounds {len(fg_indices)}, Num backgrounds 0"
+            warnings.warn(f"{found}, setting `pos_ratio` to 1.", stacklevel=2)
+            pos_ratio = 1.0
+        values, classes = self.centres.classes_present(label, fg_indices)
         centres, voxels = [], {}
         for _ in range(cropper.num_samples):
             # one draw for the side, as MONAI's pos/neg draw, then one for the class (its voxels found once)
-            if cropper.R.rand() < cropper.pos_ratio:
+            if cropper.R.rand() < pos_ratio:
                 index = cropper.R.randint(len(classes))
                 if index not in voxels:
                     voxels[index] = self.centres.voxels_of(values, fg_indices, classes[index])

@@ -108,6 +108,14 @@ def test_a_case_without_foreground_falls_back_to_background_crops():
     assert len(drawn) == 6
 
 
+def test_a_case_without_background_centres_every_crop_on_a_class_each_alike():
+    label = torch.ones(1, SIZE, SIZE, SIZE)
+    label[0, 10:12, 10:12, 10:12] = 2  # 8 voxels of 13824
+    with pytest.warns(UserWarning, match="Num backgrounds 0"):
+        share = shares(label, centres(CropCentres("body", None, "classes"), label, calls=500))
+    assert share[1] == pytest.approx(0.5, abs=0.05) and share[2] == pytest.approx(0.5, abs=0.05)
+
+
 def test_the_json_key_and_its_one_line_refusals(tmp_path):
     assert load_dataset_config("flare").foreground_crops == "voxels"  # the presets draw as published
     source = tmp_path / write_source(tmp_path / "organs", ["spleen"], foreground_crops="classes")
