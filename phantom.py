@@ -32,7 +32,8 @@ three also write ``labelsTs``, the test labels, for ``test_seg.py --evaluate``.
 union of datasets (``dataset.union``): ``organs/`` (spleen, kidney as one label, liver; the pancreas left
 unlabelled) and ``kidneys/`` (right kidney, left kidney, pancreas; spleen and liver unlabelled), each a
 published-layout dataset of its own cases, with ``union.json`` (the unified classes of ``--lateral``, each
-source's labels mapped into them, the test cases of ``full/``), ``union_naive.json`` (the same with
+source's labels mapped into them, the test cases of ``full/``; a union's defaults: pseudo-labels above 0.9,
+class-drawn foreground crops), ``union_naive.json`` (the same with
 ``"unannotated": "background"``: naive merging, the baseline) and ``full/``: the same training,
 validation and test cases with every class labelled (``--lateral`` labels), the fully labelled reference;
 all resampled to 2 x 2 x 2.5 mm (:data:`UNION_SPACING`).

@@ -2,10 +2,12 @@
 (``phantom.py --union``): the per-class test Dice of (a) the union with the label-set loss, (b) naive
 merging (the classes a source does not annotate trained as its background) and (c) one model trained on the
 same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
-fully labelled test cases; and (d), the control of the pancreas, which only the ``kidneys`` source labels: one
-model trained on that source's training cases with every class labelled (the pancreas annotations the union has);
-(e) the union with the ``kidneys`` source drawn twice as often (its ``weight`` 2); and (f) the union with
-the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold ``--pseudo_labels`` gives).
+fully labelled test cases (the union's runs without pseudo-labels: ``"pseudo_labels": false``; every run's
+foreground crops follow ``--foreground_crops``); and (d), the control of the pancreas, which only the
+``kidneys`` source labels: one model trained on that source's training cases with every class labelled (the
+pancreas annotations the union has); (e) the union with the ``kidneys`` source drawn twice as often (its
+``weight`` 2); and (f) the union with the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold
+``--pseudo_labels`` gives).
 
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
@@ -83,7 +85,7 @@ from engine.common import model_card_path  # noqa: E402
 
 #: name: (the --only key, the dataset the run trains on)
 RUNS = {
-    "union, label-set loss": ("union", "union.json"),
+    "union, label-set loss": ("union", "union_plain.json"),
     "naive merging": ("naive", "union_naive.json"),
     "fully labelled": ("full", "full/dataset.json"),
     "fully labelled, the kidneys source's cases": ("full8", "full/dataset_kidneys.json"),
@@ -95,11 +97,14 @@ NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--devi
 
 
 def _write_union_variants(data: Path, pseudo_labels: float) -> None:
-    """``union_weighted.json``: ``union.json`` with the ``kidneys`` source (the only one labelling the
+    """``union_plain.json``: ``union.json`` without pseudo-labels, the plain label-set loss (the run
+    ``union``); ``union_weighted.json``: that with the ``kidneys`` source (the only one labelling the
     pancreas) at weight 2, so that two batches in three supervise the pancreas (the run ``weighted``);
     ``union_pseudo.json``: with pseudo-labels above ``pseudo_labels`` (the run ``pseudo``)."""
     union = json.loads((data / "union.json").read_text())
-    weighted = {**union, "name": union["name"] + ", kidneys source weighted 2"}
+    plain = {**union, "pseudo_labels": False}
+    (data / "union_plain.json").write_text(json.dumps(plain, indent=2) + "\n")
+    weighted = {**plain, "name": union["name"] + ", kidneys source weighted 2"}
     weighted["sources"] = [{**s, "weight": 2 if s["name"] == "kidneys" else 1} for s in union["sources"]]
     (data / "union_weighted.json").write_text(json.dumps(weighted, indent=2) + "\n")
     pseudo = {**union, "name": union["name"] + f", pseudo-labels above {pseudo_labels:g}"}

@@ -628,8 +628,8 @@ def _channel_names(content: dict, key: str, where: str) -> tuple[str, ...] | Non
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
-def _foreground_crops(content: dict, where: str) -> str:
-    crops = content.get("foreground_crops", "voxels")
+def _foreground_crops(content: dict, where: str, default: str = "voxels") -> str:
+    crops = content.get("foreground_crops", default)
     if crops not in FOREGROUND_CROPS:
         expected = " or ".join(FOREGROUND_CROPS)
         raise DatasetError(f"{where}: 'foreground_crops' {crops!r}: expected {expected}")

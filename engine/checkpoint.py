@@ -29,8 +29,8 @@ __all__ = [
 FORMAT_VERSION = 1
 
 #: Model card entries a resumed run must share with its checkpoint (the model, its preprocessing, its
-#: mirroring, its foreground crops and its regions; the channels' names may change, not their count or
-#: normalisation).
+#: mirroring, its foreground crops, its regions and a union's loss rule; the channels' names may change, not
+#: their count or normalisation). A card without ``pseudo_labels`` trained without them.
 CARD_KEPT_ON_RESUME = (
     "network",
     "network_args",
@@ -45,6 +45,8 @@ CARD_KEPT_ON_RESUME = (
     "foreground_crops",
     "regions",
     "regions_class_order",
+    "unannotated",
+    "pseudo_labels",
 )
 
 #: Training flags a checkpoint records. A resumed run refuses other values of these: the exact replay
@@ -194,12 +196,15 @@ def check_resumed_run(checkpoint: dict, card: dict, args, resume: Path) -> list[
         f"{k} {saved_card[k]} (flags: {current_card[k]})" for k in saved_card if saved_card[k] != current_card[k]
     ]
     if differing:
-        hint = ""
+        remedies = []
         if saved_card["mirror_axes"] != current_card["mirror_axes"]:
-            axes = ",".join(map(str, saved_card["mirror_axes"])) or "none"
-            hint = f"; pass --mirror_axes {axes} to continue it as it was trained"
-        elif saved_card["foreground_crops"] != current_card["foreground_crops"]:
-            hint = f"; pass --foreground_crops {saved_card['foreground_crops']} to continue it as it was trained"
+            remedies.append(f"pass --mirror_axes {','.join(map(str, saved_card['mirror_axes'])) or 'none'}")
+        if saved_card["foreground_crops"] != current_card["foreground_crops"]:
+            remedies.append(f"pass --foreground_crops {saved_card['foreground_crops']}")
+        if saved_card["pseudo_labels"] != current_card["pseudo_labels"]:
+            threshold = "false" if saved_card["pseudo_labels"] is None else saved_card["pseudo_labels"]
+            remedies.append(f'give the union JSON "pseudo_labels": {threshold}')
+        hint = f"; {' and '.join(remedies)} to continue it as it was trained" if remedies else ""
         raise UsageError(f"--resume {resume}: the checkpoint is of another model or data: {'; '.join(differing)}{hint}")
     saved = checkpoint.get("flags")
     if saved is None:

@@ -124,16 +124,15 @@ def test_the_json_key_and_its_one_line_refusals(tmp_path):
     message = str(pytest.raises(DatasetError, load_dataset_config, str(source)).value)
     assert message == f"--dataset {source}: 'foreground_crops' 'class': expected voxels or classes"
     union = union_file(tmp_path / "union")
-    assert load_dataset_config(str(union)).foreground_crops == "voxels"
-    given = union_file(tmp_path / "given", foreground_crops="classes")
-    assert load_dataset_config(str(given)).foreground_crops == "classes"  # the union's own key
+    assert load_dataset_config(str(union)).foreground_crops == "classes"  # a union's default
+    given = union_file(tmp_path / "given", foreground_crops="voxels")
+    assert load_dataset_config(str(given)).foreground_crops == "voxels"  # the union's own key
     sided = ["right kidney", "left kidney", "pancreas"]
-    write_source(tmp_path / "union" / "kidneys", sided, foreground_crops="classes")
-    message = str(pytest.raises(DatasetError, load_dataset_config, str(union)).value)
-    assert message == (
-        f"--dataset {union}: the sources (organs, kidneys) centre foreground crops differently; give the union's "
-        "'foreground_crops'"
-    )
+    write_source(tmp_path / "given" / "kidneys", sided, foreground_crops="classes")
+    assert load_dataset_config(str(given)).foreground_crops == "voxels"  # a source's key is not the union's
+    wrong = union_file(tmp_path / "wrong", foreground_crops="class")
+    message = str(pytest.raises(DatasetError, load_dataset_config, str(wrong)).value)
+    assert message == f"--dataset {wrong}: 'foreground_crops' 'class': expected voxels or classes"
 
 
 def test_a_run_records_its_foreground_crops_and_resumes_only_with_them(tmp_path, capsys):

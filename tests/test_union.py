@@ -3,8 +3,10 @@ independent implementation, the one-line refusals of the union JSON, per-source 
 batches weighted by source, a union trained, segmented and exported end to end, and a union's
 cross-validation study (its held-out cases scored on their sources' labels)."""
 
+import filecmp
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import test_seg
 from dataset.description import DatasetError, load_dataset_config
 from dataset.labels import LabelManager, LabelSets, SourceLabels
 from dataset.transforms import CropCentres, UnifyLabelsd, build_transforms
+from engine.checkpoint import check_resumed_run
 from engine.common import UsageError
 from engine.crossval import HELD_OUT, Configuration, FoldRun, Scoring, _scoring
 from engine.losses import AnnotatedDiceCELoss, LabelSetDiceCELoss
@@ -289,9 +292,15 @@ def test_a_union_json_loads_with_the_sources_settings(tmp_path):
     assert config.label_sets.sources[0].sets == ((1,), (2, 3), (4,)) and config.mirror_axes == (0, 1, 2)
     card = config.label_manager.to_card()
     assert card["sources"][0]["labels"]["kidney"] == ["right kidney", "left kidney"]
-    assert card["unannotated"] == "marginal" and card["pseudo_labels"] is None
-    pseudo = load_dataset_config(str(union_file(tmp_path / "pseudo", pseudo_labels=0.9)))
-    assert pseudo.label_sets.pseudo_labels == 0.9 and pseudo.label_manager.to_card()["pseudo_labels"] == 0.9
+    assert card["unannotated"] == "marginal" and card["pseudo_labels"] == 0.9  # the union's default
+    assert config.foreground_crops == "classes"  # the union's default
+    pseudo = load_dataset_config(str(union_file(tmp_path / "pseudo", pseudo_labels=0.8)))
+    assert pseudo.label_sets.pseudo_labels == 0.8 and pseudo.label_manager.to_card()["pseudo_labels"] == 0.8
+    for off in (False, None):
+        plain = load_dataset_config(str(union_file(tmp_path / "plain", pseudo_labels=off)))
+        assert plain.label_sets.pseudo_labels is None and plain.label_manager.to_card()["pseudo_labels"] is None
+    naive = load_dataset_config(str(union_file(tmp_path / "naive", unannotated="background")))
+    assert naive.label_sets.pseudo_labels is None  # naive merging has no sets to pseudo-label
     write_source(tmp_path / "kidneys", ["right kidney", "left kidney", "pancreas"], spacing=[1.5, 1.5, 2.0])
     assert load_dataset_config(str(tmp_path / "union.json")).spacing == "median"  # derived over the union
 
@@ -338,7 +347,8 @@ def test_a_union_json_loads_with_the_sources_settings(tmp_path):
         ({"source_1": {"weight": 0}}, "source 'kidneys': 'weight' 0 must be a positive number"),
         ({"source_1": {"name": "organs"}}, "two sources are named 'organs'; each needs a name of its own"),
         ({"unannotated": "drop"}, "'unannotated' 'drop': expected one of marginal, background"),
-        ({"pseudo_labels": 0.3}, "'pseudo_labels' 0.3: expected a probability in [0.5, 1)"),
+        ({"pseudo_labels": 0.3}, "'pseudo_labels' 0.3: expected a probability in [0.5, 1), or false for none"),
+        ({"pseudo_labels": True}, "'pseudo_labels' True: expected a probability in [0.5, 1), or false for none"),
         (
             {"pseudo_labels": 0.9, "unannotated": "background"},
             "'pseudo_labels' needs 'unannotated' marginal (naive merging has no sets)",
@@ -403,6 +413,32 @@ def test_a_union_trains_records_its_sources_and_segments_every_class_through_pth
     for case, image in labels["pth"].items():
         assert image.max() < 6
         np.testing.assert_array_equal(image, labels["ts"][case])
+
+
+def test_a_union_run_resumes_only_under_its_pseudo_labels_and_crops(union, tmp_path):
+    data, run = union
+    card = json.loads((run / "best_metric_model.pth.json").read_text())
+    assert (card["pseudo_labels"], card["foreground_crops"]) == (0.9, "classes")  # trained with the defaults
+    plain = json.loads((data / "union.json").read_text()) | {"pseudo_labels": False, "foreground_crops": "voxels"}
+    (data / "union_plain_voxels.json").write_text(json.dumps(plain))
+    shutil.copytree(run, tmp_path / "run")
+    steps = flags(output=tmp_path / "run", network="3DUXNET", max_iter=6, eval_step=2, lr=1e-2)
+    steps += flags(batch_size=2, **TINY_RUN) + ["--resume", "auto"]
+    with pytest.raises(SystemExit) as refused:
+        main_train.main(flags(dataset=data / "union_plain_voxels.json") + steps)
+    message = str(refused.value.code)
+    assert "foreground_crops classes (flags: voxels); pseudo_labels 0.9 (flags: None)" in message
+    assert message.endswith(
+        '; pass --foreground_crops classes and give the union JSON "pseudo_labels": 0.9 to continue it as it was '
+        "trained"
+    )
+    assert filecmp.cmp(run / "best_metric_model.pth", tmp_path / "run" / "best_metric_model.pth", shallow=False)
+    # A checkpoint from before the default trained without pseudo-labels: its card has none.
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    checkpoint["card"] = {k: v for k, v in checkpoint["card"].items() if k != "pseudo_labels"}
+    with pytest.raises(UsageError) as old:
+        check_resumed_run(checkpoint, card, None, tmp_path / "old.pth")
+    assert str(old.value).endswith('; give the union JSON "pseudo_labels": false to continue it as it was trained')
 
 
 def test_test_seg_scores_one_sources_test_cases_on_its_label_sets(union, tmp_path):
