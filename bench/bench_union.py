@@ -2,12 +2,14 @@
 (``phantom.py --union``): the per-class test Dice of (a) the union with the label-set loss, (b) naive
 merging (the classes a source does not annotate trained as its background) and (c) one model trained on the
 same cases with every class labelled, at equal steps, each scored by ``test_seg.py --evaluate`` on the same
-fully labelled test cases (the union's runs without pseudo-labels: ``"pseudo_labels": false``; every run's
-foreground crops follow ``--foreground_crops``); and (d), the control of the pancreas, which only the
+fully labelled test cases (the union's runs without pseudo-labels: ``"pseudo_labels": false``; the foreground
+crops of every run but (g) follow ``--foreground_crops``); and (d), the control of the pancreas, which only the
 ``kidneys`` source labels: one model trained on that source's training cases with every class labelled (the
 pancreas annotations the union has); (e) the union with the ``kidneys`` source drawn twice as often (its
-``weight`` 2); and (f) the union with the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold
-``--pseudo_labels`` gives).
+``weight`` 2); (f) the union with the loss's pseudo-labels (``"pseudo_labels": 0.9``, or the threshold
+``--pseudo_labels`` gives); and, only when ``--only`` names it, (g) ``defaults``: ``union.json`` trained as a
+user's command trains it, with the union's defaults (pseudo-labels above 0.9, class-drawn crops) and no
+``--foreground_crops``.
 
     python bench/bench_union.py --json bench/results/union_cpu.json
     python bench/bench_union.py --max_iter 2000 --only union,full --json bench/results/union_2000_cpu.json
@@ -41,6 +43,11 @@ trains in ``runs/union_bench<N>``:
 
     python bench/bench_union.py --num_train 24 --only pseudo,full --seed 0 --foreground_crops classes
         --json bench/results/union24_classes_seed0_cpu.json
+
+The union as a user trains it (``union.json``, its defaults) beside the fully labelled model with the same crops:
+
+    python bench/bench_union.py --num_train 24 --only defaults,full --seed 0 --foreground_crops classes
+        --json bench/results/union24_defaults_seed0_cpu.json
 
 ``--select last`` trains every run with ``main_train.py --select last``: each model is its final step's
 weights (the default, ``best``, keeps the best validation's, which may be an earlier step's):
@@ -91,7 +98,10 @@ RUNS = {
     "fully labelled, the kidneys source's cases": ("full8", "full/dataset_kidneys.json"),
     "union, the kidneys source drawn twice as often": ("weighted", "union_weighted.json"),
     "union, pseudo-labels above 0.9": ("pseudo", "union_pseudo.json"),
+    "union, its defaults": ("defaults", "union.json"),
 }
+#: The run that trains the union JSON as a user's command would: no --foreground_crops, the union's own.
+DEFAULTS_RUN = "defaults"
 NETWORK = ["--network", "REPUXNET", "--roi_size", "32", "--feat_size", "16,32,64,128", "--kernel_size", "21"]
 NETWORK += ["--hidden_size", "128", "--lr", "1e-3", "--cache_rate", "1", "--device", "cpu"]
 
@@ -202,7 +212,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="union,naive,full,full8,weighted,pseudo",
-        help="the runs, of union, naive, full, full8, weighted, pseudo (default all)",
+        help="the runs, of union, naive, full, full8, weighted, pseudo, defaults (default all but defaults)",
     )
     parser.add_argument("--seed", type=int, default=0, help="main_train.py's --seed of every run (default 0)")
     parser.add_argument("--pseudo_labels", type=float, default=0.9, help="the run pseudo's threshold (default 0.9)")
@@ -222,7 +232,7 @@ def main() -> None:
         "--foreground_crops",
         default="voxels",
         choices=["voxels", "classes"],
-        help="main_train.py's --foreground_crops of every run (default voxels, as every earlier result)",
+        help="main_train.py's --foreground_crops of every run but defaults (default voxels, as every earlier result)",
     )
     parser.add_argument("--reuse", action="store_true", help="score a run already trained in its folder")
     parser.add_argument("--json", default=None)
@@ -249,7 +259,8 @@ def main() -> None:
         if key == "pseudo" and args.pseudo_labels != 0.9:
             name, key = f"union, pseudo-labels above {args.pseudo_labels:g}", f"pseudo{args.pseudo_labels:g}"
         suffix = (f"_seed{args.seed}" if args.seed else "") + ("_last" if args.select == "last" else "")
-        suffix += "_classes" if args.foreground_crops == "classes" else ""
+        crops = [] if key == DEFAULTS_RUN else ["--foreground_crops", args.foreground_crops]
+        suffix += "_classes" if crops and args.foreground_crops == "classes" else ""
         output = runs / f"{key}_{args.max_iter}{suffix}"
         weights = output / "best_metric_model.pth"
         seconds = None
@@ -259,7 +270,7 @@ def main() -> None:
                 [python, "main_train.py", "--dataset", str(data / dataset), "--output", str(output), *NETWORK]
                 + ["--max_iter", str(args.max_iter), "--eval_step", str(args.max_iter // 4)]
                 + ["--num_workers", str(args.num_workers), "--seed", str(args.seed), "--select", args.select]
-                + ["--foreground_crops", args.foreground_crops]
+                + crops
                 + ["--overwrite"]
             )
             seconds = time.perf_counter() - started
